@@ -71,6 +71,8 @@ class Context:
     info: TensorInfo
     state: Any = None
     companions: Mapping[str, np.ndarray | None] = field(default_factory=dict)
+    #: Per-tensor figures a transform reports (e.g. sigma before/after); shown in the report.
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

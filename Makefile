@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv as needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := build/demo
+
+.PHONY: demo test stress bench fixtures reference clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.core: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.core
+
+demo: $(VENV)/.core
+	@mkdir -p $(DEMO)
+	$(BIN)/wtool apply fixtures/tiny-llama.safetensors $(DEMO)/tiny-llama-q4.safetensors --force \
+		-t clip:percentile=99.9 -t quantize:bits=4,granularity=group,group_size=32 -t sparsify:fraction=0.25 \
+		--report $(DEMO)/report.json --markdown $(DEMO)/report.md
+	$(BIN)/wtool diff fixtures/tiny-llama.safetensors $(DEMO)/tiny-llama-q4.safetensors --rows 5 --fail-below cosine=0.9
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q
+
+stress: $(VENV)/.test
+	$(BIN)/python -m pytest -q -m stress -p no:cacheprovider
+
+bench: $(VENV)/.test
+	$(BIN)/python benchmarks/run.py
+
+fixtures: $(VENV)/.core
+	$(BIN)/python fixtures/make_fixtures.py
+
+clean:
+	rm -rf build $(VENV) .pytest_cache .hypothesis

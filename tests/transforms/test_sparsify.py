@@ -1,0 +1,121 @@
+"""sparsify against a stable full sort (the test's reference) rather than wtool's partition/radix select."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from wtool.errors import InputError, UsageError
+from wtool.tensor import TensorInfo
+from wtool.transforms import Context, Transform
+
+
+def ctx(array, name="w", state=None):
+    return Context(TensorInfo(name, "F64" if array.dtype == np.float64 else "F32", array.shape), state)
+
+
+def reference_fraction(arrays: list[np.ndarray], fraction: float) -> list[np.ndarray]:
+    """Zero the round(f·n) smallest magnitudes over all arrays; ties: earlier tensor, lower index first."""
+    flat = np.concatenate([np.abs(a.astype(np.float64)).reshape(-1) for a in arrays])
+    count = round(fraction * flat.size)
+    order = sorted(range(flat.size), key=lambda i: (flat[i], i))
+    zero = np.zeros(flat.size, bool)
+    zero[order[:count]] = True
+    out, start = [], 0
+    for a in arrays:
+        mask = zero[start:start + a.size].reshape(a.shape)
+        out.append(np.where(mask, 0, a))
+        start += a.size
+    return out
+
+
+@pytest.mark.parametrize("shape", [(10,), (16, 9), (3, 4, 2, 2), (0, 3), (1, 1)])
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 0.77, 1.0])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fraction_per_tensor(shape, fraction, dtype):
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=shape).astype(dtype)
+    out = Transform.create("sparsify", {"fraction": fraction}).apply(w, ctx(w))
+    np.testing.assert_array_equal(out, reference_fraction([w], fraction)[0])
+
+
+def test_ties_are_broken_by_index():
+    w = np.array([[0.5, 0.1, -0.1, 0.1, 2.0, 0.1]], np.float32)
+    out = Transform.create("sparsify", {"fraction": 0.5}).apply(w, ctx(w))
+    np.testing.assert_array_equal(out, np.array([[0.5, 0, 0, 0, 2.0, 0.1]], np.float32))
+
+
+def test_threshold_keeps_magnitudes_at_or_above():
+    w = np.array([[0.1, -0.5, 0.49, 0.5, -2]], np.float32)
+    out = Transform.create("sparsify", {"threshold": 0.5}).apply(w, ctx(w))
+    np.testing.assert_array_equal(out, [[0, -0.5, 0, 0.5, -2]])
+
+
+def test_global_scope_uses_one_threshold_across_tensors():
+    rng = np.random.default_rng(4)
+    arrays = {"a": rng.normal(0, 1, (40, 30)).astype(np.float32),
+              "b": rng.normal(0, 0.1, (25, 8)).astype(np.float32),
+              "c": np.round(rng.normal(0, 1, (9, 9)), 1).astype(np.float32)}  # many ties
+    arrays["b"][:3] = 0.0
+    for fraction in (0.1, 0.5, 0.9):
+        sparsify = Transform.create("sparsify", {"fraction": fraction, "scope": "global"})
+        infos = [(TensorInfo(k, "F32", v.shape), (lambda v=v: v)) for k, v in arrays.items()]
+        state = sparsify.fit(infos)
+        got = [sparsify.apply(v, ctx(v, k, state)) for k, v in arrays.items()]
+        expected = reference_fraction(list(arrays.values()), fraction)
+        for g, e in zip(got, expected):
+            np.testing.assert_array_equal(g, e)
+
+
+def test_global_scope_with_float64_tensors():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(30, 7))
+    b = rng.normal(size=(5, 5)).astype(np.float32)
+    sparsify = Transform.create("sparsify", {"fraction": 0.4, "scope": "global"})
+    state = sparsify.fit([(TensorInfo("a", "F64", a.shape), lambda: a), (TensorInfo("b", "F32", b.shape), lambda: b)])
+    zeros = int((sparsify.apply(a, ctx(a, "a", state)) == 0).sum() + (sparsify.apply(b, ctx(b, "b", state)) == 0).sum())
+    assert zeros == round(0.4 * (a.size + b.size))
+
+
+def reference_nm(w: np.ndarray, keep: int, group: int) -> np.ndarray:
+    out = w.reshape(-1, group).copy()
+    for row in out:
+        ranked = sorted(range(group), key=lambda i: (-abs(row[i]), i))
+        row[ranked[keep:]] = 0
+    return out.reshape(w.shape)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "4:8", "2:8", "8:8"])
+@pytest.mark.parametrize("shape", [(8, 16), (2, 3, 24)])
+def test_n_m(pattern, shape):
+    keep, group = map(int, pattern.split(":"))
+    w = np.random.default_rng(6).normal(size=shape).astype(np.float32)
+    out = Transform.create("sparsify", {"nm": pattern}).apply(w, ctx(w))
+    np.testing.assert_array_equal(out, reference_nm(w, keep, group))
+
+
+def test_n_m_needs_divisible_last_axis():
+    w = np.ones((4, 6), np.float32)
+    with pytest.raises(InputError, match=r"'w'.*not divisible by M=4"):
+        Transform.create("sparsify", {"nm": "2:4"}).apply(w, ctx(w))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({}, "exactly one"), ({"fraction": 0.5, "threshold": 1}, "exactly one"), ({"nm": "4:2"}, "0 < N <= M"),
+    ({"nm": "two:four"}, "N:M"), ({"threshold": 0.1, "scope": "global"}, "needs fraction"), ({"fraction": 1.5}, "<= 1"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(UsageError, match=message):
+        Transform.create("sparsify", options)
+
+
+@settings(max_examples=80, deadline=None)
+@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=10),
+                  elements=st.floats(-4, 4, width=32) | st.sampled_from([0.0, 1.0, -1.0])),
+       st.floats(0, 1))
+def test_exact_zero_count(w, fraction):
+    out = Transform.create("sparsify", {"fraction": fraction}).apply(w, ctx(w))
+    # zeros are the smallest magnitudes, so existing zeros count towards the target
+    assert int((out == 0).sum()) == max(round(fraction * w.size), int((w == 0).sum()))
+    np.testing.assert_array_equal(out, reference_fraction([w], fraction)[0])

@@ -1,0 +1,5 @@
+"""`python -m wtool` runs the CLI."""
+
+from wtool.cli import main
+
+main()

@@ -1,0 +1,145 @@
+"""Read-only analyses: `inspect` one checkpoint, `diff` two of them (with CI gates).
+
+Both stream tensor by tensor, like `apply`.
+
+>>> report = diff("a.safetensors", "b.safetensors", fail_above={"rel_l2": 0.05})
+>>> report.passed
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from wtool.errors import UsageError
+from wtool.io import open_checkpoint
+from wtool.pipeline import Progress
+from wtool.report import DiffReport, InspectReport
+from wtool.selection import Selector
+from wtool.stats import cosine, error_metrics, tensor_stats
+
+ABOVE_METRICS = ("max_abs", "mse", "rel_l2")
+BELOW_METRICS = ("cosine", "sqnr_db")
+
+
+def inspect(path: str | Path, selector: Selector | None = None, *, allow_empty: bool = False,
+            progress: Progress | None = None) -> InspectReport:
+    """Statistics of every (selected) tensor, totals by dtype, metadata and format."""
+    selector = selector or Selector()
+    with open_checkpoint(path) as reader:
+        names = [t.name for t in reader.tensors]
+        _check_patterns(selector, names, allow_empty, str(reader.path))
+        chosen = [t for t in reader.tensors if selector.admits(t.name)]
+        if progress:
+            progress.start(len(chosen), sum(t.nbytes for t in chosen))
+        rows, by_dtype = [], {}
+        for info in chosen:
+            rows.append({"name": info.name, "dtype": info.dtype, "shape": list(info.shape),
+                         **tensor_stats(reader.read(info.name))})
+            bucket = by_dtype.setdefault(info.dtype, {"tensors": 0, "params": 0, "bytes": 0})
+            bucket["tensors"] += 1
+            bucket["params"] += info.numel
+            bucket["bytes"] += info.nbytes
+            if progress:
+                progress.advance(info)
+        totals = {"tensors": len(rows), "params": sum(b["params"] for b in by_dtype.values()),
+                  "bytes": sum(b["bytes"] for b in by_dtype.values()), "by_dtype": by_dtype}
+        return InspectReport(str(reader.path), reader.format, dict(reader.metadata), rows, totals)
+
+
+def parse_gates(items: list[str], allowed: tuple[str, ...], option: str) -> dict[str, float]:
+    """Parse `METRIC=VALUE` gate options.
+
+    >>> parse_gates(["rel_l2=0.05"], ABOVE_METRICS, "--fail-above")
+    {'rel_l2': 0.05}
+    """
+    gates = {}
+    for item in items:
+        metric, sep, value = item.partition("=")
+        metric = metric.strip()
+        if not sep or metric not in allowed:
+            raise UsageError(f"{option} {item!r}: expected METRIC=VALUE with METRIC one of {', '.join(allowed)}")
+        try:
+            gates[metric] = float(value)
+        except ValueError:
+            raise UsageError(f"{option} {item!r}: {value!r} is not a number") from None
+    return gates
+
+
+def diff(a: str | Path, b: str | Path, selector: Selector | None = None, *,
+         fail_above: Mapping[str, float] | None = None, fail_below: Mapping[str, float] | None = None,
+         allow_missing: bool = False, allow_empty: bool = False,
+         progress: Progress | None = None) -> DiffReport:
+    """Compare tensors of the same name in A (reference) and B.
+
+    Failures (which make the CLI exit 1): a gate exceeded by any tensor; tensors only in one
+    side (unless `allow_missing`); shapes that differ. A dtype difference is reported, and
+    the values are still compared.
+    """
+    selector = selector or Selector()
+    fail_above, fail_below = dict(fail_above or {}), dict(fail_below or {})
+    with open_checkpoint(a) as left, open_checkpoint(b) as right:
+        names_a = [t.name for t in left.tensors if selector.admits(t.name)]
+        names_b = [t.name for t in right.tensors if selector.admits(t.name)]
+        _check_patterns(selector, [t.name for t in left.tensors] + [t.name for t in right.tensors],
+                        allow_empty, f"{left.path} or {right.path}")
+        in_b = set(names_b)
+        only_a = [n for n in names_a if n not in in_b]
+        only_b = [n for n in names_b if n not in set(names_a)]
+        rows, mismatched, failures = [], [], []
+        if progress:
+            common = [left.info(n) for n in names_a if n in in_b]
+            progress.start(len(common), sum(t.nbytes for t in common))
+        for name in names_a:
+            if name not in in_b:
+                continue
+            info_a, info_b = left.info(name), right.info(name)
+            if info_a.shape != info_b.shape or info_a.dtype != info_b.dtype:
+                mismatched.append({"name": name, "a": f"{info_a.dtype} {list(info_a.shape)}",
+                                   "b": f"{info_b.dtype} {list(info_b.shape)}"})
+            if info_a.shape != info_b.shape:
+                failures.append(f"{name}: shape {list(info_a.shape)} in A but {list(info_b.shape)} in B")
+                continue
+            x, y = left.read(name), right.read(name)
+            metrics = error_metrics(x, y)
+            row = {"name": name, "dtype": info_a.dtype, "shape": list(info_a.shape),
+                   "max_abs": metrics["max_abs"], "mse": metrics["mse"], "rel_l2": metrics["rel_l2"],
+                   "cosine": cosine(x, y), "sqnr_db": metrics["sqnr_db"]}
+            rows.append(row)
+            failures.extend(_gate_failures(row, fail_above, fail_below))
+            if progress:
+                progress.advance(info_a)
+        if not allow_missing:
+            failures.extend(f"{n}: only in A" for n in only_a)
+            failures.extend(f"{n}: only in B" for n in only_b)
+        gates = {f"{k}>": v for k, v in fail_above.items()} | {f"{k}<": v for k, v in fail_below.items()}
+        return DiffReport(str(left.path), str(right.path), rows, only_a, only_b, mismatched, gates, failures)
+
+
+def _gate_failures(row: dict, above: Mapping[str, float], below: Mapping[str, float]) -> list[str]:
+    """None means infinite error (above) or a perfect match (sqnr_db) / undefined cosine."""
+    failures = []
+    for metric, limit in above.items():
+        value = row[metric]
+        if value is None or value > limit:
+            failures.append(f"{row['name']}: {metric} = {'inf' if value is None else f'{value:.6g}'} > {limit:g}")
+    for metric, limit in below.items():
+        value = row[metric]
+        if value is None:
+            identical = row["max_abs"] == 0
+            if identical:
+                continue
+            failures.append(f"{row['name']}: {metric} undefined (a zero tensor against a non-zero one)")
+        elif value < limit:
+            failures.append(f"{row['name']}: {metric} = {value:.6g} < {limit:g}")
+    return failures
+
+
+def _check_patterns(selector: Selector, names: list[str], allow_empty: bool, where: str) -> None:
+    if allow_empty:
+        return
+    for pattern in selector.unmatched(names):
+        raise UsageError(f"pattern {pattern!r} matches no tensor in {where} (use --allow-empty to allow)")
+    if names and not any(selector.admits(n) for n in names):
+        raise UsageError(f"include/exclude select no tensor in {where} (use --allow-empty to allow)")

@@ -1,0 +1,557 @@
+"""Parse steps and recipes, select tensors, plan, and stream every tensor through the steps.
+
+Data flows one way: a reader yields tensors lazily, each output tensor is a chain of
+nodes (source -> step -> step ...) evaluated once when the writer reaches it, statistics
+are taken on the way, and the writer streams it out. Peak memory is a few copies of the
+largest tensor (or group of tensors for folding transforms), whatever the checkpoint size.
+
+>>> pipe = Pipeline.from_specs(["clip:c=0.5", "quantize:bits=4"])
+>>> report = run(pipe, "fixtures/tiny-llama.safetensors", "/tmp/out.safetensors", force=True)
+>>> report.totals["changed"] > 0
+True
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from wtool import __version__
+from wtool.dtypes import by_code, to_storage
+from wtool.errors import InputError, UsageError
+from wtool.io import Reader, create_writer, open_checkpoint
+from wtool.report import GroupRecord, Report, SkipRecord, TensorRecord
+from wtool.selection import Selector
+from wtool.stats import error_metrics, tensor_stats
+from wtool.tensor import TensorInfo
+from wtool.transforms import Context, Group, GroupTransform, Transform
+
+NONFINITE_POLICIES = ("error", "skip", "zero")
+RESERVED_KEYS = ("include", "exclude")
+
+
+# ------------------------------------------------------------------ steps and recipes
+
+@dataclass(frozen=True)
+class Step:
+    """One transform with its own include/exclude patterns, as written by the user."""
+
+    transform: Transform
+    selector: Selector = field(default_factory=Selector)
+    spec: str = ""
+
+    @property
+    def op(self) -> str:
+        return self.transform.name
+
+    @classmethod
+    def parse(cls, spec: str) -> Step:
+        """Parse `NAME` or `NAME:key=value,key=value`; `include=`/`exclude=` may repeat.
+
+        >>> Step.parse("quantize:bits=4,include=*.weight").selector.include
+        ('*.weight',)
+        """
+        name, _, rest = spec.strip().partition(":")
+        options: dict[str, str] = {}
+        patterns: dict[str, list[str]] = {"include": [], "exclude": []}
+        for item in filter(None, (part.strip() for part in rest.split(","))):
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise UsageError(f"step {spec!r}: expected key=value, got {item!r}")
+            if key in RESERVED_KEYS:
+                patterns[key].append(value.strip())
+            elif key in options:
+                raise UsageError(f"step {spec!r}: parameter {key!r} given twice")
+            else:
+                options[key] = value
+        return cls(Transform.create(name.strip(), options),
+                   Selector(tuple(patterns["include"]), tuple(patterns["exclude"])), spec.strip())
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any], where: str) -> Step:
+        """Build a step from a recipe's `[[steps]]` table: `op`, parameters, include/exclude."""
+        if not isinstance(table.get("op"), str):
+            raise UsageError(f"{where}: every [[steps]] table needs op = \"NAME\"")
+        options = {k: v for k, v in table.items() if k != "op" and k not in RESERVED_KEYS}
+        selector = Selector(_pattern_list(table.get("include"), where), _pattern_list(table.get("exclude"), where))
+        try:
+            transform = Transform.create(table["op"], options)
+        except UsageError as err:
+            raise UsageError(f"{where}: {err}") from None
+        return cls(transform, selector, table["op"])
+
+
+def _pattern_list(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise UsageError(f"{where}: include/exclude must be a string or a list of strings")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Steps in order plus the options that apply to all of them.
+
+    `nonfinite` decides what happens when a step that would spread NaN/Inf meets them:
+    `error` (default) fails naming the tensor, `skip` leaves that tensor out of the step,
+    `zero` replaces them with 0 first.
+    """
+
+    steps: tuple[Step, ...] = ()
+    selector: Selector = field(default_factory=Selector)
+    allow_empty: bool = False
+    nonfinite: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise UsageError(f"--nonfinite={self.nonfinite!r}: expected one of {', '.join(NONFINITE_POLICIES)}")
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[str], **options: Any) -> Pipeline:
+        return cls(tuple(Step.parse(s) for s in specs), **options)
+
+    @classmethod
+    def from_recipe(cls, path: str | Path, *, include: Sequence[str] = (), exclude: Sequence[str] = (),
+                    **options: Any) -> Pipeline:
+        """Read a TOML recipe; command-line include/exclude patterns are added to the recipe's."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"{path}: cannot read recipe: {err}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise InputError(f"{path}: invalid TOML: {err}") from None
+        unknown = set(data) - {"include", "exclude", "steps"}
+        if unknown:
+            raise UsageError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}; "
+                             "expected include, exclude, [[steps]]")
+        tables = data.get("steps", [])
+        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+            raise UsageError(f"{path}: steps must be [[steps]] tables")
+        steps = tuple(Step.from_table(t, f"{path} step {i + 1}") for i, t in enumerate(tables))
+        selector = Selector(_pattern_list(data.get("include"), str(path)) + tuple(include),
+                            _pattern_list(data.get("exclude"), str(path)) + tuple(exclude))
+        return cls(steps, selector, **options)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """`[{"op", "params"}]` as recorded in the report and the output's metadata."""
+        rows = []
+        for step in self.steps:
+            row: dict[str, Any] = {"op": step.op, "params": step.transform.options()}
+            if step.selector.include or step.selector.exclude:
+                row["include"], row["exclude"] = list(step.selector.include), list(step.selector.exclude)
+            rows.append(row)
+        return rows
+
+
+# ------------------------------------------------------------------ the node graph
+
+class Node:
+    """One tensor as it stands after some steps; `compute()` evaluates it (once per call)."""
+
+    info: TensorInfo
+    steps: tuple[str, ...] = ()
+    extras: dict[str, Any]
+
+    def compute(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def load(self) -> np.ndarray:
+        """The value in compute dtype (float32, or float64 for F64 tensors)."""
+        return np.asarray(self.compute(), dtype=self.info.dtype_info.compute)
+
+
+class SourceNode(Node):
+    def __init__(self, reader: Reader, info: TensorInfo) -> None:
+        self.reader, self.info, self.extras = reader, info, {}
+
+    def compute(self) -> np.ndarray:
+        return self.reader.read(self.info.name)
+
+
+class StepNode(Node):
+    """`prev` with one transform applied; `run` carries the step's fitted state and companions."""
+
+    def __init__(self, prev: Node, run: StepRun) -> None:
+        self.prev, self.run = prev, run
+        self.info = TensorInfo(prev.info.name, run.step.transform.output_dtype(prev.info.dtype), prev.info.shape)
+        self.steps = (*prev.steps, run.step.op)
+        self.extras = prev.extras
+
+    def compute(self) -> np.ndarray:
+        array = self.prev.load()
+        transform = self.run.step.transform
+        if transform.spreads_nonfinite:
+            array = self.run.guard(self.info.name, array, self.extras)
+            if array is None:
+                return self.prev.load()
+        ctx = Context(self.prev.info, self.run.state, self.run.companions(self.info.name, array.dtype), {})
+        result = transform.apply(array, ctx)
+        self.extras.update({f"{transform.name}.{k}": v for k, v in ctx.extras.items()})
+        if result.shape != array.shape:
+            raise RuntimeError(f"{transform.name} changed the shape of {self.info.name!r}")  # transform bug
+        return result
+
+
+class GroupNode(Node):
+    """One output of a group transform; the group is evaluated once for all its outputs."""
+
+    def __init__(self, evaluation: GroupEvaluation, info: TensorInfo, steps: tuple[str, ...]) -> None:
+        self.evaluation, self.info, self.steps, self.extras = evaluation, info, steps, {}
+
+    def compute(self) -> np.ndarray:
+        return self.evaluation.output(self.info.name)
+
+
+class GroupEvaluation:
+    """Reads a group's inputs, runs the transform, hands out outputs and forgets each once written."""
+
+    def __init__(self, run: StepRun, group: Group, inputs: Mapping[str, Node]) -> None:
+        self.run, self.group, self.inputs = run, group, inputs
+        self._outputs: dict[str, np.ndarray] | None = None
+        self._pending = {o.name for o in group.outputs}
+
+    def output(self, name: str) -> np.ndarray:
+        if self._outputs is None:
+            transform = self.run.step.transform
+            arrays = {}
+            for key, node in self.inputs.items():
+                array = node.load() if node.info.dtype_info.is_float else node.compute()
+                if transform.spreads_nonfinite and node.info.dtype_info.is_float:
+                    guarded = self.run.guard(key, array, {})
+                    if guarded is None:
+                        raise InputError(f"tensor {key!r}: non-finite values; {transform.name} cannot skip "
+                                         f"one member of the group {self.group.note or key}; use --nonfinite=zero")
+                    array = guarded
+                arrays[key] = array
+            assert isinstance(transform, GroupTransform)
+            self._outputs = transform.apply_group(self.group, arrays)
+        value = self._outputs[name]
+        self._pending.discard(name)
+        if not self._pending:
+            self._outputs = {name: value}
+        return value
+
+
+@dataclass
+class StepRun:
+    """A step during one run: its fitted state and its open companion checkpoints."""
+
+    step: Step
+    policy: str
+    companion_readers: dict[str, Reader] = field(default_factory=dict)
+    state: Any = None
+
+    def companions(self, name: str, dtype: np.dtype) -> dict[str, np.ndarray | None]:
+        found: dict[str, np.ndarray | None] = {}
+        for role, reader in self.companion_readers.items():
+            present = any(t.name == name for t in reader.tensors)
+            found[role] = np.asarray(reader.read(name), dtype=dtype) if present else None
+        return found
+
+    def guard(self, name: str, array: np.ndarray, extras: dict[str, Any]) -> np.ndarray | None:
+        """Apply the non-finite policy: the array to transform, or None to skip this tensor."""
+        bad = ~np.isfinite(array)
+        count = int(np.count_nonzero(bad))
+        if not count:
+            return array
+        if self.policy == "error":
+            raise InputError(f"tensor {name!r}: {count} non-finite value(s) (NaN/Inf) would spread through "
+                             f"{self.step.op}; pass --nonfinite=skip or --nonfinite=zero")
+        extras[f"{self.step.op}.nonfinite"] = f"{count} {'left alone' if self.policy == 'skip' else 'zeroed'}"
+        return None if self.policy == "skip" else np.where(bad, np.zeros((), array.dtype), array)
+
+
+# ------------------------------------------------------------------ planning
+
+@dataclass
+class Plan:
+    """What a run will do: the output tensors (as nodes), what was skipped, grouped, dropped."""
+
+    reader: Reader
+    pipeline: Pipeline
+    nodes: list[Node]
+    runs: list[StepRun]
+    skipped: list[SkipRecord]
+    groups: list[GroupRecord]
+    notes: list[str]
+
+    def close(self) -> None:
+        for run in self.runs:
+            for reader in run.companion_readers.values():
+                reader.close()
+
+
+def plan(pipeline: Pipeline, reader: Reader) -> Plan:
+    """Decide, for every tensor, which steps it gets — before any tensor is read."""
+    names = [t.name for t in reader.tensors]
+    if not pipeline.allow_empty:
+        for pattern in pipeline.selector.unmatched(names):
+            raise UsageError(f"pattern {pattern!r} matches no tensor in {reader.path} (use --allow-empty to allow)")
+    nodes: list[Node] = [SourceNode(reader, info) for info in reader.tensors]
+    runs: list[StepRun] = []
+    skipped: list[SkipRecord] = []
+    groups: list[GroupRecord] = []
+    notes: list[str] = []
+    try:
+        for index, step in enumerate(pipeline.steps, start=1):
+            label = f"step {index} ({step.op})"
+            current = [n.info.name for n in nodes]
+            if not pipeline.allow_empty:
+                for pattern in step.selector.unmatched(current):
+                    raise UsageError(f"{label}: pattern {pattern!r} matches no tensor")
+            run = StepRun(step, pipeline.nonfinite)
+            runs.append(run)
+            for role, path in step.transform.companion_paths().items():
+                run.companion_readers[role] = open_checkpoint(path)
+
+            def selected(name: str, step: Step = step) -> bool:
+                return pipeline.selector.admits(name) and step.selector.admits(name)
+
+            if isinstance(step.transform, GroupTransform):
+                nodes, touched = _plan_group(step, run, nodes, selected, groups, notes)
+            else:
+                nodes, touched = _plan_each(step, run, nodes, selected, skipped)
+            if touched == 0 and not pipeline.allow_empty:
+                raise UsageError(f"{label} selects no tensor"
+                                 f"{' (' + notes[-1] + ')' if notes and isinstance(step.transform, GroupTransform) else ''}"
+                                 "; check include/exclude or use --allow-empty")
+    except BaseException:
+        for run in runs:
+            for companion in run.companion_readers.values():
+                companion.close()
+        raise
+    return Plan(reader, pipeline, nodes, runs, skipped, groups, notes)
+
+
+def _plan_each(step: Step, run: StepRun, nodes: list[Node], selected: Callable[[str], bool],
+               skipped: list[SkipRecord]) -> tuple[list[Node], int]:
+    out: list[Node] = []
+    touched = 0
+    for node in nodes:
+        name = node.info.name
+        if not selected(name):
+            out.append(node)
+            continue
+        reason = step.transform.skip(node.info)
+        if reason is not None and (reason.hard or not step.selector.included_explicitly(name)):
+            skipped.append(SkipRecord(name, step.op, reason.reason))
+            out.append(node)
+            continue
+        out.append(StepNode(node, run))
+        touched += 1
+    return out, touched
+
+
+def _plan_group(step: Step, run: StepRun, nodes: list[Node], selected: Callable[[str], bool],
+                records: list[GroupRecord], notes: list[str]) -> tuple[list[Node], int]:
+    transform = step.transform
+    assert isinstance(transform, GroupTransform)
+    by_name = {n.info.name: n for n in nodes}
+    found = transform.plan([n.info for n in nodes], selected)
+    notes.extend(f"{step.op}: {note}" for note in found.notes)
+    owner: dict[str, Group] = {}
+    for group in found.groups:
+        for name in group.inputs:
+            if name in owner:
+                raise UsageError(f"{step.op}: tensor {name!r} belongs to two groups "
+                                 f"({owner[name].note} and {group.note}); give explicit pairs")
+            if name not in by_name:
+                raise RuntimeError(f"{step.op} planned a group over unknown tensor {name!r}")  # transform bug
+            owner[name] = group
+    placed: dict[str, list[Node]] = {}
+    for group in found.groups:
+        evaluation = GroupEvaluation(run, group, {n: by_name[n] for n in group.inputs})
+        first = group.inputs[0]
+        for info in group.outputs:
+            base = by_name.get(info.name)
+            steps = (*(base.steps if base else by_name[first].steps), step.op)
+            anchor = info.name if info.name in group.inputs else first
+            placed.setdefault(anchor, []).append(GroupNode(evaluation, info, steps))
+        records.append(GroupRecord(step.op, group.note, list(group.inputs), [o.name for o in group.outputs],
+                                   list(group.created), list(group.dropped)))
+    out: list[Node] = []
+    for node in nodes:
+        name = node.info.name
+        if name in owner:
+            out.extend(placed.pop(name, []))
+        else:
+            out.append(node)
+    names = [n.info.name for n in out]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise UsageError(f"{step.op}: would create tensor {duplicate!r}, which already exists")
+    return out, len(found.groups)
+
+
+# ------------------------------------------------------------------ running
+
+class Progress(Protocol):
+    """What the CLI's progress bar needs to know; the library never draws anything."""
+
+    def start(self, tensors: int, nbytes: int) -> None: ...
+
+    def advance(self, info: TensorInfo) -> None: ...
+
+
+def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, force: bool = False,
+        max_shard_size: int | None = None, dry_run: bool = False, progress: Progress | None = None) -> Report:
+    """Stream `source` through the pipeline into `output` and report what changed.
+
+    With `dry_run` (or no output) nothing is read beyond headers and nothing is written; the
+    report then holds the plan (tensors and their steps) without statistics.
+    """
+    started = time.perf_counter()
+    with open_checkpoint(source) as reader:
+        if output is not None:
+            _refuse_same_path(reader, Path(output))
+        the_plan = plan(pipeline, reader)
+        try:
+            if dry_run or output is None:
+                records = [_planned_record(node) for node in the_plan.nodes]
+                return _report(the_plan, records, output, time.perf_counter() - started, dry_run=True)
+            _fit(the_plan)
+            metadata = _output_metadata(reader.metadata, pipeline)
+            infos = [node.info for node in the_plan.nodes]
+            sources = {t.name: t for t in reader.tensors}
+            if progress:
+                progress.start(len(infos), sum(i.nbytes for i in infos))
+            records = []
+            with create_writer(output, infos, metadata, max_shard_size=max_shard_size, force=force) as writer:
+                for node in the_plan.nodes:
+                    array, record = _materialise(reader, sources.get(node.info.name), node)
+                    writer.write(node.info.name, array)
+                    records.append(record)
+                    del array
+                    if progress:
+                        progress.advance(node.info)
+            return _report(the_plan, records, output, time.perf_counter() - started, dry_run=False)
+        finally:
+            the_plan.close()
+
+
+def _refuse_same_path(reader: Reader, output: Path) -> None:
+    target = output.resolve()
+    inputs = {Path(reader.path).resolve(), *(Path(f).resolve() for f in reader.files)}
+    if target in inputs or any(target == p.parent for p in inputs if Path(reader.path).is_dir()):
+        raise UsageError(f"output {output} is the input; write to a new path")
+
+
+def _fit(the_plan: Plan) -> None:
+    """First passes for steps that need one (e.g. a global sparsity threshold), in step order."""
+    for run in the_plan.runs:
+        if not run.step.transform.needs_fit():
+            continue
+        members = [n for n in _all_nodes(the_plan.nodes) if isinstance(n, StepNode) and n.run is run]
+        run.state = run.step.transform.fit([(m.prev.info, m.prev.load) for m in members])
+
+
+def _all_nodes(nodes: Sequence[Node]) -> Iterator[Node]:
+    seen: set[int] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        if isinstance(node, StepNode):
+            stack.append(node.prev)
+        elif isinstance(node, GroupNode):
+            stack.extend(node.evaluation.inputs.values())
+
+
+def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple[np.ndarray, TensorRecord]:
+    """Evaluate one output tensor in its storage dtype, with its before/after statistics.
+
+    `source` is the input tensor of the same name, if any: the "before" of the report.
+    """
+    info = node.info
+    before = reader.read(info.name) if source is not None else None
+    if isinstance(node, SourceNode):
+        stored = before
+        after_stats = before_stats = tensor_stats(before)
+        return stored, TensorRecord(info.name, info.dtype, list(info.shape), [], False,
+                                    before_stats, after_stats, None, {})
+    value = node.compute()
+    stored = _to_storage(value, info)
+    before_stats = tensor_stats(before) if before is not None else None
+    after_stats = tensor_stats(stored)
+    comparable = source is not None and source.shape == info.shape
+    changed = not comparable or source.dtype != info.dtype or not _same_bytes(before, stored)
+    error = error_metrics(before, stored) if comparable else None
+    return stored, TensorRecord(info.name, info.dtype, list(info.shape), list(node.steps), changed,
+                                before_stats, after_stats, error, dict(node.extras),
+                                dtype_before=source.dtype if source else None)
+
+
+def _to_storage(value: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """Cast a computed tensor back to its storage dtype, refusing values that overflow it."""
+    dtype = by_code(info.dtype)
+    if not dtype.is_float:
+        return to_storage(value, dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        stored = to_storage(value, dtype)
+    if np.asarray(value).dtype.kind == "f":
+        overflow = int(np.count_nonzero(np.isfinite(value) & ~np.isfinite(stored.astype(np.float32))))
+        if overflow:
+            raise InputError(f"tensor {info.name!r}: {overflow} value(s) overflow {dtype.user_name} after the "
+                             f"pipeline; add a cast step with saturate=true or clip first")
+    return stored
+
+
+def _same_bytes(before: np.ndarray, after: np.ndarray) -> bool:
+    return before.dtype == after.dtype and before.shape == after.shape and \
+        np.array_equal(before.reshape(-1).view(np.uint8), np.ascontiguousarray(after).reshape(-1).view(np.uint8))
+
+
+def _planned_record(node: Node) -> TensorRecord:
+    info = node.info
+    return TensorRecord(info.name, info.dtype, list(info.shape), list(node.steps), bool(node.steps),
+                        None, None, None, {})
+
+
+def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline) -> dict[str, str]:
+    """The input's metadata plus one `wtool` entry (version and pipeline run).
+
+    transformers refuses safetensors metadata without `format`, so `format: pt` is added
+    when the input had none.
+    """
+    out = dict(metadata)
+    out.setdefault("format", "pt")
+    out["wtool"] = json.dumps({"version": __version__, "steps": pipeline.describe()}, sort_keys=True)
+    return out
+
+
+def _report(the_plan: Plan, records: list[TensorRecord], output: str | Path | None, seconds: float,
+            *, dry_run: bool) -> Report:
+    reader = the_plan.reader
+    output_names = {r.name for r in records}
+    dropped = [t.name for t in reader.tensors if t.name not in output_names]
+    bytes_out = sum(TensorInfo(r.name, r.dtype, tuple(r.shape)).nbytes for r in records)
+    totals = {
+        "tensors": len(records),
+        "changed": sum(r.changed for r in records),
+        "params": sum(int(np.prod(r.shape, dtype=np.int64)) for r in records),
+        "bytes_in": sum(t.nbytes for t in reader.tensors),
+        "bytes_out": bytes_out,
+        "seconds": round(seconds, 3),
+    }
+    return Report(
+        wtool_version=__version__, input=str(reader.path), output=None if output is None else str(output),
+        steps=the_plan.pipeline.describe(), tensors=records, totals=totals, dropped=dropped,
+        skipped=the_plan.skipped, groups=the_plan.groups, notes=the_plan.notes, dry_run=dry_run,
+        nonfinite_policy=the_plan.pipeline.nonfinite,
+    )
+

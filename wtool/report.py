@@ -1,0 +1,326 @@
+"""Reports: plain data objects, rendered as a rich table, JSON or Markdown.
+
+The JSON keys are a public contract (scripts and CI jobs parse them); non-finite numbers
+are written as null, never as NaN tokens.
+
+>>> Report.from_json(report.to_json()) == report   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+SHOW_ROWS = 30
+
+
+@dataclass
+class TensorRecord:
+    """One output tensor: what happened to it and its statistics before and after."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    steps: list[str]
+    changed: bool
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    error: dict[str, Any] | None
+    extras: dict[str, Any]
+    dtype_before: str | None = None
+
+
+@dataclass
+class SkipRecord:
+    """A tensor a step left alone by its default rule, and why."""
+
+    name: str
+    op: str
+    reason: str
+
+
+@dataclass
+class GroupRecord:
+    """Tensors a group transform merged: what it read, wrote, created and dropped."""
+
+    op: str
+    note: str
+    inputs: list[str]
+    outputs: list[str]
+    created: list[str]
+    dropped: list[str]
+
+
+@dataclass
+class Report:
+    """The result of `wtool apply` (or its plan, when `dry_run`)."""
+
+    wtool_version: str
+    input: str
+    output: str | None
+    steps: list[dict[str, Any]]
+    tensors: list[TensorRecord]
+    totals: dict[str, Any]
+    dropped: list[str] = field(default_factory=list)
+    skipped: list[SkipRecord] = field(default_factory=list)
+    groups: list[GroupRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    nonfinite_policy: str = "error"
+
+    def to_json(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+    def worst(self, limit: int = SHOW_ROWS) -> tuple[list[TensorRecord], int]:
+        """The rows worth showing: all when they fit, else the changed tensors with the
+        largest relative error, in checkpoint order; and how many were hidden."""
+        rows = self.tensors
+        if len(rows) <= limit:
+            return rows, 0
+        ranked = sorted(range(len(rows)), key=lambda i: (not rows[i].changed, -_rel(rows[i])))[:limit]
+        return [rows[i] for i in sorted(ranked)], len(rows) - limit
+
+
+@dataclass
+class InspectReport:
+    """The result of `wtool inspect`: per-tensor statistics, totals by dtype, metadata."""
+
+    path: str
+    format: str
+    metadata: dict[str, str]
+    tensors: list[dict[str, Any]]
+    totals: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+
+@dataclass
+class DiffReport:
+    """The result of `wtool diff A B`: per common tensor error metrics, and what differs."""
+
+    a: str
+    b: str
+    tensors: list[dict[str, Any]]
+    only_in_a: list[str]
+    only_in_b: list[str]
+    mismatched: list[dict[str, Any]]
+    gates: dict[str, float]
+    failures: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        data = _clean(asdict(self))
+        data["passed"] = self.passed
+        return data
+
+
+# ------------------------------------------------------------------ JSON
+
+def _clean(value: Any) -> Any:
+    """Replace NaN/Inf anywhere in the structure by None so the JSON stays standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def dumps(data: dict[str, Any]) -> str:
+    """Standard JSON (allow_nan=False: a NaN token would break strict parsers like jq's)."""
+    return json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False)
+
+
+# ------------------------------------------------------------------ formatting helpers
+
+def _rel(record: TensorRecord) -> float:
+    value = (record.error or {}).get("rel_l2")
+    return value if value is not None else (math.inf if record.changed else -1.0)
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """Numbers for people: 4 significant digits, '-' for missing, 'inf' for None errors."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1000
+    return f"{count} B"  # pragma: no cover
+
+
+def _shape(shape: list[int]) -> str:
+    return "×".join(map(str, shape)) if shape else "scalar"
+
+
+def _pair(before: dict[str, Any] | None, after: dict[str, Any] | None, key: str) -> str:
+    a = fmt(before.get(key)) if before else "-"
+    b = fmt(after.get(key)) if after else "-"
+    return a if a == b else f"{a} → {b}"
+
+
+# ------------------------------------------------------------------ rich tables
+
+def apply_table(report: Report, limit: int = SHOW_ROWS) -> Table:
+    """The terminal table after `apply`: one row per tensor, totals underneath."""
+    rows, hidden = report.worst(limit)
+    title = "wtool plan (dry run)" if report.dry_run else f"wtool apply: {escape(report.input)} → {escape(str(report.output))}"
+    table = Table(title=title, title_justify="left", show_footer=False)
+    for column, justify in (("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("steps", "left"),
+                            ("absmax", "right"), ("std", "right"), ("sparsity", "right"),
+                            ("rel_l2", "right"), ("sqnr dB", "right")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for r in rows:
+        dtype = r.dtype if not r.dtype_before or r.dtype_before == r.dtype else f"{r.dtype_before} → {r.dtype}"
+        error = r.error or {}
+        style = None if r.changed else "dim"
+        table.add_row(escape(r.name), _shape(r.shape), dtype, escape(" → ".join(r.steps)) or "-",
+                      _pair(r.before, r.after, "absmax"), _pair(r.before, r.after, "std"),
+                      _pair(r.before, r.after, "sparsity"), fmt(error.get("rel_l2")),
+                      fmt(error.get("sqnr_db"), 3) if error.get("mse") else "-", style=style)
+    t = report.totals
+    caption = [f"{t['tensors']} tensors, {t['changed']} changed, {fmt(t['params'])} params, "
+               f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])}"
+               + (f", {t['seconds']:.2f} s" if not report.dry_run else "")]
+    if hidden:
+        caption.append(f"{hidden} more tensors hidden (the {limit} with the largest error are shown; "
+                       "--report FILE.json has all)")
+    if report.dropped:
+        caption.append(f"dropped: {len(report.dropped)} tensors")
+    table.caption = escape("\n".join(caption))
+    table.caption_justify = "left"
+    return table
+
+
+def plan_details(report: Report) -> list[Text]:
+    """Lines under the table: groups merged, tensors skipped and why, notes."""
+    lines = []
+    for g in report.groups:
+        parts = [f"{g.op}: {g.note}"]
+        if g.created:
+            parts.append(f"created {', '.join(g.created)}")
+        if g.dropped:
+            parts.append(f"dropped {', '.join(g.dropped)}")
+        lines.append(Text("  • " + "; ".join(parts)))
+    by_reason: dict[str, dict[str, list[str]]] = {}
+    for s in report.skipped:
+        by_reason.setdefault(s.reason, {}).setdefault(s.name, []).append(s.op)
+    for reason, tensors in by_reason.items():
+        by_ops: dict[tuple[str, ...], list[str]] = {}
+        for name, ops in tensors.items():
+            by_ops.setdefault(tuple(ops), []).append(name)
+        for ops, names in by_ops.items():
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            lines.append(Text(f"  • skipped by {', '.join(ops)} ({reason}): {len(names)} tensor(s): {shown}",
+                              style="dim"))
+    lines.extend(Text(f"  • {note}", style="yellow") for note in report.notes)
+    return lines
+
+
+def inspect_table(report: InspectReport, limit: int = 200) -> Table:
+    table = Table(title=f"{escape(report.path)} ({report.format})", title_justify="left")
+    for column in ("tensor", "shape", "dtype", "min", "max", "mean", "std", "sparsity", "nan/inf"):
+        table.add_column(column, justify="left" if column in ("tensor", "dtype") else "right", overflow="fold")
+    for row in report.tensors[:limit]:
+        table.add_row(escape(row["name"]), _shape(row["shape"]), row["dtype"], fmt(row["min"]), fmt(row["max"]),
+                      fmt(row["mean"]), fmt(row["std"]), fmt(row["sparsity"]),
+                      f"{row['nan']}/{row['inf']}" if row["nan"] or row["inf"] else "-")
+    t = report.totals
+    by_dtype = ", ".join(f"{d}: {v['tensors']} ({human_bytes(v['bytes'])})" for d, v in t["by_dtype"].items())
+    caption = f"{t['tensors']} tensors, {fmt(t['params'])} params, {human_bytes(t['bytes'])}; {by_dtype}"
+    if len(report.tensors) > limit:
+        caption += f"\n{len(report.tensors) - limit} more tensors hidden (--json has all)"
+    table.caption, table.caption_justify = escape(caption), "left"
+    return table
+
+
+def diff_table(report: DiffReport, limit: int = SHOW_ROWS) -> Table:
+    table = Table(title=f"diff {escape(report.a)} ↔ {escape(report.b)}", title_justify="left")
+    for column in ("tensor", "max_abs", "mse", "rel_l2", "cosine", "sqnr dB"):
+        table.add_column(column, justify="left" if column == "tensor" else "right", overflow="fold")
+    rows = sorted(report.tensors, key=lambda r: -(r["rel_l2"] if r["rel_l2"] is not None else math.inf))
+    for row in rows[:limit]:
+        table.add_row(escape(row["name"]), fmt(row["max_abs"]), fmt(row["mse"]), fmt(row["rel_l2"]),
+                      fmt(row["cosine"], 6), fmt(row["sqnr_db"], 3))
+    caption = [f"{len(report.tensors)} common tensors"
+               + (f" ({len(rows) - limit} with the smallest error hidden)" if len(rows) > limit else "")]
+    if report.only_in_a:
+        caption.append(f"only in A: {', '.join(report.only_in_a[:5])}{' …' if len(report.only_in_a) > 5 else ''}")
+    if report.only_in_b:
+        caption.append(f"only in B: {', '.join(report.only_in_b[:5])}{' …' if len(report.only_in_b) > 5 else ''}")
+    for m in report.mismatched:
+        caption.append(f"mismatch {m['name']}: {m['a']} vs {m['b']}")
+    caption.extend(f"FAILED {f}" for f in report.failures)
+    table.caption, table.caption_justify = escape("\n".join(caption)), "left"
+    return table
+
+
+def print_apply(report: Report, console: Console, limit: int = SHOW_ROWS) -> None:
+    console.print(apply_table(report, limit))
+    for line in plan_details(report):
+        console.print(line)
+
+
+# ------------------------------------------------------------------ Markdown
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def apply_markdown(report: Report, limit: int = SHOW_ROWS) -> str:
+    """A summary fit for `$GITHUB_STEP_SUMMARY`: pipeline, totals, the worst tensors."""
+    t = report.totals
+    steps = " → ".join(f"`{s['op']}`" for s in report.steps) or "copy (no steps)"
+    out = [f"### wtool apply: `{_md(report.input)}` → `{_md(str(report.output))}`", "",
+           f"Pipeline: {steps}  ", f"{t['tensors']} tensors, **{t['changed']} changed**, {fmt(t['params'])} params, "
+           f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])} in {t['seconds']:.2f} s", ""]
+    rows, hidden = report.worst(limit)
+    out += ["| tensor | shape | dtype | steps | absmax | sparsity | rel_l2 | sqnr dB |",
+            "|---|---:|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        error = r.error or {}
+        out.append(f"| `{_md(r.name)}` | {_shape(r.shape)} | {r.dtype} | {_md(' → '.join(r.steps)) or '-'} | "
+                   f"{_md(_pair(r.before, r.after, 'absmax'))} | {_md(_pair(r.before, r.after, 'sparsity'))} | "
+                   f"{fmt(error.get('rel_l2'))} | {fmt(error.get('sqnr_db'), 3) if error.get('mse') else '-'} |")
+    if hidden:
+        out += ["", f"_{hidden} more tensors hidden; the JSON report has all._"]
+    if report.groups or report.dropped:
+        out += ["", f"Merged groups: {len(report.groups)}; dropped tensors: {len(report.dropped)}"]
+    return "\n".join(out) + "\n"
+
+
+def diff_markdown(report: DiffReport, limit: int = SHOW_ROWS) -> str:
+    status = "passed" if report.passed else "**FAILED**"
+    out = [f"### wtool diff: `{_md(report.a)}` ↔ `{_md(report.b)}` — {status}", "",
+           "| tensor | max_abs | mse | rel_l2 | cosine | sqnr dB |", "|---|---:|---:|---:|---:|---:|"]
+    rows = sorted(report.tensors, key=lambda r: -(r["rel_l2"] if r["rel_l2"] is not None else math.inf))
+    for row in rows[:limit]:
+        out.append(f"| `{_md(row['name'])}` | {fmt(row['max_abs'])} | {fmt(row['mse'])} | {fmt(row['rel_l2'])} | "
+                   f"{fmt(row['cosine'], 6)} | {fmt(row['sqnr_db'], 3)} |")
+    out += [""] + [f"- {_md(f)}" for f in report.failures]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,66 @@
+"""Clipping: bound every weight to [-c, c] (or [min, max]).
+
+>>> Transform.create("clip", {"c": "1.5"}).apply(np.array([-3.0, 0.5, 2.0]), None)
+array([-1.5,  0.5,  1.5])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from wtool.errors import UsageError
+from wtool.transforms.base import Context, Transform, param
+
+
+@dataclass(frozen=True)
+class ClipParams:
+    c: float | None = param(None, "symmetric bound: clip to [-c, c]", low=0.0)
+    min: float | None = param(None, "lower bound (with or without max)")
+    max: float | None = param(None, "upper bound (with or without min)")
+    percentile: float | None = param(None, "c = this percentile of |w| per tensor (numpy linear interpolation)",
+                                     low=0.0, high=100.0)
+    sigma: float | None = param(None, "c = sigma · std(w) per tensor (population std)", low=0.0)
+
+
+class Clip(Transform, name="clip"):
+    """Clip weights to [-c, c]; c fixed, a percentile of |w|, or k standard deviations."""
+
+    Params = ClipParams
+    formula = "w' = min(max(w, -c), c)"
+    example = "clip:percentile=99.9"
+
+    def check(self) -> None:
+        p = self.params
+        modes = [name for name, given in (("c", p.c is not None),
+                                          ("min/max", p.min is not None or p.max is not None),
+                                          ("percentile", p.percentile is not None),
+                                          ("sigma", p.sigma is not None)) if given]
+        if len(modes) != 1:
+            raise UsageError(f"clip: give exactly one of c, min/max, percentile, sigma (got {', '.join(modes) or 'none'})")
+        if p.min is not None and p.max is not None and p.min > p.max:
+            raise UsageError(f"clip: min={p.min} is greater than max={p.max}")
+
+    @property
+    def spreads_nonfinite(self) -> bool:  # type: ignore[override]
+        return self.params.percentile is not None or self.params.sigma is not None
+
+    def bounds(self, array: np.ndarray) -> tuple[float | None, float | None]:
+        """The (low, high) interval for this tensor."""
+        p = self.params
+        if p.c is not None:
+            return -p.c, p.c
+        if p.percentile is not None:
+            c = float(np.percentile(np.abs(array), p.percentile))
+            return -c, c
+        if p.sigma is not None:
+            c = p.sigma * float(np.std(array, dtype=np.float64))
+            return -c, c
+        return p.min, p.max
+
+    def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
+        if array.size == 0:
+            return array.copy()
+        low, high = self.bounds(array)
+        return np.clip(array, low, high)

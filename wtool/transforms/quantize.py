@@ -1,0 +1,74 @@
+"""Min-max fake quantization: snap values to a b-bit grid, stored in the original dtype.
+
+>>> q = Transform.create("quantize", {"bits": "2", "granularity": "tensor"})
+>>> q.apply(np.array([[0.0, 0.1, 0.9, 3.0]]), None)
+array([[0., 0., 1., 3.]])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from wtool.errors import InputError
+from wtool.transforms.base import Context, Transform, param
+
+
+@dataclass(frozen=True)
+class QuantizeParams:
+    bits: int = param(8, "bits per weight: 2^bits grid levels", low=2, high=8)
+    scheme: str = param("asym", "asym: min-max grid; sym: zero-centred grid, scale = absmax/(2^(b-1)-1)",
+                        choices=("asym", "sym"))
+    granularity: str = param("channel", "one grid per tensor, per output row (axis 0), or per group",
+                             choices=("tensor", "channel", "group"))
+    group_size: int = param(128, "weights per group, consecutive along the last axis", low=1)
+    remainder: str = param("error", "last axis not divisible by group_size: error, or ok (short tail group)",
+                           choices=("error", "ok"))
+
+
+class Quantize(Transform, name="quantize"):
+    """Fake-quantize to a b-bit min-max (asym) or absmax (sym) grid per tensor, channel or group."""
+
+    Params = QuantizeParams
+    formula = ("asym: w_q = round((w - min)/(max - min)·(2^b - 1))·(max - min)/(2^b - 1) + min;  "
+               "sym: s = absmax/(2^(b-1) - 1), w_q = round(w/s)·s  (round half to even)")
+    spreads_nonfinite = True
+    example = "quantize:bits=4,granularity=group,group_size=128"
+
+    def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
+        p = self.params
+        if array.size == 0:
+            return array.copy()
+        if p.granularity == "tensor" or (p.granularity == "channel" and array.ndim < 2):
+            return self._snap(array.reshape(1, -1)).reshape(array.shape)
+        if p.granularity == "channel":
+            return self._snap(array.reshape(array.shape[0], -1)).reshape(array.shape)
+        rows = array.reshape(-1, array.shape[-1])
+        width = rows.shape[1]
+        full = width - width % p.group_size
+        if full != width and p.remainder == "error":
+            name = ctx.name if ctx else "?"
+            raise InputError(f"tensor {name!r}: last axis {width} is not divisible by group_size={p.group_size}; "
+                             f"pass remainder=ok to quantize the tail group of {width - full} on its own")
+        out = np.empty_like(rows)
+        if full:
+            head = rows[:, :full].reshape(-1, p.group_size)
+            out[:, :full] = self._snap(head).reshape(rows.shape[0], full)
+        if full != width:
+            out[:, full:] = self._snap(rows[:, full:])
+        return out.reshape(array.shape)
+
+    def _snap(self, groups: np.ndarray) -> np.ndarray:
+        """Quantize each row of a 2-D array on its own grid."""
+        levels = 2 ** self.params.bits - 1
+        if self.params.scheme == "sym":
+            half = 2 ** (self.params.bits - 1) - 1
+            scale = np.abs(groups).max(axis=1, keepdims=True) / half
+            safe = np.where(scale > 0, scale, 1)
+            return np.where(scale > 0, np.round(groups / safe) * safe, groups)
+        low = groups.min(axis=1, keepdims=True)
+        span = groups.max(axis=1, keepdims=True) - low
+        safe = np.where(span > 0, span, 1)
+        snapped = np.round((groups - low) / safe * levels) * safe / levels + low
+        return np.where(span > 0, snapped, groups)

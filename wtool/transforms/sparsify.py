@@ -1,0 +1,156 @@
+"""Magnitude sparsification: zero the smallest weights by threshold, fraction or N:M pattern.
+
+>>> Transform.create("sparsify", {"threshold": "0.5"}).apply(np.array([[0.1, -0.7, 0.4, 2.0]]), None)
+array([[ 0. , -0.7,  0. ,  2. ]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from wtool.errors import InputError, UsageError
+from wtool.tensor import TensorInfo
+from wtool.transforms.base import Context, Transform, param
+
+DIGIT = 16  # bits resolved per pass of the global radix select
+
+
+@dataclass(frozen=True)
+class SparsifyParams:
+    threshold: float | None = param(None, "zero every |w| < threshold", low=0.0)
+    fraction: float | None = param(None, "share of weights set to zero: exactly round(fraction·numel)",
+                                   low=0.0, high=1.0)
+    scope: str = param("tensor", "fraction per tensor, or one magnitude threshold across all selected tensors",
+                       choices=("tensor", "global"))
+    nm: str | None = param(None, "N:M structured sparsity, e.g. 2:4 keeps the 2 largest of every 4 along the last axis")
+
+
+@dataclass(frozen=True)
+class Cutoff:
+    """Zero every key below `key`, plus the first `ties` elements equal to it (flat order).
+
+    Keys are float64 bit patterns when `wide`, else float32 ones: all tensors of one global
+    selection are ranked in the same precision.
+    """
+
+    key: int
+    ties: int
+    wide: bool = False
+
+
+class Sparsify(Transform, name="sparsify"):
+    """Zero the smallest-magnitude weights: below a threshold, a fraction (per tensor or global), or N:M."""
+
+    Params = SparsifyParams
+    formula = ("threshold: w' = w·[|w| >= τ];  fraction: zero the round(f·n) smallest |w| (ties: lowest index first);  "
+               "nm=N:M: keep the N largest |w| in every M consecutive along the last axis")
+    example = "sparsify:fraction=0.5"
+
+    def check(self) -> None:
+        p = self.params
+        given = [k for k in ("threshold", "fraction", "nm") if getattr(p, k) is not None]
+        if len(given) != 1:
+            raise UsageError(f"sparsify: give exactly one of threshold, fraction, nm (got {', '.join(given) or 'none'})")
+        if p.scope == "global" and p.fraction is None:
+            raise UsageError("sparsify: scope=global needs fraction")
+        if p.nm is not None:
+            self.pattern()
+
+    def pattern(self) -> tuple[int, int]:
+        """(N, M) from the `nm` parameter."""
+        text = self.params.nm or ""
+        try:
+            keep, group = (int(part) for part in text.split(":"))
+        except ValueError:
+            raise UsageError(f"sparsify: nm={text!r} must look like N:M, e.g. 2:4") from None
+        if not 0 < keep <= group:
+            raise UsageError(f"sparsify: nm={text!r} needs 0 < N <= M")
+        return keep, group
+
+    @property
+    def spreads_nonfinite(self) -> bool:  # type: ignore[override]
+        return self.params.threshold is None
+
+    def needs_fit(self) -> bool:
+        return self.params.scope == "global"
+
+    def fit(self, tensors: Iterable[tuple[TensorInfo, Callable[[], np.ndarray]]]) -> dict[str, Cutoff]:
+        """One exact magnitude cutoff across every selected tensor, found by a radix select
+        over the float bit patterns (16 bits per pass), so no pass holds more than one tensor."""
+        tensors = list(tensors)
+        wide = any(info.dtype == "F64" for info, _ in tensors)
+        bits = 64 if wide else 32
+        total = sum(info.numel for info, _ in tensors)
+        target = round(self.params.fraction * total)
+        if target == 0:
+            return {}
+        prefix, below = 0, 0
+        for shift in range(bits - DIGIT, -1, -DIGIT):
+            counts = np.zeros(1 << DIGIT, dtype=np.int64)
+            for _, load in tensors:
+                keys = _magnitude_keys(load(), wide)
+                if shift + DIGIT < bits:
+                    keys = keys[(keys >> np.uint64(shift + DIGIT)) == prefix]
+                digits = ((keys >> np.uint64(shift)) & np.uint64((1 << DIGIT) - 1)).astype(np.intp)
+                counts += np.bincount(digits, minlength=1 << DIGIT)
+            running = np.cumsum(counts)
+            digit = int(np.searchsorted(running, target - below, side="left"))
+            below += int(running[digit - 1]) if digit else 0
+            prefix = (prefix << DIGIT) | digit
+        ties_left = target - below
+        cutoffs = {}
+        for info, load in tensors:
+            equal = int(np.count_nonzero(_magnitude_keys(load(), wide) == prefix))
+            take = min(equal, ties_left)
+            ties_left -= take
+            cutoffs[info.name] = Cutoff(prefix, take, wide)
+        return cutoffs
+
+    def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
+        p = self.params
+        if array.size == 0:
+            return array.copy()
+        if p.threshold is not None:
+            return np.where(np.abs(array) >= p.threshold, array, np.zeros((), array.dtype))
+        if p.nm is not None:
+            return self._nm(array, ctx)
+        if p.scope == "global":
+            cutoff = ctx.state.get(ctx.name) if ctx.state else None
+            if cutoff is None:  # nothing to zero anywhere (fraction·numel rounds to 0)
+                return array.copy()
+            return _zero_below(array, _magnitude_keys(array, cutoff.wide), cutoff)
+        target = round(p.fraction * array.size)
+        if target == 0:
+            return array.copy()
+        wide = array.dtype == np.float64
+        keys = _magnitude_keys(array, wide)
+        key = int(np.partition(keys, target - 1)[target - 1])
+        return _zero_below(array, keys, Cutoff(key, target - int(np.count_nonzero(keys < key)), wide))
+
+    def _nm(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
+        keep, group = self.pattern()
+        if array.shape[-1] % group:
+            name = ctx.name if ctx else "?"
+            raise InputError(f"tensor {name!r}: last axis {array.shape[-1]} is not divisible by M={group} (nm={self.params.nm})")
+        rows = array.reshape(-1, group)
+        order = np.argsort(-np.abs(rows), axis=1, kind="stable")
+        drop = np.zeros(rows.shape, dtype=bool)
+        np.put_along_axis(drop, order[:, keep:], True, axis=1)
+        return np.where(drop, np.zeros((), array.dtype), rows).reshape(array.shape)
+
+
+def _magnitude_keys(array: np.ndarray, wide: bool) -> np.ndarray:
+    """|w| as unsigned integers ordered like the magnitudes (IEEE bit patterns of non-negative floats)."""
+    flat = np.abs(array.reshape(-1))
+    return flat.astype(np.float64).view(np.uint64) if wide else flat.astype(np.float32).view(np.uint32).astype(np.uint64)
+
+
+def _zero_below(array: np.ndarray, keys: np.ndarray, cutoff: Cutoff) -> np.ndarray:
+    drop = keys < np.uint64(cutoff.key)
+    if cutoff.ties:
+        equal = np.flatnonzero(keys == np.uint64(cutoff.key))[: cutoff.ties]
+        drop[equal] = True
+    return np.where(drop.reshape(array.shape), np.zeros((), array.dtype), array)
