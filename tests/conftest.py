@@ -1,0 +1,48 @@
+"""Shared fixtures: small seeded checkpoints written by the safetensors library itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+ALL_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def sample(dtype, shape, seed: int = 0) -> np.ndarray:
+    """Random values of any dtype, including bit patterns such as -0.0 and NaN for floats."""
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+    values = rng.normal(0, 2, size=shape).astype(np.float32).astype(dtype)
+    return values
+
+
+@pytest.fixture
+def llama(tmp_path: Path) -> Path:
+    """A tiny Llama-shaped bf16 checkpoint with a 1-D norm, an I64 buffer and metadata."""
+    rng = np.random.default_rng(0)
+    tensors = {
+        "model.embed_tokens.weight": rng.normal(size=(32, 16)).astype(ml_dtypes.bfloat16),
+        "model.layers.0.input_layernorm.weight": np.ones(16, ml_dtypes.bfloat16),
+        "model.layers.0.self_attn.q_proj.weight": rng.normal(size=(16, 16)).astype(ml_dtypes.bfloat16),
+        "model.layers.0.mlp.up_proj.weight": rng.normal(size=(32, 16)).astype(ml_dtypes.bfloat16),
+        "model.layers.0.mlp.up_proj.bias": rng.normal(size=(32,)).astype(ml_dtypes.bfloat16),
+        "model.position_ids": np.arange(8, dtype=np.int64).reshape(1, 8),
+        "lm_head.weight": rng.normal(size=(32, 16)).astype(np.float32),
+    }
+    path = tmp_path / "llama.safetensors"
+    save_file(tensors, path, metadata={"format": "pt", "origin": "test"})
+    return path

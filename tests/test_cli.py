@@ -1,0 +1,173 @@
+"""The CLI through Typer's test runner: exit codes, messages, streams, --dry-run, --force."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from typer.testing import CliRunner
+
+from wtool import __version__
+from wtool.cli import app
+from wtool.transforms import REGISTRY
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("command", ["apply", "inspect", "diff", "transforms"])
+def test_every_command_has_help_with_an_example(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert "Example" in result.output
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_apply_writes_output_report_and_markdown(llama, tmp_path):
+    out, report, md = tmp_path / "out.safetensors", tmp_path / "r.json", tmp_path / "r.md"
+    result = invoke("apply", llama, out, "-t", "clip:percentile=99", "-t", "quantize:bits=4",
+                    "--report", report, "--markdown", md)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert set(data) >= {"wtool_version", "input", "output", "steps", "tensors", "totals"}
+    assert set(data["totals"]) >= {"tensors", "changed", "params", "bytes_in", "bytes_out", "seconds"}
+    assert [s["op"] for s in data["steps"]] == ["clip", "quantize"]
+    row = next(t for t in data["tensors"] if t["name"] == "lm_head.weight")
+    assert set(row) >= {"name", "dtype", "shape", "steps", "changed", "before", "after", "error"}
+    assert set(row["before"]) == {"numel", "min", "max", "mean", "std", "absmax", "l2", "sparsity", "nan", "inf"}
+    assert set(row["error"]) == {"mse", "max_abs", "rel_l2", "sqnr_db"}
+    assert "| tensor |" in md.read_text()
+    assert "lm_head.weight" in result.output
+    assert load_file(out)["lm_head.weight"].shape == (32, 16)
+
+
+def test_json_report_on_stdout_is_pure_json(llama, tmp_path):
+    result = runner.invoke(app, ["apply", str(llama), str(tmp_path / "o.safetensors"), "-t", "clip:c=1",
+                                 "--report", "-"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["totals"]["changed"] > 0
+
+
+def test_nonfinite_stats_are_null_in_json(tmp_path):
+    path = tmp_path / "nan.safetensors"
+    save_file({"w": np.array([[np.nan, np.inf], [1.0, 2.0]], np.float32)}, path)
+    result = runner.invoke(app, ["inspect", str(path), "--json", "-", "-q"])
+    assert result.exit_code == 0
+    assert "NaN" not in result.stdout and "Infinity" not in result.stdout
+    row = json.loads(result.stdout)["tensors"][0]
+    assert row["nan"] == 1 and row["inf"] == 1 and row["max"] == 2.0
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["-t", "quantise"], 2, "did you mean 'quantize'"),
+    (["-t", "quantize:bits=12"], 2, "bits='12': must be <= 8"),
+    (["-t", "quantize:bitz=4"], 2, "did you mean 'bits'"),
+    (["-t", "clip"], 2, "exactly one of"),
+    (["-i", "nothing*"], 2, "matches no tensor"),
+    (["--nonfinite", "maybe"], 2, "--nonfinite"),
+    (["--max-shard-size", "lots"], 2, "lots"),
+])
+def test_usage_errors_exit_2_before_writing(llama, tmp_path, args, code, message):
+    out = tmp_path / "out.safetensors"
+    result = invoke("apply", llama, out, *args)
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_invalid_input_exits_3_with_one_line(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{nope")
+    result = invoke("apply", bad, tmp_path / "out.safetensors")
+    assert result.exit_code == 3
+    assert "bad.safetensors" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_recipe_and_steps_together_are_refused(llama, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[steps]]\nop = "clip"\nc = 1\n')
+    result = invoke("apply", llama, tmp_path / "o.safetensors", "--recipe", recipe, "-t", "quantize")
+    assert result.exit_code == 2 and "not both" in result.output
+    assert invoke("apply", llama, tmp_path / "o.safetensors", "--recipe", recipe).exit_code == 0
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(llama, tmp_path):
+    out = tmp_path / "out.safetensors"
+    result = invoke("apply", llama, out, "-t", "quantize", "--dry-run")
+    assert result.exit_code == 0
+    assert "dry run" in result.output and "quantize" in result.output and "ndim >= 2" in result.output
+    assert not out.exists()
+
+
+def test_existing_output_refused_without_force(llama, tmp_path):
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"precious")
+    result = invoke("apply", llama, out, "-t", "clip:c=1")
+    assert result.exit_code == 2 and "--force" in result.output
+    assert out.read_bytes() == b"precious"
+    assert invoke("apply", llama, out, "-t", "clip:c=1", "--force").exit_code == 0
+
+
+def test_diff_gates(llama, tmp_path):
+    out = tmp_path / "q.safetensors"
+    assert invoke("apply", llama, out, "-t", "quantize:bits=2", "-q").exit_code == 0
+    assert invoke("diff", llama, llama, "--fail-above", "rel_l2=0").exit_code == 0
+    failed = invoke("diff", llama, out, "--fail-above", "rel_l2=0.01")
+    assert failed.exit_code == 1 and "rel_l2" in failed.output
+    assert invoke("diff", llama, out, "--fail-above", "rel_l2=10").exit_code == 0
+    assert invoke("diff", llama, out, "--fail-below", "cosine=0.999999").exit_code == 1
+    assert invoke("diff", llama, out, "--fail-above", "cosine=1").exit_code == 2
+    result = runner.invoke(app, ["diff", str(llama), str(out), "--json", "-", "-q"])
+    data = json.loads(result.stdout)
+    assert data["passed"] is True
+    row = next(t for t in data["tensors"] if t["name"] == "lm_head.weight")
+    assert set(row) >= {"max_abs", "mse", "rel_l2", "cosine", "sqnr_db"}
+
+
+def test_diff_missing_tensors_fail_unless_allowed(tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"x": np.ones((2, 2), np.float32), "y": np.ones(2, np.float32)}, a)
+    save_file({"x": np.ones((2, 2), np.float32), "z": np.ones((3,), np.float16)}, b)
+    result = runner.invoke(app, ["diff", str(a), str(b), "--json", "-", "-q"])
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["only_in_a"] == ["y"] and data["only_in_b"] == ["z"]
+    assert invoke("diff", a, b, "--allow-missing").exit_code == 0
+
+
+def test_inspect_json(llama):
+    result = runner.invoke(app, ["inspect", str(llama), "--json", "-", "-q"])
+    data = json.loads(result.stdout)
+    assert data["format"] == "safetensors" and data["metadata"]["origin"] == "test"
+    assert data["totals"]["by_dtype"]["BF16"]["tensors"] == 5
+    ids = next(t for t in data["tensors"] if t["name"] == "model.position_ids")
+    assert ids["min"] == 0 and ids["max"] == 7 and ids["nan"] == 0
+
+
+def test_transforms_lists_every_registered_transform():
+    result = invoke("transforms")
+    assert result.exit_code == 0
+    for name in REGISTRY:
+        assert name in result.output
+    detail = invoke("transforms", "quantize")
+    assert "group_size" in detail.output and "round" in detail.output
+    assert invoke("transforms", "quantise").exit_code == 2
+
+
+def test_tensor_names_with_markup_are_printed_literally(tmp_path):
+    path = tmp_path / "odd.safetensors"
+    save_file({"[bold]w[/bold]": np.ones((2, 2), np.float32)}, path)
+    result = invoke("inspect", path)
+    assert "[bold]w[/bold]" in result.output

@@ -1,0 +1,346 @@
+"""The pipeline end to end through files: selection, planning, streaming, groups, fits, failures."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from conftest import ALL_DTYPES, sample
+from wtool import InputError, Pipeline, UsageError, open_checkpoint, run
+from wtool.io import create_writer
+from wtool.pipeline import Step
+from wtool.selection import Selector
+from wtool.tensor import TensorInfo
+from wtool.transforms import Group, GroupPlan, GroupTransform, Transform
+
+
+def read_all(path: Path) -> dict[str, np.ndarray]:
+    with open_checkpoint(path) as reader:
+        return {t.name: np.array(reader.read(t.name)) for t in reader.tensors}
+
+
+def write(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> Path:
+    infos = [TensorInfo(k, _code(v.dtype), v.shape) for k, v in tensors.items()]
+    with create_writer(path, infos, metadata or {}) as writer:
+        for k, v in tensors.items():
+            writer.write(k, v)
+    return path
+
+
+def _code(dtype) -> str:
+    return next(code for code, d in ALL_DTYPES.items() if np.dtype(d) == np.dtype(dtype))
+
+
+def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+# ---------------------------------------------------------------- faithful copies
+
+@pytest.mark.parametrize("suffix", ["out.safetensors", "out.npz", "sharded"])
+def test_no_steps_is_a_bit_exact_copy_of_every_dtype(tmp_path, suffix):
+    tensors = {f"t.{code}": sample(dtype, (3, 5), seed=i) for i, (code, dtype) in enumerate(ALL_DTYPES.items())}
+    tensors["scalar"] = np.array(1.5, np.float32)
+    tensors["empty"] = np.zeros((0, 4), np.float16)
+    tensors["f32.special"] = np.array([np.nan, -0.0, np.inf, -np.inf], np.float32)
+    source = write(tmp_path / "in.safetensors", tensors, {"format": "pt", "note": "keep me"})
+    out = tmp_path / suffix
+    report = run(Pipeline(), source, out, max_shard_size=200 if suffix == "sharded" else None)
+    copied = read_all(out)
+    assert list(copied) == list(tensors)  # name order kept
+    for name, array in tensors.items():
+        assert same_bytes(copied[name], array), name
+    assert report.totals["changed"] == 0
+    with open_checkpoint(out) as reader:
+        assert reader.metadata["note"] == "keep me"
+        assert json.loads(reader.metadata["wtool"])["steps"] == []
+
+
+def test_metadata_gets_format_pt_for_transformers(tmp_path):
+    source = tmp_path / "in.safetensors"
+    save_file({"w": np.ones((2, 2), np.float32)}, source)
+    run(Pipeline(), source, tmp_path / "out.safetensors")
+    with safe_open(tmp_path / "out.safetensors", "numpy") as f:
+        assert f.metadata()["format"] == "pt"
+        assert json.loads(f.metadata()["wtool"])["version"]
+
+
+# ---------------------------------------------------------------- transforms through files
+
+def test_bf16_steps_compute_in_float32_and_cast_back_once(llama, tmp_path):
+    out = tmp_path / "out.safetensors"
+    pipe = Pipeline.from_specs(["clip:c=1.0", "quantize:bits=4,granularity=tensor"])
+    report = run(pipe, llama, out)
+    original = load_file(llama)
+    result = load_file(out)
+    w = original["model.layers.0.mlp.up_proj.weight"].astype(np.float32)
+    clipped = np.clip(w, -1, 1)
+    low, high = clipped.min(), clipped.max()
+    levels = 15
+    expected = (np.round((clipped - low) / (high - low) * levels) * (high - low) / levels + low)
+    np.testing.assert_array_equal(result["model.layers.0.mlp.up_proj.weight"],
+                                  expected.astype(ml_dtypes.bfloat16))
+    # 1-D tensors and ints are skipped by default and copied bit-exact
+    for name in ("model.layers.0.input_layernorm.weight", "model.layers.0.mlp.up_proj.bias", "model.position_ids"):
+        assert same_bytes(result[name], original[name])
+    record = {r.name: r for r in report.tensors}
+    assert record["model.position_ids"].steps == []
+    assert record["model.layers.0.mlp.up_proj.weight"].steps == ["clip", "quantize"]
+    assert record["model.layers.0.mlp.up_proj.weight"].error["max_abs"] > 0
+    skipped = {(s.name, s.op) for s in report.skipped}
+    assert ("model.layers.0.mlp.up_proj.bias", "quantize") in skipped
+    assert ("model.position_ids", "clip") in skipped
+
+
+def test_cast_changes_storage_dtype(llama, tmp_path):
+    out = tmp_path / "out.safetensors"
+    run(Pipeline.from_specs(["cast:dtype=float16"]), llama, out)
+    result = load_file(out)
+    assert result["lm_head.weight"].dtype == np.float16
+    assert result["model.layers.0.mlp.up_proj.bias"].dtype == np.float16  # cast applies to 1-D floats too
+    assert result["model.position_ids"].dtype == np.int64
+
+
+def test_global_sparsity_through_files(llama, tmp_path):
+    out = tmp_path / "out.safetensors"
+    pipe = Pipeline.from_specs(["sparsify:fraction=0.6,scope=global"], selector=Selector(("*proj.weight",)))
+    run(pipe, llama, out)
+    result, original = load_file(out), load_file(llama)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"]
+    values = np.concatenate([np.abs(original[n].astype(np.float32)).ravel() for n in names])
+    zeros = sum(int((result[n] == 0).sum()) for n in names)
+    assert zeros == round(0.6 * values.size)
+    threshold = np.sort(values)[zeros - 1]
+    for n in names:  # one threshold for both tensors
+        kept = np.abs(result[n].astype(np.float32))[result[n] != 0]
+        assert kept.min() >= threshold
+
+
+# ---------------------------------------------------------------- selection
+
+def test_step_include_lifts_the_default_1d_rule(llama, tmp_path):
+    out = tmp_path / "out.safetensors"
+    run(Pipeline.from_specs(["quantize:bits=2,granularity=tensor,include=*.bias"]), llama, out)
+    result, original = load_file(out), load_file(llama)
+    assert len(np.unique(result["model.layers.0.mlp.up_proj.bias"])) <= 4
+    assert same_bytes(result["lm_head.weight"], original["lm_head.weight"])
+
+
+def test_global_include_does_not_lift_default_rules(llama, tmp_path):
+    report = run(Pipeline.from_specs(["quantize"], selector=Selector(("model.layers.*",))), llama, None, dry_run=True)
+    steps = {r.name: r.steps for r in report.tensors}
+    assert steps["model.layers.0.mlp.up_proj.bias"] == []
+    assert steps["model.layers.0.mlp.up_proj.weight"] == ["quantize"]
+    assert steps["lm_head.weight"] == []
+
+
+def test_regex_is_a_full_match_and_exclude_wins(llama):
+    pipe = Pipeline.from_specs(["clip:c=1"], selector=Selector(("re:.*proj\\.weight", "lm_head.*"), ("re:.*q_proj.*",)))
+    steps = {r.name: r.steps for r in run(pipe, llama, None, dry_run=True).tensors}
+    assert steps["model.layers.0.mlp.up_proj.weight"] == ["clip"]
+    assert steps["lm_head.weight"] == ["clip"]
+    assert steps["model.layers.0.self_attn.q_proj.weight"] == []
+    with pytest.raises(UsageError, match="'re:proj' matches no tensor"):  # not a search
+        run(Pipeline.from_specs(["clip:c=1"], selector=Selector(("re:proj",))), llama, None, dry_run=True)
+
+
+def test_patterns_and_steps_that_select_nothing_are_errors(llama):
+    with pytest.raises(UsageError, match="'nothing.\\*' matches no tensor"):
+        run(Pipeline.from_specs(["clip:c=1"], selector=Selector(("nothing.*",))), llama, None, dry_run=True)
+    with pytest.raises(UsageError, match=r"step 1 \(clip\).*'\*.nothing' matches no tensor"):
+        run(Pipeline.from_specs(["clip:c=1,include=*.nothing"]), llama, None, dry_run=True)
+    with pytest.raises(UsageError, match=r"step 1 \(quantize\) selects no tensor"):
+        run(Pipeline.from_specs(["quantize"], selector=Selector(("*.bias",))), llama, None, dry_run=True)
+    report = run(Pipeline.from_specs(["quantize"], selector=Selector(("*.bias", "nothing")), allow_empty=True),
+                 llama, None, dry_run=True)
+    assert all(not r.steps for r in report.tensors)
+
+
+def test_bad_regex_is_a_usage_error():
+    with pytest.raises(UsageError, match="invalid regex"):
+        Selector(("re:[unclosed",))
+
+
+# ---------------------------------------------------------------- recipes and specs
+
+def test_recipe(llama, tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('exclude = ["lm_head.*"]\n\n[[steps]]\nop = "clip"\nsigma = 3\n\n'
+                      '[[steps]]\nop = "quantize"\nbits = 4\ninclude = ["*.mlp.*"]\n')
+    pipe = Pipeline.from_recipe(recipe)
+    assert [s.op for s in pipe.steps] == ["clip", "quantize"]
+    steps = {r.name: r.steps for r in run(pipe, llama, None, dry_run=True).tensors}
+    assert steps["model.layers.0.mlp.up_proj.weight"] == ["clip", "quantize"]
+    assert steps["model.layers.0.mlp.up_proj.bias"] == ["quantize"]  # step include lifts the 1-D rule
+    assert steps["model.layers.0.self_attn.q_proj.weight"] == ["clip"]
+    assert steps["lm_head.weight"] == []
+
+
+@pytest.mark.parametrize("text, error, message", [
+    ("[[steps]]\nbits = 4\n", UsageError, "needs op"),
+    ("[[steps]]\nop = \"quantise\"\n", UsageError, "did you mean 'quantize'"),
+    ("[[steps]]\nop = \"quantize\"\nbits = \"four\"\n", UsageError, "step 1: quantize: parameter bits"),
+    ("[[steps]]\nop = \"quantize\"\nbits = true\n", UsageError, "expected int"),
+    ("steps = 3\n", UsageError, "must be"),
+    ("include = 3\n", UsageError, "string or a list"),
+    ("[pipeline]\n", UsageError, "unknown top-level key"),
+    ("[[steps]\n", InputError, "invalid TOML"),
+])
+def test_bad_recipes(tmp_path, text, error, message):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(text)
+    with pytest.raises(error, match=message):
+        Pipeline.from_recipe(recipe)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("clip:c", "expected key=value"), ("clip:c=1,c=2", "given twice"), ("nope", "unknown transform"),
+    ("clip:cc=1", "did you mean 'c'"),
+])
+def test_bad_specs(spec, message):
+    with pytest.raises(UsageError, match=message):
+        Step.parse(spec)
+
+
+# ---------------------------------------------------------------- group transforms
+
+class Merge(GroupTransform):
+    """Test-only: replace every `P.a` + `P.b` pair by `P.sum` (and keep `P.a` doubled)."""
+
+    def plan(self, tensors, selected):
+        names = {t.name: t for t in tensors}
+        groups = []
+        for t in tensors:
+            if t.name.endswith(".a") and selected(t.name):
+                prefix = t.name[:-2]
+                if f"{prefix}.b" in names:
+                    groups.append(Group((t.name, f"{prefix}.b"),
+                                        (TensorInfo(t.name, t.dtype, t.shape), TensorInfo(f"{prefix}.sum", t.dtype, t.shape)),
+                                        note=f"{prefix}.a + {prefix}.b"))
+        return GroupPlan(tuple(groups), ("left alone: lonely.a (no lonely.b)",))
+
+    def apply_group(self, group, arrays):
+        a, b = (arrays[n] for n in group.inputs)
+        return {group.outputs[0].name: 2 * a, group.outputs[1].name: a + b}
+
+
+def test_group_transform_creates_drops_and_keeps_order(tmp_path):
+    tensors = {"x.a": np.ones((2, 2), np.float32), "mid": np.zeros(3, np.int32),
+               "x.b": np.full((2, 2), 3, np.float32), "lonely.a": np.ones(2, np.float32), "last": np.ones(1, np.float32)}
+    source = write(tmp_path / "in.safetensors", tensors)
+    out = tmp_path / "out.safetensors"
+    report = run(Pipeline((Step(Merge()),)), source, out)
+    result = read_all(out)
+    assert list(result) == ["x.a", "x.sum", "mid", "lonely.a", "last"]
+    np.testing.assert_array_equal(result["x.a"], 2 * tensors["x.a"])
+    np.testing.assert_array_equal(result["x.sum"], tensors["x.a"] + tensors["x.b"])
+    assert report.dropped == ["x.b"]
+    assert report.groups[0].created == ["x.sum"] and report.groups[0].dropped == ["x.b"]
+    assert any("lonely.a" in note for note in report.notes)
+
+
+# ---------------------------------------------------------------- non-finite values, overflow, failures
+
+def test_nonfinite_policies(tmp_path):
+    w = np.arange(16, dtype=np.float32).reshape(4, 4)
+    w[1, 2] = np.nan
+    source = write(tmp_path / "in.safetensors", {"w": w, "ok": np.ones((2, 2), np.float32)})
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(InputError, match=r"'w': 1 non-finite value.*quantize.*--nonfinite"):
+        run(Pipeline.from_specs(["quantize"]), source, out)
+    assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
+    run(Pipeline.from_specs(["quantize:bits=2,granularity=tensor"], nonfinite="skip"), source, out)
+    assert same_bytes(read_all(out)["w"], w)
+    run(Pipeline.from_specs(["quantize:bits=8,granularity=tensor"], nonfinite="zero"), source, out, force=True)
+    assert np.isfinite(read_all(out)["w"]).all() and read_all(out)["w"][1, 2] == 0
+    run(Pipeline.from_specs(["clip:c=3"]), source, out, force=True)  # clip with c does not spread NaN
+    assert np.isnan(read_all(out)["w"][1, 2])
+
+
+class Explode(Transform):
+    """Test-only: multiply by 1e6 (overflows float16)."""
+
+    def apply(self, array, ctx):
+        return array * 1e6
+
+
+def test_overflow_when_casting_back_is_refused(tmp_path):
+    source = write(tmp_path / "in.safetensors", {"w": np.ones((2, 2), np.float16)})
+    with pytest.raises(InputError, match=r"'w': 4 value\(s\) overflow float16"):
+        run(Pipeline((Step(Explode()),)), source, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+class FailOnSecond(Transform):
+    """Test-only: fails on the tensor named 'b'."""
+
+    def apply(self, array, ctx):
+        if ctx.name == "b":
+            raise InputError("boom on b")
+        return array + 1
+
+
+@pytest.mark.parametrize("name", ["out.safetensors", "out.npz", "sharded"])
+def test_failure_mid_run_leaves_no_output_and_keeps_an_existing_one(tmp_path, name):
+    source = write(tmp_path / "in.safetensors", {k: np.ones((2, 2), np.float32) for k in "abc"})
+    out = tmp_path / name
+    with pytest.raises(InputError, match="boom"):
+        run(Pipeline((Step(FailOnSecond()),)), source, out)
+    assert not out.exists()
+    run(Pipeline(), source, out)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(InputError, match="boom"):
+        run(Pipeline((Step(FailOnSecond()),)), source, out, force=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert same_bytes(read_all(out)["a"], np.ones((2, 2), np.float32))
+
+
+def test_existing_output_needs_force_and_output_may_not_be_input(llama, tmp_path):
+    out = tmp_path / "out.safetensors"
+    run(Pipeline(), llama, out)
+    with pytest.raises(UsageError, match="exists"):
+        run(Pipeline(), llama, out)
+    run(Pipeline(), llama, out, force=True)
+    with pytest.raises(UsageError, match="is the input"):
+        run(Pipeline(), llama, llama, force=True)
+
+
+def test_dry_run_writes_nothing(llama, tmp_path):
+    out = tmp_path / "out.safetensors"
+    report = run(Pipeline.from_specs(["quantize"]), llama, out, dry_run=True)
+    assert not out.exists()
+    assert report.dry_run and any(r.steps == ["quantize"] for r in report.tensors)
+
+
+@dataclass(frozen=True)
+class NudgeParams:
+    grads: str = ""
+
+
+class Nudge(Transform):
+    """Test-only: subtract the companion 'grads' tensor when present."""
+
+    Params = NudgeParams
+
+    def companion_paths(self):
+        return {"grads": self.params.grads}
+
+    def apply(self, array, ctx):
+        grad = ctx.companions["grads"]
+        return array if grad is None else array - grad
+
+
+def test_companion_checkpoints_are_streamed_by_name(tmp_path):
+    source = write(tmp_path / "in.safetensors", {"a": np.ones((2, 2), np.float32), "b": np.ones((2, 2), np.float32)})
+    grads = write(tmp_path / "g.npz", {"a": np.full((2, 2), 0.25, np.float32)})
+    run(Pipeline((Step(Nudge(NudgeParams(str(grads)))),)), source, tmp_path / "out.safetensors")
+    result = read_all(tmp_path / "out.safetensors")
+    np.testing.assert_array_equal(result["a"], np.full((2, 2), 0.75, np.float32))
+    np.testing.assert_array_equal(result["b"], np.ones((2, 2), np.float32))
