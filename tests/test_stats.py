@@ -1,0 +1,90 @@
+"""Statistics against plain-Python float64 formulas, over every dtype, with NaN/Inf and empties."""
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from conftest import ALL_DTYPES, sample
+from wtool import stats
+
+
+def reference(values: list[float]) -> dict:
+    finite = [v for v in values if math.isfinite(v)]
+    n = len(finite)
+    mean = sum(finite) / n if n else None
+    return {
+        "numel": len(values),
+        "min": min(finite) if n else None, "max": max(finite) if n else None,
+        "mean": mean,
+        "std": math.sqrt(sum((v - mean) ** 2 for v in finite) / n) if n else None,
+        "absmax": max(abs(v) for v in finite) if n else None,
+        "l2": math.sqrt(sum(v * v for v in finite)),
+        "sparsity": sum(v == 0 for v in values) / len(values) if values else None,
+        "nan": sum(math.isnan(v) for v in values), "inf": sum(math.isinf(v) for v in values),
+    }
+
+
+def close(a, b):
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("code", list(ALL_DTYPES))
+@pytest.mark.parametrize("shape", [(0,), (1,), (5, 7), (2, 3, 4)])
+def test_stats_of_every_dtype(code, shape):
+    array = sample(ALL_DTYPES[code], shape, seed=7)
+    got = stats.tensor_stats(array)
+    expected = reference([float(v) for v in array.reshape(-1)])
+    assert set(got) == set(stats.STAT_KEYS)
+    for key in stats.STAT_KEYS:
+        assert close(got[key], expected[key]), (key, got[key], expected[key])
+
+
+def test_nonfinite_values_are_counted_not_averaged():
+    array = np.array([1.0, np.nan, np.inf, -np.inf, 3.0], np.float32)
+    got = stats.tensor_stats(array)
+    assert got["nan"] == 1 and got["inf"] == 2 and got["mean"] == 2.0 and got["max"] == 3.0
+
+
+def test_chunking_does_not_change_results(monkeypatch):
+    array = np.random.default_rng(0).normal(size=10_001).astype(ml_dtypes.bfloat16)
+    whole = stats.tensor_stats(array)
+    monkeypatch.setattr(stats, "CHUNK", 64)
+    chunked = stats.tensor_stats(array)
+    for key in stats.STAT_KEYS:
+        assert close(whole[key], chunked[key]) or math.isclose(whole[key], chunked[key], rel_tol=1e-12)
+
+
+def test_error_metrics_against_formulas():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(20, 5))
+    b = a + rng.normal(0, 0.1, size=a.shape)
+    got = stats.error_metrics(a, b)
+    diff = (b - a).reshape(-1)
+    assert math.isclose(got["mse"], float(np.mean(diff ** 2)), rel_tol=1e-12)
+    assert math.isclose(got["max_abs"], float(np.max(np.abs(diff))), rel_tol=1e-12)
+    assert math.isclose(got["rel_l2"], float(np.linalg.norm(diff) / np.linalg.norm(a)), rel_tol=1e-12)
+    assert math.isclose(got["sqnr_db"], 10 * math.log10(np.sum(a ** 2) / np.sum(diff ** 2)), rel_tol=1e-12)
+    cos = float(np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b))
+    assert math.isclose(stats.cosine(a, b), cos, rel_tol=1e-12)
+
+
+def test_identical_tensors_have_zero_error_and_no_sqnr():
+    a = np.arange(6, dtype=np.float32)
+    assert stats.error_metrics(a, a) == {"mse": 0.0, "max_abs": 0.0, "rel_l2": 0.0, "sqnr_db": None}
+
+
+@settings(max_examples=50, deadline=None)
+@given(hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=6), elements=st.floats(-1e4, 1e4, width=32)))
+def test_stats_are_consistent(array):
+    got = stats.tensor_stats(array)
+    if array.size:
+        assert got["min"] <= got["mean"] + 1e-6 * max(1, abs(got["mean"])) and got["mean"] <= got["max"] + 1e-3
+        assert got["absmax"] == max(abs(got["min"]), abs(got["max"]))
+        assert math.isclose(got["l2"], float(np.sqrt(np.sum(array.astype(np.float64) ** 2))), rel_tol=1e-9)
