@@ -499,21 +499,23 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple
 def _to_storage(value: np.ndarray, info: TensorInfo) -> np.ndarray:
     """Cast a computed tensor back to its storage dtype, refusing values that overflow it."""
     dtype = by_code(info.dtype)
-    if not dtype.is_float:
-        return to_storage(value, dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         stored = to_storage(value, dtype)
-    if np.asarray(value).dtype.kind == "f":
-        overflow = int(np.count_nonzero(np.isfinite(value) & ~np.isfinite(stored.astype(np.float32))))
-        if overflow:
+    narrower = dtype.is_float and dtype.itemsize < np.asarray(value).dtype.itemsize
+    if narrower:
+        overflow = int(np.count_nonzero(~np.isfinite(stored))) - int(np.count_nonzero(~np.isfinite(value)))
+        if overflow > 0:
             raise InputError(f"tensor {info.name!r}: {overflow} value(s) overflow {dtype.user_name} after the "
                              f"pipeline; add a cast step with saturate=true or clip first")
     return stored
 
 
-def _same_bytes(before: np.ndarray, after: np.ndarray) -> bool:
-    return before.dtype == after.dtype and before.shape == after.shape and \
-        np.array_equal(before.reshape(-1).view(np.uint8), np.ascontiguousarray(after).reshape(-1).view(np.uint8))
+def _same_bytes(before: np.ndarray, after: np.ndarray, chunk: int = 1 << 24) -> bool:
+    """Bitwise equality, compared in chunks so no tensor-sized temporary is made."""
+    if before.dtype != after.dtype or before.shape != after.shape:
+        return False
+    a, b = before.reshape(-1).view(np.uint8), np.ascontiguousarray(after).reshape(-1).view(np.uint8)
+    return all(np.array_equal(a[i:i + chunk], b[i:i + chunk]) for i in range(0, a.size, chunk))
 
 
 def _planned_record(node: Node) -> TensorRecord:

@@ -62,13 +62,27 @@ class Quantize(Transform, name="quantize"):
     def _snap(self, groups: np.ndarray) -> np.ndarray:
         """Quantize each row of a 2-D array on its own grid."""
         levels = 2 ** self.params.bits - 1
+        # One working array, updated in place: peak memory is one extra copy of the tensor.
         if self.params.scheme == "sym":
             half = 2 ** (self.params.bits - 1) - 1
             scale = np.abs(groups).max(axis=1, keepdims=True) / half
-            safe = np.where(scale > 0, scale, 1)
-            return np.where(scale > 0, np.round(groups / safe) * safe, groups)
-        low = groups.min(axis=1, keepdims=True)
-        span = groups.max(axis=1, keepdims=True) - low
-        safe = np.where(span > 0, span, 1)
-        snapped = np.round((groups - low) / safe * levels) * safe / levels + low
-        return np.where(span > 0, snapped, groups)
+            constant = scale == 0
+            scale[constant] = 1
+            work = groups / scale
+            np.round(work, out=work)
+            work *= scale
+        else:
+            low = groups.min(axis=1, keepdims=True)
+            span = groups.max(axis=1, keepdims=True) - low
+            constant = span == 0
+            span[constant] = 1
+            work = groups - low
+            work /= span
+            work *= levels
+            np.round(work, out=work)
+            work *= span
+            work /= levels
+            work += low
+        rows = constant.reshape(-1)
+        work[rows] = groups[rows]
+        return work
