@@ -199,6 +199,8 @@ def apply(
                                                           "shards of at most this size, e.g. 5GB.")] = None,
     report_path: Annotated[Optional[str], typer.Option("--report", help="Write the JSON report to FILE, or - for stdout.")] = None,
     markdown: Annotated[Optional[str], typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
+    html: Annotated[Optional[str], typer.Option("--html", help="Write a self-contained HTML report (sortable "
+                                                "table, before/after histograms) to FILE.")] = None,
     quiet: Quiet = False,
     rows: Rows = report.SHOW_ROWS,
 ) -> None:
@@ -231,6 +233,8 @@ def apply(
             _write_text(report_path, report.dumps(result.to_json()), console)
         if markdown:
             _write_text(markdown, report.apply_markdown(result, rows), console)
+        if html:
+            _write_text(html, report.apply_html(result), console)
         if dry_run:
             _print_plan(result, console)
         elif not quiet:

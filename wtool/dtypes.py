@@ -96,4 +96,5 @@ def to_storage(array: np.ndarray, dtype: DType) -> np.ndarray:
     safetensors' numpy writer copies raw memory, so a transposed, reversed-stride or
     big-endian array would otherwise be written as the wrong bytes.
     """
-    return np.ascontiguousarray(array, dtype=dtype.numpy)
+    array = np.asarray(array)
+    return np.ascontiguousarray(array, dtype=dtype.numpy).reshape(array.shape)  # ascontiguousarray makes 0-d 1-d

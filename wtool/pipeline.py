@@ -29,7 +29,7 @@ from wtool.errors import InputError, UsageError
 from wtool.io import Reader, create_writer, open_checkpoint
 from wtool.report import GroupRecord, Report, SkipRecord, TensorRecord
 from wtool.selection import Selector
-from wtool.stats import error_metrics, tensor_stats
+from wtool.stats import error_metrics, histogram, tensor_stats
 from wtool.tensor import TensorInfo
 from wtool.transforms import Context, Group, GroupTransform, Transform
 
@@ -493,7 +493,20 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple
     error = error_metrics(before, stored) if comparable else None
     return stored, TensorRecord(info.name, info.dtype, list(info.shape), list(node.steps), changed,
                                 before_stats, after_stats, error, dict(node.extras),
-                                dtype_before=source.dtype if source else None)
+                                dtype_before=source.dtype if source else None,
+                                histogram=_histograms(before, before_stats, stored, after_stats) if changed else None)
+
+
+def _histograms(before: np.ndarray | None, before_stats: dict[str, Any] | None,
+                after: np.ndarray, after_stats: dict[str, Any]) -> dict[str, Any] | None:
+    """Before/after value histograms on one shared range (for sparklines and the HTML report)."""
+    ends = [v for s in (before_stats, after_stats) if s for v in (s["min"], s["max"]) if v is not None]
+    if not ends:
+        return None
+    low, high = min(ends), max(ends)
+    return {"low": low, "high": high,
+            "before": histogram(before, low, high) if before is not None else None,
+            "after": histogram(after, low, high)}
 
 
 def _to_storage(value: np.ndarray, info: TensorInfo) -> np.ndarray:

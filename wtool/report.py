@@ -8,6 +8,7 @@ are written as null, never as NaN tokens.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,7 @@ class TensorRecord:
     error: dict[str, Any] | None
     extras: dict[str, Any]
     dtype_before: str | None = None
+    histogram: dict[str, Any] | None = None
 
 
 @dataclass
@@ -174,6 +176,27 @@ def human_bytes(count: int) -> str:
     return f"{count} B"  # pragma: no cover
 
 
+SPARKS = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(counts: list[int] | None, width: int = 8) -> str:
+    """Counts as a row of block characters, `width` wide (bins summed to fit); blank = empty bin."""
+    if not counts:
+        return ""
+    step = max(1, len(counts) // width)
+    merged = [sum(counts[i:i + step]) for i in range(0, len(counts), step)]
+    top = max(merged) or 1
+    return "".join(SPARKS[0] if c == 0 else SPARKS[max(1, round(c / top * (len(SPARKS) - 1)))] for c in merged)
+
+
+def _hist_pair(record: TensorRecord) -> str:
+    h = record.histogram
+    if not h:
+        return "-"
+    before = sparkline(h["before"]) if h.get("before") else ""
+    return f"{before} → {sparkline(h['after'])}" if before else sparkline(h["after"])
+
+
 def _shape(shape: list[int]) -> str:
     return "×".join(map(str, shape)) if shape else "scalar"
 
@@ -191,10 +214,12 @@ def apply_table(report: Report, limit: int = SHOW_ROWS) -> Table:
     rows, hidden = report.worst(limit)
     title = "wtool plan (dry run)" if report.dry_run else f"wtool apply: {escape(report.input)} → {escape(str(report.output))}"
     table = Table(title=title, title_justify="left", show_footer=False)
+    longest = max((len(r.name) for r in rows), default=10)
     for column, justify in (("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("steps", "left"),
                             ("absmax", "right"), ("std", "right"), ("sparsity", "right"),
-                            ("rel_l2", "right"), ("sqnr dB", "right")):
-        table.add_column(column, justify=justify, overflow="fold")
+                            ("rel_l2", "right"), ("sqnr dB", "right"), ("values before → after", "left")):
+        table.add_column(column, justify=justify, overflow="fold", no_wrap=column.startswith("values"),
+                         min_width=min(longest, 48) if column == "tensor" else None)
     for r in rows:
         dtype = r.dtype if not r.dtype_before or r.dtype_before == r.dtype else f"{r.dtype_before} → {r.dtype}"
         error = r.error or {}
@@ -202,7 +227,7 @@ def apply_table(report: Report, limit: int = SHOW_ROWS) -> Table:
         table.add_row(escape(r.name), _shape(r.shape), dtype, escape(" → ".join(r.steps)) or "-",
                       _pair(r.before, r.after, "absmax"), _pair(r.before, r.after, "std"),
                       _pair(r.before, r.after, "sparsity"), fmt(error.get("rel_l2")),
-                      fmt(error.get("sqnr_db"), 3) if error.get("mse") else "-", style=style)
+                      fmt(error.get("sqnr_db"), 3) if error.get("mse") else "-", _hist_pair(r), style=style)
     t = report.totals
     caption = [f"{t['tensors']} tensors, {t['changed']} changed, {fmt(t['params'])} params, "
                f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])}"
@@ -324,3 +349,101 @@ def diff_markdown(report: DiffReport, limit: int = SHOW_ROWS) -> str:
                    f"{fmt(row['cosine'], 6)} | {fmt(row['sqnr_db'], 3)} |")
     out += [""] + [f"- {_md(f)}" for f in report.failures]
     return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------ terminal histogram
+
+def hist_lines(name: str, counts: list[int], low: float, high: float, width: int = 50) -> list[str]:
+    """A vertical list of bars, one per bin, for `wtool inspect --hist NAME`."""
+    top = max(counts) or 1
+    step = (high - low) / len(counts)
+    lines = [f"{name}: {sum(counts):,} finite values in [{fmt(low)}, {fmt(high)}]"]
+    for i, count in enumerate(counts):
+        bar = "█" * round(count / top * width)
+        lines.append(f"{low + i * step:>11.4g} … {low + (i + 1) * step:<11.4g} │{bar} {count:,}")
+    return lines
+
+
+# ------------------------------------------------------------------ HTML
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1d2330;background:#fff}
+h1{font-size:20px;margin:0 0 4px} .sub{color:#5b6475;margin-bottom:16px}
+table{border-collapse:collapse;width:100%} th,td{padding:4px 8px;border-bottom:1px solid #e3e6ec;text-align:right}
+th{position:sticky;top:0;background:#f4f6f9;cursor:pointer;user-select:none;white-space:nowrap}
+th.sorted-asc::after{content:" ▲"} th.sorted-desc::after{content:" ▼"}
+td.name,th.name,td.steps{text-align:left} td.name{font-family:ui-monospace,monospace;word-break:break-all}
+tr.same td{color:#8a92a3} svg{display:block} .legend span{display:inline-block;width:10px;height:10px;margin:0 4px 0 12px}
+ul{color:#5b6475}
+"""
+
+_JS = """
+document.querySelectorAll('th').forEach((th, col) => th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0];
+  const asc = !th.classList.contains('sorted-asc');
+  th.parentNode.querySelectorAll('th').forEach(h => h.classList.remove('sorted-asc', 'sorted-desc'));
+  th.classList.add(asc ? 'sorted-asc' : 'sorted-desc');
+  const key = r => { const v = r.cells[col].dataset.v ?? r.cells[col].textContent;
+                     const n = parseFloat(v); return isNaN(n) ? v : n; };
+  [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
+    return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1); }).forEach(r => body.appendChild(r));
+}));
+"""
+
+
+def _svg(h: dict[str, Any] | None, width: int = 220, height: int = 48) -> str:
+    """Before (grey) and after (blue) histograms overlaid, on their shared value range."""
+    if not h:
+        return ""
+    series = [(h.get("before"), "#b8bfcc"), (h["after"], "#2f6fde")]
+    top = max(max(c) for c, _ in series if c) or 1
+    parts = []
+    for counts, colour in series:
+        if not counts:
+            continue
+        bar = width / len(counts)
+        for i, c in enumerate(counts):
+            if c:
+                tall = max(1.0, c / top * (height - 2))
+                parts.append(f'<rect x="{i * bar:.1f}" y="{height - tall:.1f}" width="{bar * 0.9:.1f}" '
+                             f'height="{tall:.1f}" fill="{colour}" fill-opacity="0.75"/>')
+    label = f"{fmt(h['low'])} … {fmt(h['high'])}"
+    return (f'<svg width="{width}" height="{height + 12}" role="img" aria-label="histogram {html.escape(label)}">'
+            + "".join(parts) + f'<text x="0" y="{height + 11}" font-size="9" fill="#5b6475">{html.escape(label)}'
+            "</text></svg>")
+
+
+def apply_html(report: Report) -> str:
+    """One self-contained page (no network, no external assets): sortable table, histograms."""
+    esc = html.escape
+    t = report.totals
+    head = ["tensor", "shape", "dtype", "steps", "absmax before", "absmax after", "std after", "sparsity after",
+            "rel_l2", "sqnr dB", "values (grey before, blue after)"]
+    rows = []
+    for r in report.tensors:
+        e = r.error or {}
+        after = r.after or {}
+        before = r.before or {}
+
+        def cell(value: Any, digits: int = 4) -> str:
+            raw = "" if value is None else str(value)
+            return f'<td data-v="{esc(raw)}">{esc(fmt(value, digits))}</td>'
+
+        rows.append(f'<tr class="{"changed" if r.changed else "same"}"><td class="name">{esc(r.name)}</td>'
+                    f'<td data-v="{math.prod(r.shape) if r.shape else 1}">{esc(_shape(r.shape))}</td>'
+                    f'<td class="steps">{esc(r.dtype)}</td><td class="steps">{esc(" → ".join(r.steps)) or "-"}</td>'
+                    + cell(before.get("absmax")) + cell(after.get("absmax")) + cell(after.get("std"))
+                    + cell(after.get("sparsity")) + cell(e.get("rel_l2")) + cell(e.get("sqnr_db") if e.get("mse") else None, 3)
+                    + f"<td>{_svg(r.histogram)}</td></tr>")
+    steps = " → ".join(s["op"] for s in report.steps) or "copy (no steps)"
+    extra = [f"<li>{esc(g.op)}: {esc(g.note)}</li>" for g in report.groups]
+    extra += [f"<li>{esc(n)}</li>" for n in report.notes]
+    extra += [f"<li>dropped {esc(n)}</li>" for n in report.dropped]
+    return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>wtool report</title>"
+            f"<style>{_CSS}</style></head><body><h1>wtool apply: {esc(report.input)} → {esc(str(report.output))}</h1>"
+            f'<div class="sub">pipeline: {esc(steps)} · {t["tensors"]} tensors, {t["changed"]} changed · '
+            f'{fmt(t["params"])} params · {human_bytes(t["bytes_in"])} → {human_bytes(t["bytes_out"])} · '
+            f'{t["seconds"]:.2f} s · wtool {esc(report.wtool_version)}</div>'
+            + (f"<ul>{''.join(extra)}</ul>" if extra else "")
+            + "<table><thead><tr>" + "".join(f'<th class="{"name" if h == "tensor" else ""}">{esc(h)}</th>' for h in head)
+            + f"</tr></thead><tbody>{''.join(rows)}</tbody></table><script>{_JS}</script></body></html>\n")

@@ -117,3 +117,21 @@ def cosine(before: np.ndarray, after: np.ndarray) -> float | None:
     if na == 0 or nb == 0:
         return None
     return _finite(dot / math.sqrt(na * nb))
+
+
+def histogram(array: np.ndarray, low: float, high: float, bins: int = 32) -> list[int]:
+    """Counts of the finite values in `bins` equal bins over [low, high], chunked like the stats.
+
+    Before and after histograms of one tensor share (low, high) so they can be compared.
+    """
+    counts = np.zeros(bins, dtype=np.int64)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return counts.tolist()
+    if high <= low:
+        high = low + 1.0
+    flat = np.asarray(array).reshape(-1)
+    for part in _chunks(flat):
+        values = part.astype(np.float64)
+        values = values[np.isfinite(values)]
+        counts += np.histogram(values, bins=bins, range=(low, high))[0]
+    return counts.tolist()

@@ -1,0 +1,423 @@
+"""safetensors reading and writing, plus what every format shares (dispatch, sizes, atomicity)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import struct
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+import wtool.io.atomic
+from corpus import (  # noqa: F401 (skip_fsync is an autouse fixture)
+    ALL_CODES, HOSTILE_SAFETENSORS, SHAPES, entry, every_bit_pattern, infos_for, listing, load, safetensors_bytes,
+    same_bits, sample, save, skip_fsync, write,
+)
+from wtool.dtypes import DTYPES
+from wtool.errors import InputError, OutputError, UsageError
+from wtool.io import Reader, Writer, WriterMisuse, create_writer, open_checkpoint, parse_size
+from wtool.tensor import TensorInfo
+
+F8 = {"F8_E4M3", "F8_E5M2"}
+FLOATS = [code for code in ALL_CODES if DTYPES[code].is_float]
+
+
+# -- round trips ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("code", ALL_CODES)
+def test_round_trip_is_bit_exact(tmp_path, code, shape):
+    arrays = {"first": sample(code, shape), "second": sample(code, shape, seed=1)}
+    path = save(tmp_path / "out.safetensors", arrays, {"k": "v"})
+    with open_checkpoint(path) as reader:
+        assert reader.format == "safetensors"
+        assert reader.tensors == [TensorInfo(name, code, shape) for name in arrays]
+        for name, expected in arrays.items():
+            got = reader.read(name)
+            assert same_bits(got, expected)
+            assert got.flags.c_contiguous and not got.flags.writeable
+            assert got.dtype.byteorder in "=|<"
+
+
+@pytest.mark.parametrize("code", FLOATS)
+def test_every_special_value_survives(tmp_path, code):
+    """All NaN payloads, -0.0 and infinities of the small floats; chosen patterns of the wide ones."""
+    values = every_bit_pattern(code)
+    loaded, _ = load(save(tmp_path / "out.safetensors", {"x": values}))
+    assert same_bits(loaded["x"], values)
+
+
+def test_f8_data_bytes_match_input(tmp_path):
+    values = every_bit_pattern("F8_E4M3").reshape(16, 16)
+    path = save(tmp_path / "out.safetensors", {"a": values, "b": every_bit_pattern("F8_E5M2")})
+    blob = path.read_bytes()
+    header_size = struct.unpack("<Q", blob[:8])[0]
+    data = blob[8 + header_size:]
+    assert data == values.tobytes() + every_bit_pattern("F8_E5M2").tobytes()
+    with safe_open(str(path), framework="numpy") as opened:
+        assert sorted(opened.keys()) == ["a", "b"]
+
+
+def test_metadata_and_order_preserved(tmp_path):
+    arrays = {name: sample("F32", (2,), seed=i) for i, name in enumerate(["zeta", "alpha", "mid", "beta"])}
+    metadata = {"format": "pt", "note": "line one\nline two", "ünï": "cödé"}
+    path = save(tmp_path / "out.safetensors", arrays, metadata)
+    with open_checkpoint(path) as reader:
+        assert [info.name for info in reader.tensors] == list(arrays)
+        assert reader.metadata == metadata
+    header = json.loads(path.read_bytes()[8:8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])
+    assert list(header) == ["__metadata__", *arrays]
+
+
+def test_header_is_padded_to_eight_bytes(tmp_path):
+    path = save(tmp_path / "out.safetensors", {"w": np.zeros(3, np.uint8)})
+    header_size = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert header_size % 8 == 0
+
+
+@pytest.mark.parametrize("code", [code for code in ALL_CODES if code not in F8])
+def test_safetensors_library_loads_our_output(tmp_path, code):
+    arrays = {"a": sample(code, (3, 5)), "scalar": sample(code, ()), "empty": sample(code, (0, 2))}
+    ours = save(tmp_path / "ours.safetensors", arrays, {"k": "v"})
+    loaded = load_file(str(ours))
+    for name, expected in arrays.items():
+        assert same_bits(loaded[name], expected), name
+    with safe_open(str(ours), framework="numpy") as opened:
+        assert opened.metadata() == {"k": "v"}
+
+
+@pytest.mark.parametrize("code", [code for code in ALL_CODES if code not in F8])
+def test_we_read_what_the_safetensors_library_writes(tmp_path, code):
+    arrays = {"b": sample(code, (4, 3)), "a": sample(code, ()), "c": sample(code, (0,))}
+    theirs = tmp_path / "theirs.safetensors"
+    save_file(arrays, str(theirs), metadata={"format": "np"})
+    loaded, metadata = load(theirs)
+    assert metadata == {"format": "np"}
+    assert loaded.keys() == arrays.keys()
+    for name, expected in arrays.items():
+        assert same_bits(loaded[name], expected)
+    # and tensor for tensor, our writer stores exactly the bytes the library stores
+    ours = save(tmp_path / "ours.safetensors", arrays)
+    with open_checkpoint(ours) as ours_reader, open_checkpoint(theirs) as their_reader:
+        for name in arrays:
+            assert ours_reader.read(name).tobytes() == their_reader.read(name).tobytes()
+
+
+def test_reader_follows_header_order_not_offset_order(tmp_path):
+    header = {"late": entry("U8", [2], 2, 4), "early": entry("U8", [2], 0, 2)}
+    path = write(tmp_path / "x.safetensors", safetensors_bytes(header, b"\x01\x02\x03\x04"))
+    with open_checkpoint(path) as reader:
+        assert [info.name for info in reader.tensors] == ["late", "early"]
+        assert reader.read("late").tolist() == [3, 4]
+
+
+def test_null_metadata_and_unknown_entry_fields_are_accepted(tmp_path):
+    """As in the safetensors library: `__metadata__: null` is no metadata; extra fields are ignored."""
+    header = {"__metadata__": None, "w": {**entry("U8", [1], 0, 1), "future": 1}}
+    with open_checkpoint(write(tmp_path / "x.safetensors", safetensors_bytes(header, b"\x07"))) as reader:
+        assert reader.metadata == {} and reader.read("w").tolist() == [7]
+
+
+names = st.one_of(
+    st.sampled_from(["../x", "a/b", "/abs", "x" * 10_000, "model.layers.0.weight", "[red]w[/red]", "__wtool"]),
+    st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=20),
+).filter(lambda name: name != "__metadata__")
+tensor_specs = st.dictionaries(
+    names, st.tuples(st.sampled_from(ALL_CODES), st.lists(st.integers(0, 4), max_size=4).map(tuple)),
+    min_size=1, max_size=5)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs=tensor_specs, metadata=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3))
+def test_round_trip_property(tmp_path, specs, metadata):
+    arrays = {name: sample(code, shape, seed=i) for i, (name, (code, shape)) in enumerate(specs.items())}
+    path = save(tmp_path / "prop.safetensors", arrays, metadata, force=True)
+    loaded, found_metadata = load(path)
+    assert list(loaded) == list(arrays) and found_metadata == metadata
+    assert all(same_bits(loaded[name], array) for name, array in arrays.items())
+
+
+# -- reading views --------------------------------------------------------------------------
+
+def test_read_is_a_view_of_the_mapping_and_survives_close(tmp_path):
+    path = save(tmp_path / "x.safetensors", {"w": np.arange(6, dtype=np.float32)})
+    reader = open_checkpoint(path)
+    array = reader.read("w")
+    assert not array.flags.owndata
+    reader.close()
+    assert array.tolist() == [0, 1, 2, 3, 4, 5]  # still mapped while a view is alive
+    reader.close()  # idempotent
+
+
+def mapped_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path`, from /proc/self/smaps."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            first = line.split(maxsplit=1)[0]
+            if not first.endswith(":"):  # a mapping's header line: address range ... path
+                inside = line.rstrip().endswith(str(path))
+            elif inside and first == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_streaming_releases_pages_but_old_views_stay_valid(tmp_path):
+    arrays = {f"t{i}": np.full(2**18, i, np.float32) for i in range(4)}  # 1 MiB each
+    path = save(tmp_path / "x.safetensors", arrays)
+    with open_checkpoint(path) as reader:
+        views = []
+        for name in arrays:
+            views.append(reader.read(name))
+            assert float(views[-1].sum()) == 2**18 * len(views[:-1])
+        assert mapped_kib(path) <= 1100  # the last tensor (1024 KiB) and the header page, not 4 MiB
+        assert [float(view.mean()) for view in views] == [0.0, 1.0, 2.0, 3.0]  # re-faulted transparently
+        del views
+
+
+def test_bool_bytes_other_than_zero_and_one_are_refused(tmp_path):
+    path = write(tmp_path / "m.safetensors", safetensors_bytes({"mask": entry("BOOL", [3], 0, 3)}, b"\x00\x01\x02"))
+    with open_checkpoint(path) as reader:
+        assert reader.info("mask").dtype == "BOOL"
+        with pytest.raises(InputError, match=r"m\.safetensors: tensor 'mask': BOOL data holds bytes other than 0 and"):
+            reader.read("mask")
+
+
+def test_unknown_tensor_is_an_input_error(tmp_path):
+    with open_checkpoint(save(tmp_path / "x.safetensors", {"w": np.zeros(1)})) as reader:
+        assert "w" in reader and "v" not in reader
+        with pytest.raises(InputError, match=r"x\.safetensors: no tensor 'v'"):
+            reader.info("v")
+        with pytest.raises(InputError, match=r"no tensor 'v'"):
+            reader.read("v")
+
+
+# -- hostile input ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build,pattern", [case[1:] for case in HOSTILE_SAFETENSORS],
+                         ids=[case[0] for case in HOSTILE_SAFETENSORS])
+def test_hostile_file_is_refused(tmp_path, build, pattern):
+    path = build(tmp_path)
+    before = listing(tmp_path)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: {pattern}") as caught:
+        with open_checkpoint(path) as reader:
+            for info in reader.tensors:
+                reader.read(info.name)
+    assert "\n" not in str(caught.value)
+    assert listing(tmp_path) == before
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match=r"pipe\.safetensors: is not a regular file"):
+        open_checkpoint(fifo)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match=r"nope\.safetensors: no such file or folder"):
+        open_checkpoint(tmp_path / "nope.safetensors")
+
+
+# -- format dispatch ----------------------------------------------------------------------------
+
+def test_dispatch_by_suffix_folder_and_content(tmp_path):
+    arrays = {"w": np.arange(3, dtype=np.int16)}
+    single = save(tmp_path / "model.safetensors", arrays)
+    with open_checkpoint(tmp_path) as reader:  # a folder with just model.safetensors
+        assert reader.format == "safetensors" and reader.path == tmp_path and reader.files == [single]
+    renamed = tmp_path / "weights.data"
+    renamed.write_bytes(single.read_bytes())
+    with open_checkpoint(renamed) as reader:
+        assert reader.format == "safetensors"
+    np.savez(tmp_path / "arch.npz", **arrays)
+    (tmp_path / "arch.npz").rename(tmp_path / "arch.bin2")
+    with open_checkpoint(tmp_path / "arch.bin2") as reader:
+        assert reader.format == "npz"
+
+
+@pytest.mark.parametrize("name,pattern", [("model.bin", "pickle-based checkpoints are not read"),
+                                          ("x.npy", "single .npy array is not a checkpoint"),
+                                          ("notes.txt", "not a recognised checkpoint")])
+def test_unsupported_files(tmp_path, name, pattern):
+    write(tmp_path / name, b"some bytes here")
+    with pytest.raises(InputError, match=rf"{name}: .*{pattern}"):
+        open_checkpoint(tmp_path / name)
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(InputError, match=r"folder holds no model\.safetensors\.index\.json"):
+        open_checkpoint(tmp_path)
+
+
+# -- parse_size -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,expected", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30),
+                                           ("1.5GB", 1_500_000_000), ("123", 123), (123, 123), ("10kb", 10_000),
+                                           ("3 MiB", 3 * 2**20), ("5G", 5 * 10**9), ("1.5KiB", 1536)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "-5GB", "5XB", "1e9", "0", "0.1", "nan", "5 GB extra", True])
+def test_parse_size_refuses(text):
+    with pytest.raises(UsageError, match="invalid size"):
+        parse_size(text)
+
+
+# -- writer contract ---------------------------------------------------------------------------
+
+def test_writer_checks_order_dtype_and_shape(tmp_path):
+    infos = [TensorInfo("a", "F32", (2,)), TensorInfo("b", "BF16", ())]
+    target = tmp_path / "x.safetensors"
+    for name, array, pattern in [("b", np.zeros((), ml_dtypes.bfloat16), r"'b' written where 'a' was declared"),
+                                 ("a", np.zeros(2, np.float64), r"'a' is F64 \[2\] but was declared F32 \[2\]"),
+                                 ("a", np.zeros(3, np.float32), r"'a' is F32 \[3\] but was declared F32 \[2\]")]:
+        with pytest.raises(WriterMisuse, match=pattern):
+            with create_writer(target, infos, {}) as writer:
+                writer.write(name, array)
+        assert listing(tmp_path) == {}
+
+
+def test_commit_with_missing_tensors_leaves_nothing(tmp_path):
+    writer = create_writer(tmp_path / "x.safetensors", [TensorInfo("a", "U8", (1,)), TensorInfo("b", "U8", (1,))], {})
+    writer.write("a", np.zeros(1, np.uint8))
+    with pytest.raises(WriterMisuse, match=r"1 tensors not written, first 'b'"):
+        writer.commit()
+    assert listing(tmp_path) == {}
+    writer.abort()  # idempotent after the failed commit
+
+
+def test_writer_accepts_any_layout_and_byte_order(tmp_path):
+    base = np.arange(12, dtype=np.float32).reshape(3, 4)
+    arrays = {"transposed": base.T, "reversed": base[::-1], "big_endian": base.astype(">f4"), "scalar": np.float32(7)}
+    infos = [TensorInfo(name, "F32", np.shape(array)) for name, array in arrays.items()]
+    with create_writer(tmp_path / "x.safetensors", infos, {}) as writer:
+        for name, array in arrays.items():
+            writer.write(name, array)
+    loaded, _ = load(tmp_path / "x.safetensors")
+    for name, array in arrays.items():
+        assert np.array_equal(loaded[name], np.asarray(array)) and loaded[name].dtype == np.float32
+
+
+def test_output_names_are_checked_before_anything_is_created(tmp_path):
+    for name in ["", "a\nb", "__metadata__"]:
+        with pytest.raises(UsageError, match="x.safetensors"):
+            create_writer(tmp_path / "x.safetensors", [TensorInfo(name, "U8", (1,))], {})
+    with pytest.raises(UsageError, match="declared twice"):
+        create_writer(tmp_path / "x.safetensors", [TensorInfo("a", "U8", (1,))] * 2, {})
+    with pytest.raises(UsageError, match="--max-shard-size needs a folder output"):
+        create_writer(tmp_path / "x.safetensors", [], {}, max_shard_size=10)
+    assert listing(tmp_path) == {}
+
+
+def test_empty_checkpoint_round_trips(tmp_path):
+    path = save(tmp_path / "x.safetensors", {}, {"only": "metadata"})
+    with open_checkpoint(path) as reader:
+        assert reader.tensors == [] and reader.metadata == {"only": "metadata"}
+
+
+def test_writer_and_reader_satisfy_the_interface(tmp_path):
+    writer = create_writer(tmp_path / "x.safetensors", [], {})
+    assert isinstance(writer, Writer)
+    writer.commit()
+    writer.commit()  # a second commit does nothing
+    with open_checkpoint(tmp_path / "x.safetensors") as reader:
+        assert isinstance(reader, Reader)
+
+
+# -- atomicity ------------------------------------------------------------------------------------
+
+ARRAYS = {"a": np.arange(1000, dtype=np.float32), "b": np.arange(10, dtype=np.int8)}
+
+
+@pytest.mark.parametrize("interrupt", [RuntimeError("boom"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_exception_mid_write_leaves_nothing(tmp_path, interrupt):
+    with pytest.raises(type(interrupt)):
+        with create_writer(tmp_path / "out.safetensors", infos_for(ARRAYS), {}) as writer:
+            writer.write("a", ARRAYS["a"])
+            assert len(listing(tmp_path)) == 1  # the hidden temporary
+            raise interrupt
+    assert listing(tmp_path) == {}
+
+
+def test_existing_target_needs_force(tmp_path):
+    target = write(tmp_path / "out.safetensors", b"precious")
+    with pytest.raises(UsageError, match=r"out\.safetensors exists; pass --force to replace it"):
+        create_writer(target, infos_for(ARRAYS), {})
+    assert target.read_bytes() == b"precious"
+    save(target, ARRAYS, force=True)
+    loaded, _ = load(target)
+    assert loaded.keys() == ARRAYS.keys()
+    assert [path.name for path in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+def test_failed_write_with_force_keeps_the_old_target(tmp_path):
+    target = write(tmp_path / "out.safetensors", b"precious")
+    with pytest.raises(RuntimeError):
+        with create_writer(target, infos_for(ARRAYS), {}, force=True) as writer:
+            writer.write("a", ARRAYS["a"])
+            raise RuntimeError
+    assert target.read_bytes() == b"precious" and len(listing(tmp_path)) == 1
+
+
+def test_output_permissions_follow_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = save(tmp_path / "out.safetensors", ARRAYS)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+class FullDisk:
+    """A file whose writes fail with ENOSPC once `room` bytes have been written."""
+
+    def __init__(self, handle, room: int):
+        self.handle, self.room = handle, room
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= size
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+@pytest.mark.parametrize("room", [0, 200, 3000], ids=["header", "first-tensor", "second-tensor"])
+def test_disk_full_is_an_output_error(tmp_path, monkeypatch, room):
+    real = wtool.io.atomic.create_file
+    monkeypatch.setattr(wtool.io.atomic, "create_file", lambda path: FullDisk(real(path), room))
+    target = write(tmp_path / "out.safetensors", b"precious")
+    with pytest.raises(OutputError, match=r"out\.safetensors: cannot write: No space left on device"):
+        save(target, {"a": np.zeros(100, np.float32), "b": np.zeros(1000, np.float32)}, force=True)
+    assert target.read_bytes() == b"precious" and len(listing(tmp_path)) == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_unwritable_folder_is_an_output_error(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0o500)
+    with pytest.raises(OutputError, match=r"out\.safetensors: cannot write: Permission denied"):
+        save(folder / "out.safetensors", ARRAYS)
+
+
+@pytest.mark.parametrize("target", ["out.safetensors", "out.npz", "out"])
+def test_commit_fsyncs_file_and_folder(tmp_path, monkeypatch, target):
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda descriptor: synced.append(os.readlink(f"/proc/self/fd/{descriptor}")))
+    save(tmp_path / target, ARRAYS)
+    assert str(tmp_path) in synced  # the rename is durable
+    assert any(".wtool-tmp-" in path for path in synced)  # the data was flushed before the rename

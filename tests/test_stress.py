@@ -1,0 +1,68 @@
+"""Large-file checks, outside the default run (`make stress`): bounded memory on a 3 GiB checkpoint."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from wtool.io import create_writer
+from wtool.tensor import TensorInfo
+
+pytestmark = pytest.mark.stress
+
+ROWS, COLS, COUNT = 4096, 4096, 48          # 48 × 64 MiB float32 = 3 GiB
+LIMIT = 1 << 30                              # peak RSS must stay well under 1 GiB
+
+
+def make_checkpoint(path: Path) -> None:
+    infos = [TensorInfo(f"layers.{i}.weight", "F32", (ROWS, COLS)) for i in range(COUNT)]
+    rng = np.random.default_rng(0)
+    with create_writer(path, infos, {"format": "pt"}) as writer:
+        for info in infos:
+            writer.write(info.name, rng.standard_normal((ROWS, COLS), dtype=np.float32))
+
+
+def peak_rss_of(command: list[str]) -> tuple[int, float]:
+    """Run a command in a child process; its peak resident set size in bytes and its wall time."""
+    script = ("import resource, subprocess, sys, time\n"
+              "t = time.perf_counter(); subprocess.run(sys.argv[1:], check=True)\n"
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", script, *command], check=True, capture_output=True, text=True)
+    peak, seconds = out.stdout.split()[-2:]
+    return int(peak), float(seconds)
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("stress") / "big.safetensors"
+    make_checkpoint(path)
+    return path
+
+
+def test_apply_on_3gib_checkpoint_stays_under_1gib(big, tmp_path):
+    wtool = [sys.executable, "-m", "wtool"]
+    out = tmp_path / "out.safetensors"
+    peak, seconds = peak_rss_of([*wtool, "apply", str(big), str(out), "-q", "-t", "clip:percentile=99.9",
+                                 "-t", "quantize:bits=4,granularity=group,group_size=128", "-t", "sparsify:fraction=0.5"])
+    start = time.perf_counter()
+    shutil.copyfile(big, tmp_path / "copy.safetensors")
+    cp_seconds = time.perf_counter() - start
+    copy_peak, copy_seconds = peak_rss_of([*wtool, "apply", str(big), str(tmp_path / "same.safetensors"), "-q"])
+    print(f"\n3 GiB apply: peak RSS {peak / 2**20:.0f} MiB, {seconds:.1f} s; no-step copy: peak "
+          f"{copy_peak / 2**20:.0f} MiB, {copy_seconds:.1f} s; cp: {cp_seconds:.1f} s")
+    assert peak < LIMIT, f"peak RSS {peak / 2**20:.0f} MiB"
+    assert copy_peak < LIMIT
+    with safe_open(out, "numpy") as f:
+        assert len(list(f.keys())) == COUNT
+        w = f.get_tensor("layers.7.weight")
+        assert (w == 0).mean() == pytest.approx(0.5, abs=1e-6)
+    assert os.path.getsize(tmp_path / "same.safetensors") == os.path.getsize(big)
