@@ -17,7 +17,7 @@ from wtool.io import open_checkpoint
 from wtool.pipeline import Progress
 from wtool.report import DiffReport, InspectReport
 from wtool.selection import Selector
-from wtool.stats import cosine, error_metrics, tensor_stats
+from wtool.stats import cosine, error_metrics, histogram, tensor_stats
 
 ABOVE_METRICS = ("max_abs", "mse", "rel_l2")
 BELOW_METRICS = ("cosine", "sqnr_db")
@@ -46,6 +46,20 @@ def inspect(path: str | Path, selector: Selector | None = None, *, allow_empty: 
         totals = {"tensors": len(rows), "params": sum(b["params"] for b in by_dtype.values()),
                   "bytes": sum(b["bytes"] for b in by_dtype.values()), "by_dtype": by_dtype}
         return InspectReport(str(reader.path), reader.format, dict(reader.metadata), rows, totals)
+
+
+def value_histogram(path: str | Path, name: str, bins: int = 24) -> tuple[list[int], float, float]:
+    """Counts of one tensor's finite values in `bins` equal bins between its min and max."""
+    with open_checkpoint(path) as reader:
+        if name not in reader:
+            close = [t.name for t in reader.tensors if name in t.name][:3]
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise UsageError(f"{reader.path}: no tensor named {name!r}{hint}")
+        array = reader.read(name)
+        found = tensor_stats(array)
+        if found["min"] is None:
+            return [0] * bins, 0.0, 0.0
+        return histogram(array, found["min"], found["max"], bins), found["min"], found["max"]
 
 
 def parse_gates(items: list[str], allowed: tuple[str, ...], option: str) -> dict[str, float]:

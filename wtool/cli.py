@@ -265,11 +265,13 @@ def inspect(
     include: Include = [],  # noqa: B006
     exclude: Exclude = [],  # noqa: B006
     allow_empty: AllowEmpty = False,
+    hist: Annotated[list[str], typer.Option("--hist", help="Also draw a value histogram of this tensor; repeatable.")] = [],  # noqa: B006
     quiet: Quiet = False,
 ) -> None:
     """Show per-tensor statistics, totals by dtype, metadata and format.
 
     Example: wtool inspect model.safetensors --include '*.weight' --json - | jq '.totals'
+    or: wtool inspect model.safetensors --hist lm_head.weight
     """
     with _guard(_debug(ctx)):
         with _Bar("inspect", not quiet) as bar:
@@ -282,6 +284,9 @@ def inspect(
             console.print(report.inspect_table(result))
             if result.metadata:
                 console.print("[bold]metadata[/]: " + escape(", ".join(f"{k}={v[:80]}" for k, v in result.metadata.items())))
+        for name in hist:
+            counts, low, high = analyze.value_histogram(path, name)
+            console.print(escape("\n".join(report.hist_lines(name, counts, low, high))), soft_wrap=True)
 
 
 @app.command()

@@ -445,5 +445,6 @@ def apply_html(report: Report) -> str:
             f'{fmt(t["params"])} params · {human_bytes(t["bytes_in"])} → {human_bytes(t["bytes_out"])} · '
             f'{t["seconds"]:.2f} s · wtool {esc(report.wtool_version)}</div>'
             + (f"<ul>{''.join(extra)}</ul>" if extra else "")
-            + "<table><thead><tr>" + "".join(f'<th class="{"name" if h == "tensor" else ""}">{esc(h)}</th>' for h in head)
+            + "<table><thead><tr>" + "".join(f'<th class="{"name" if h in ("tensor", "dtype", "steps") else ""}">{esc(h)}</th>'
+                                             for h in head)
             + f"</tr></thead><tbody>{''.join(rows)}</tbody></table><script>{_JS}</script></body></html>\n")
