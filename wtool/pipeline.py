@@ -215,33 +215,39 @@ class GroupNode(Node):
 
 
 class GroupEvaluation:
-    """Reads a group's inputs, runs the transform, hands out outputs and forgets each once written."""
+    """Reads a group's inputs, runs the transform, and hands each output out once.
+
+    Outputs wait in memory only until the writer reaches them; a later pass (a global fit
+    over a following step) simply evaluates the group again.
+    """
 
     def __init__(self, run: StepRun, group: Group, inputs: Mapping[str, Node]) -> None:
         self.run, self.group, self.inputs = run, group, inputs
-        self._outputs: dict[str, np.ndarray] | None = None
-        self._pending = {o.name for o in group.outputs}
+        self._waiting: dict[str, np.ndarray] = {}
 
     def output(self, name: str) -> np.ndarray:
-        if self._outputs is None:
-            transform = self.run.step.transform
-            arrays = {}
-            for key, node in self.inputs.items():
-                array = node.load() if node.info.dtype_info.is_float else node.compute()
-                if transform.spreads_nonfinite and node.info.dtype_info.is_float:
-                    guarded = self.run.guard(key, array, {})
-                    if guarded is None:
-                        raise InputError(f"tensor {key!r}: non-finite values; {transform.name} cannot skip "
-                                         f"one member of the group {self.group.note or key}; use --nonfinite=zero")
-                    array = guarded
-                arrays[key] = array
-            assert isinstance(transform, GroupTransform)
-            self._outputs = transform.apply_group(self.group, arrays)
-        value = self._outputs[name]
-        self._pending.discard(name)
-        if not self._pending:
-            self._outputs = {name: value}
-        return value
+        if name not in self._waiting:
+            self._waiting = self._evaluate()
+        return self._waiting.pop(name)
+
+    def _evaluate(self) -> dict[str, np.ndarray]:
+        transform = self.run.step.transform
+        assert isinstance(transform, GroupTransform)
+        arrays = {}
+        for key, node in self.inputs.items():
+            array = node.load() if node.info.dtype_info.is_float else node.compute()
+            if transform.spreads_nonfinite and node.info.dtype_info.is_float:
+                guarded = self.run.guard(key, array, {})
+                if guarded is None:
+                    raise InputError(f"tensor {key!r}: non-finite values; {transform.name} cannot skip "
+                                     f"one member of the group {self.group.note or key}; use --nonfinite=zero")
+                array = guarded
+            arrays[key] = array
+        outputs = transform.apply_group(self.group, arrays)
+        missing = {o.name for o in self.group.outputs} - set(outputs)
+        if missing:
+            raise RuntimeError(f"{transform.name} did not produce {sorted(missing)}")  # transform bug
+        return outputs
 
 
 @dataclass
