@@ -214,7 +214,7 @@ def test_bad_specs(spec, message):
 class Merge(GroupTransform):
     """Test-only: replace every `P.a` + `P.b` pair by `P.sum` (and keep `P.a` doubled)."""
 
-    def plan(self, tensors, selected):
+    def plan(self, tensors, selected, config=None):
         names = {t.name: t for t in tensors}
         groups = []
         for t in tensors:
@@ -344,3 +344,21 @@ def test_companion_checkpoints_are_streamed_by_name(tmp_path):
     result = read_all(tmp_path / "out.safetensors")
     np.testing.assert_array_equal(result["a"], np.full((2, 2), 0.75, np.float32))
     np.testing.assert_array_equal(result["b"], np.ones((2, 2), np.float32))
+
+
+def test_config_json_beside_the_checkpoint_reaches_group_transforms(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {"model.norm.weight": rng.normal(1, 0.1, 8).astype(np.float32),
+               "lm_head.weight": rng.normal(size=(16, 8)).astype(np.float32),
+               "model.embed_tokens.weight": rng.normal(size=(16, 8)).astype(np.float32)}
+    source = write(tmp_path / "model.safetensors", tensors)
+    folded = run(Pipeline.from_specs(["fold-norm"]), source, None, dry_run=True)
+    assert len(folded.groups) == 1
+    (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+    with pytest.raises(UsageError, match="selects no tensor"):
+        run(Pipeline.from_specs(["fold-norm"]), source, None, dry_run=True)
+    refused = run(Pipeline.from_specs(["fold-norm"], allow_empty=True), source, None, dry_run=True)
+    assert not refused.groups and any("tie_word_embeddings" in n for n in refused.notes)
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(InputError, match="config.json"):
+        run(Pipeline.from_specs(["fold-norm"]), source, None, dry_run=True)

@@ -306,6 +306,8 @@ def plan(pipeline: Pipeline, reader: Reader) -> Plan:
         for pattern in pipeline.selector.unmatched(names):
             raise UsageError(f"pattern {pattern!r} matches no tensor in {reader.path} (use --allow-empty to allow)")
     nodes: list[Node] = [SourceNode(reader, info) for info in reader.tensors]
+    grouped = any(isinstance(step.transform, GroupTransform) for step in pipeline.steps)
+    config = reader.config() if grouped else None
     runs: list[StepRun] = []
     skipped: list[SkipRecord] = []
     groups: list[GroupRecord] = []
@@ -326,7 +328,7 @@ def plan(pipeline: Pipeline, reader: Reader) -> Plan:
                 return pipeline.selector.admits(name) and step.selector.admits(name)
 
             if isinstance(step.transform, GroupTransform):
-                nodes, touched = _plan_group(step, run, nodes, selected, groups, notes)
+                nodes, touched = _plan_group(step, run, nodes, selected, config, groups, notes)
             else:
                 nodes, touched = _plan_each(step, run, nodes, selected, skipped)
             if touched == 0 and not pipeline.allow_empty:
@@ -361,11 +363,12 @@ def _plan_each(step: Step, run: StepRun, nodes: list[Node], selected: Callable[[
 
 
 def _plan_group(step: Step, run: StepRun, nodes: list[Node], selected: Callable[[str], bool],
-                records: list[GroupRecord], notes: list[str]) -> tuple[list[Node], int]:
+                config: Mapping[str, Any] | None, records: list[GroupRecord],
+                notes: list[str]) -> tuple[list[Node], int]:
     transform = step.transform
     assert isinstance(transform, GroupTransform)
     by_name = {n.info.name: n for n in nodes}
-    found = transform.plan([n.info for n in nodes], selected)
+    found = transform.plan([n.info for n in nodes], selected, config)
     notes.extend(f"{step.op}: {note}" for note in found.notes)
     owner: dict[str, Group] = {}
     for group in found.groups:

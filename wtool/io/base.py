@@ -188,6 +188,23 @@ class Reader:
     def read(self, name: str) -> np.ndarray:
         return self._read(self.info(name))
 
+    def config(self) -> dict[str, Any] | None:
+        """The model's `config.json` beside the checkpoint (where transformers looks), or None.
+
+        Group transforms read facts such as `tie_word_embeddings` from it.
+        """
+        folder = self.path if self.path.is_dir() else self.path.parent
+        candidate = folder / "config.json"
+        if not candidate.is_file():
+            return None
+        try:
+            data = load_json(candidate.read_bytes(), str(candidate))
+        except OSError as exc:
+            raise InputError(f"{candidate}: cannot read: {exc.strerror or exc}") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{candidate}: not a JSON object")
+        return data
+
     def _read(self, info: TensorInfo) -> np.ndarray:
         raise NotImplementedError
 

@@ -248,9 +248,11 @@ class GroupTransform(Transform):
 
     applies_to: ClassVar[str] = "groups of tensors found by name"
 
-    def plan(self, tensors: Sequence[TensorInfo], selected: Callable[[str], bool]) -> GroupPlan:
+    def plan(self, tensors: Sequence[TensorInfo], selected: Callable[[str], bool],
+             config: Mapping[str, Any] | None = None) -> GroupPlan:
         """Find the groups among `tensors`; `selected(name)` says whether the user's
-        include/exclude patterns admit a tensor."""
+        include/exclude patterns admit a tensor; `config` is the model's config.json, if any
+        (e.g. `tie_word_embeddings`)."""
         raise NotImplementedError
 
     def apply_group(self, group: Group, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

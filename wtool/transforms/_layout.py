@@ -1,0 +1,90 @@
+"""Helpers shared by the normalization transforms: module prefixes, dims, pair specs, selection.
+
+A tensor name is a module prefix plus a leaf; the prefix may be empty (a bare module's
+`weight_orig`, a bare Sequential's `0.weight`).
+
+>>> split_name("layer1.0.conv1.weight"), split_name("weight_orig")
+(('layer1.0.conv1', 'weight'), ('', 'weight_orig'))
+>>> join("", "weight"), join("encoder", "weight")
+('weight', 'encoder.weight')
+>>> parse_pairs("fold-bn", "pairs", "conv1:bn1; 0:1")
+[('conv1', ('bn1',)), ('0', ('1',))]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from wtool.errors import UsageError
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """(module prefix, leaf) of a tensor name; the prefix is '' for top-level tensors."""
+    prefix, _, leaf = name.rpartition(".")
+    return prefix, leaf
+
+
+def join(prefix: str, *parts: str) -> str:
+    """The name of `parts` inside module `prefix` (which may be empty)."""
+    return ".".join(p for p in (prefix, *parts) if p)
+
+
+def shown(prefix: str) -> str:
+    """A module prefix as printed in notes: the root module has no name of its own."""
+    return prefix or "<root>"
+
+
+def normalize_dim(dim: int | None, ndim: int) -> int | None:
+    """`dim` as a non-negative axis of an `ndim`-D tensor (None stays None); ValueError if out of range."""
+    if dim is None:
+        return None
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim={dim} is out of range for a {ndim}-D tensor")
+    return dim % ndim
+
+
+def other_axes(ndim: int, dim: int | None) -> tuple[int, ...]:
+    """Every axis except `dim` (all axes when dim is None)."""
+    return tuple(a for a in range(ndim) if a != dim)
+
+
+def slice_norms(array: np.ndarray, dim: int | None) -> np.ndarray:
+    """L2 norm of every slice along `dim` (of the whole tensor when None), in float64, with kept dims."""
+    wide = array.astype(np.float64, copy=False)
+    return np.sqrt(np.sum(np.square(wide), axis=other_axes(array.ndim, dim), keepdims=True))
+
+
+def matrix_around(array: np.ndarray, dim: int) -> np.ndarray:
+    """`array` with axis `dim` moved to the front and the rest flattened: shape (shape[dim], -1).
+
+    This is how torch's spectral norm sees a weight (`_reshape_weight_to_matrix`).
+    """
+    return np.moveaxis(array, dim, 0).reshape(array.shape[dim], -1)
+
+
+def parse_pairs(op: str, key: str, text: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Parse `A:B;C:D+E` into [(A, (B,)), (C, (D, E))]; module prefixes may be empty."""
+    pairs = []
+    for item in text.split(";"):
+        if not item.strip():
+            continue
+        left, sep, right = item.partition(":")
+        if not sep or ":" in right:
+            raise UsageError(f"{op}: {key}={text!r}: {item.strip()!r} must look like A:B")
+        targets = tuple(part.strip() for part in right.split("+"))
+        pairs.append((left.strip(), targets))
+    if not pairs:
+        raise UsageError(f"{op}: {key}={text!r} names no pair")
+    return pairs
+
+
+def unselected(names: Iterable[str], selected: Callable[[str], bool]) -> list[str]:
+    """The names that the user's include/exclude patterns leave out."""
+    return [n for n in names if not selected(n)]
+
+
+def first_position(order: dict[str, int], names: Iterable[str]) -> int:
+    """Where the first of `names` sits in the checkpoint (for ordering groups)."""
+    return min(order[n] for n in names)
