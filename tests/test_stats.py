@@ -88,3 +88,12 @@ def test_stats_are_consistent(array):
         assert got["min"] <= got["mean"] + 1e-6 * max(1, abs(got["mean"])) and got["mean"] <= got["max"] + 1e-3
         assert got["absmax"] == max(abs(got["min"]), abs(got["max"]))
         assert math.isclose(got["l2"], float(np.sqrt(np.sum(array.astype(np.float64) ** 2))), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("bins", [1, 7, 32])
+def test_histogram_matches_numpy(bins):
+    values = np.random.default_rng(2).normal(size=5000).astype(np.float32)
+    values[:3] = [np.nan, np.inf, values.max()]
+    low, high = float(np.nanmin(values[np.isfinite(values)])), float(values[np.isfinite(values)].max())
+    expected = np.histogram(values[np.isfinite(values)].astype(np.float64), bins=bins, range=(low, high))[0]
+    assert stats.histogram(values, low, high, bins) == expected.tolist()

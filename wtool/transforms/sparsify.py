@@ -93,8 +93,8 @@ class Sparsify(Transform, name="sparsify"):
             for _, load in tensors:
                 keys = _magnitude_keys(load(), wide)
                 if shift + DIGIT < bits:
-                    keys = keys[(keys >> np.uint64(shift + DIGIT)) == prefix]
-                digits = ((keys >> np.uint64(shift)) & np.uint64((1 << DIGIT) - 1)).astype(np.intp)
+                    keys = keys[(keys >> (shift + DIGIT)) == prefix]
+                digits = ((keys >> shift) & ((1 << DIGIT) - 1)).astype(np.intp)
                 counts += np.bincount(digits, minlength=1 << DIGIT)
             running = np.cumsum(counts)
             digit = int(np.searchsorted(running, target - below, side="left"))
@@ -143,14 +143,16 @@ class Sparsify(Transform, name="sparsify"):
 
 
 def _magnitude_keys(array: np.ndarray, wide: bool) -> np.ndarray:
-    """|w| as unsigned integers ordered like the magnitudes (IEEE bit patterns of non-negative floats)."""
+    """|w| as unsigned integers ordered like the magnitudes (IEEE bit patterns of non-negative
+    floats): uint64 from float64 when `wide`, else uint32 from float32."""
     flat = np.abs(array.reshape(-1))
-    return flat.astype(np.float64).view(np.uint64) if wide else flat.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return flat.astype(np.float64, copy=False).view(np.uint64) if wide else \
+        flat.astype(np.float32, copy=False).view(np.uint32)
 
 
 def _zero_below(array: np.ndarray, keys: np.ndarray, cutoff: Cutoff) -> np.ndarray:
-    drop = keys < np.uint64(cutoff.key)
+    drop = keys < cutoff.key
     if cutoff.ties:
-        equal = np.flatnonzero(keys == np.uint64(cutoff.key))[: cutoff.ties]
+        equal = np.flatnonzero(keys == cutoff.key)[: cutoff.ties]
         drop[equal] = True
     return np.where(drop.reshape(array.shape), np.zeros((), array.dtype), array)
