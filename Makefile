@@ -37,5 +37,11 @@ bench: $(VENV)/.test
 fixtures: $(VENV)/.core
 	$(BIN)/python fixtures/make_fixtures.py
 
+# torch lives in its own venv: the core and `make test` never need it.
+reference:
+	test -x .venv-ref/bin/python || $(PYTHON) -m venv .venv-ref
+	.venv-ref/bin/python -m pip install --quiet torch==2.13.0 numpy safetensors ml_dtypes
+	.venv-ref/bin/python fixtures/make_reference.py
+
 clean:
 	rm -rf build $(VENV) .pytest_cache .hypothesis
