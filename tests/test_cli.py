@@ -171,3 +171,25 @@ def test_tensor_names_with_markup_are_printed_literally(tmp_path):
     save_file({"[bold]w[/bold]": np.ones((2, 2), np.float32)}, path)
     result = invoke("inspect", path)
     assert "[bold]w[/bold]" in result.output
+
+
+def test_missing_input_is_exit_3_with_one_line(tmp_path):
+    for args in (["inspect", tmp_path / "nope.safetensors"], ["apply", tmp_path / "nope.npz", tmp_path / "o.safetensors"],
+                 ["diff", tmp_path / "a", tmp_path / "b"]):
+        result = invoke(*args)
+        assert result.exit_code == 3 and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_report_into_a_missing_folder_fails_before_writing_the_checkpoint(llama, tmp_path):
+    out = tmp_path / "out.safetensors"
+    result = invoke("apply", llama, out, "-t", "clip:c=1", "--report", tmp_path / "nowhere" / "r.json")
+    assert result.exit_code == 2 and "does not exist" in result.output
+    assert not out.exists()
+
+
+def test_value_errors_name_the_file_and_the_tensor(tmp_path):
+    path = tmp_path / "nan.safetensors"
+    save_file({"w": np.array([[np.nan, 1.0], [2.0, 3.0]], np.float32)}, path)
+    result = invoke("apply", path, tmp_path / "o.safetensors", "-t", "quantize")
+    assert result.exit_code == 3
+    assert "nan.safetensors: tensor 'w': 1 non-finite" in result.output

@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
@@ -51,8 +52,9 @@ def _console(stderr: bool) -> Console:
     """Honour NO_COLOR; when piped (CI logs, files) draw tables 160 columns wide instead of 80."""
     stream = sys.stderr if stderr else sys.stdout
     piped = not stream.isatty() and "COLUMNS" not in os.environ
-    return Console(stderr=stderr, no_color="NO_COLOR" in os.environ or None, highlight=False,
-                   width=160 if piped else None)
+    plain = bool(os.environ.get("NO_COLOR"))  # no-color.org: wins over FORCE_COLOR
+    return Console(stderr=stderr, no_color=plain or None, color_system=None if plain else "auto",
+                   highlight=False, width=160 if piped else None)
 
 
 def _stderr() -> Console:
@@ -76,7 +78,7 @@ def _guard(debug: bool) -> Iterator[None]:
         yield
     except WtoolError as exc:
         if debug:
-            raise
+            traceback.print_exc()  # with the one-line message and the same exit code
         err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
@@ -89,7 +91,7 @@ def _guard(debug: bool) -> Iterator[None]:
         raise
     except Exception as exc:  # a bug: one line, traceback only with --debug
         if debug:
-            raise
+            traceback.print_exc()
         err.print(f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc))} "
                   "(rerun with --debug for the traceback and please report it)", soft_wrap=True)
         raise typer.Exit(70) from None
@@ -164,6 +166,27 @@ def _debug(ctx: typer.Context) -> bool:
     return bool(ctx.obj and ctx.obj.get("debug"))
 
 
+def _refuse_overwriting(reports: list[Optional[str]], checkpoints: list[Optional[Path]]) -> None:
+    """Check report targets before any work: a report written onto a checkpoint (or a shard or
+    index in its folder) would destroy it, and one that cannot be written would fail only
+    after the output checkpoint was committed."""
+    for target in reports:
+        if not target or target == "-":
+            continue
+        resolved = Path(target).resolve()
+        if not resolved.parent.is_dir():
+            raise UsageError(f"cannot write {target}: folder {resolved.parent} does not exist")
+        if resolved.is_dir():
+            raise UsageError(f"cannot write {target}: it is a folder")
+        for checkpoint in filter(None, checkpoints):
+            path = checkpoint.resolve()
+            folder = path.parent if path.name.endswith(".index.json") else path
+            inside = folder.is_dir() and resolved.parent == folder and resolved.exists() and \
+                resolved.name.endswith((".safetensors", ".index.json"))
+            if resolved == path or inside:
+                raise UsageError(f"{target} is the checkpoint {checkpoint}; write the report to another path")
+
+
 def _write_text(target: str, text: str, out: Console) -> None:
     """Write to a file, or to stdout for '-'."""
     if target == "-":
@@ -181,7 +204,7 @@ def _write_text(target: str, text: str, out: Console) -> None:
 @app.command()
 def apply(
     ctx: typer.Context,
-    source: Annotated[Path, typer.Argument(exists=True, help="Input: .safetensors, .npz, or a sharded folder / its index.")],
+    source: Annotated[Path, typer.Argument(help="Input: .safetensors, .npz, or a sharded folder / its index.")],
     output: Annotated[Optional[Path], typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded). "
                                                      "Omit with --dry-run.")] = None,
     transform: Annotated[list[str], typer.Option("--transform", "-t", help="A step NAME or NAME:key=value,...; "
@@ -218,6 +241,7 @@ def apply(
                              "(put all steps in the recipe, or all on the command line)")
         if output is None and not dry_run:
             raise UsageError("missing OUTPUT (or pass --dry-run to only print the plan)")
+        _refuse_overwriting([report_path, markdown, html], [source, output])
         options = {"allow_empty": allow_empty, "nonfinite": nonfinite}
         if recipe:
             pipe = pipeline.Pipeline.from_recipe(recipe, include=include, exclude=exclude, **options)
@@ -260,7 +284,7 @@ def _print_plan(result: report.Report, console: Console) -> None:
 @app.command()
 def inspect(
     ctx: typer.Context,
-    path: Annotated[Path, typer.Argument(exists=True, help="A .safetensors, .npz, or sharded folder / index.")],
+    path: Annotated[Path, typer.Argument(help="A .safetensors, .npz, or sharded folder / index.")],
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to FILE, or - for stdout.")] = None,
     include: Include = [],  # noqa: B006
     exclude: Exclude = [],  # noqa: B006
@@ -274,6 +298,7 @@ def inspect(
     or: wtool inspect model.safetensors --hist lm_head.weight
     """
     with _guard(_debug(ctx)):
+        _refuse_overwriting([json_out], [path])
         with _Bar("inspect", not quiet) as bar:
             result = analyze.inspect(path, Selector(tuple(include), tuple(exclude)), allow_empty=allow_empty,
                                      progress=bar)
@@ -292,8 +317,8 @@ def inspect(
 @app.command()
 def diff(
     ctx: typer.Context,
-    a: Annotated[Path, typer.Argument(exists=True, help="Reference checkpoint.")],
-    b: Annotated[Path, typer.Argument(exists=True, help="Checkpoint to compare with it.")],
+    a: Annotated[Path, typer.Argument(help="Reference checkpoint.")],
+    b: Annotated[Path, typer.Argument(help="Checkpoint to compare with it.")],
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to FILE, or - for stdout.")] = None,
     markdown: Annotated[Optional[str], typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
     fail_above: Annotated[list[str], typer.Option("--fail-above", help="Gate METRIC=VALUE (max_abs, mse, rel_l2): "
@@ -315,6 +340,7 @@ def diff(
     Example: wtool diff model.safetensors quantized.safetensors --fail-above rel_l2=0.05 --fail-below sqnr_db=20
     """
     with _guard(_debug(ctx)):
+        _refuse_overwriting([json_out, markdown], [a, b])
         above = analyze.parse_gates(fail_above, analyze.ABOVE_METRICS, "--fail-above")
         below = analyze.parse_gates(fail_below, analyze.BELOW_METRICS, "--fail-below")
         with _Bar("diff", not quiet) as bar:

@@ -463,7 +463,17 @@ def _fit(the_plan: Plan) -> None:
         if not run.step.transform.needs_fit():
             continue
         members = [n for n in _all_nodes(the_plan.nodes) if isinstance(n, StepNode) and n.run is run]
-        run.state = run.step.transform.fit([(m.prev.info, m.prev.load) for m in members])
+        try:
+            run.state = run.step.transform.fit([(m.prev.info, m.prev.load) for m in members])
+        except InputError as exc:
+            raise _in_file(the_plan.reader, exc) from None
+
+
+def _in_file(reader: Reader, exc: InputError) -> InputError:
+    """Prefix the input's path to a value error raised by a step ("tensor 'w': ...");
+    errors from reading already name their file."""
+    message = str(exc)
+    return InputError(f"{reader.path}: {message}") if message.startswith("tensor ") else exc
 
 
 def _all_nodes(nodes: Sequence[Node]) -> Iterator[Node]:
@@ -493,8 +503,11 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple
         after_stats = before_stats = tensor_stats(before)
         return stored, TensorRecord(info.name, info.dtype, list(info.shape), [], False,
                                     before_stats, after_stats, None, {})
-    value = node.compute()
-    stored = _to_storage(value, info)
+    try:
+        value = node.compute()
+        stored = _to_storage(value, info)
+    except InputError as exc:
+        raise _in_file(reader, exc) from None
     before_stats = tensor_stats(before) if before is not None else None
     after_stats = tensor_stats(stored)
     comparable = source is not None and source.shape == info.shape
