@@ -65,7 +65,6 @@ def main() -> None:
                               lambda: child([*wtool, "apply", str(source), str(work / "q.safetensors"), "-q", "-t",
                                              "quantize:bits=4,granularity=group,group_size=128"])),
         }
-        del buffer, target
         print("ratios (lower is faster):")
         for key in ("copy", "peer", "quantize"):
             print(f"  {key:<9} / cp = {results[key] / results['cp']:6.2f}   / memcpy = "

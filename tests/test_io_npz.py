@@ -11,14 +11,26 @@ import zipfile
 import ml_dtypes
 import numpy as np
 import pytest
+from corpus import (  # noqa: F401 (skip_fsync is an autouse fixture)
+    ALL_CODES,
+    HOSTILE_NPZ,
+    SHAPES,
+    every_bit_pattern,
+    infos_for,
+    listing,
+    load,
+    npy_bytes,
+    same_bits,
+    sample,
+    save,
+    skip_fsync,
+    write,
+    zip_bytes,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import wtool.io.atomic
-from corpus import (  # noqa: F401 (skip_fsync is an autouse fixture)
-    ALL_CODES, HOSTILE_NPZ, SHAPES, every_bit_pattern, infos_for, listing, load, npy_bytes, same_bits, sample, save,
-    skip_fsync, write, zip_bytes,
-)
 from wtool.dtypes import DTYPES
 from wtool.errors import InputError, OutputError, UsageError
 from wtool.io import create_writer, open_checkpoint

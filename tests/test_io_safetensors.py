@@ -11,16 +11,28 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
+from corpus import (  # noqa: F401 (skip_fsync is an autouse fixture)
+    ALL_CODES,
+    HOSTILE_SAFETENSORS,
+    SHAPES,
+    entry,
+    every_bit_pattern,
+    infos_for,
+    listing,
+    load,
+    safetensors_bytes,
+    same_bits,
+    sample,
+    save,
+    skip_fsync,
+    write,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import wtool.io.atomic
-from corpus import (  # noqa: F401 (skip_fsync is an autouse fixture)
-    ALL_CODES, HOSTILE_SAFETENSORS, SHAPES, entry, every_bit_pattern, infos_for, listing, load, safetensors_bytes,
-    same_bits, sample, save, skip_fsync, write,
-)
 from wtool.dtypes import DTYPES
 from wtool.errors import InputError, OutputError, UsageError
 from wtool.io import Reader, Writer, WriterMisuse, create_writer, open_checkpoint, parse_size

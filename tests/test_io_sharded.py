@@ -9,6 +9,18 @@ import re
 
 import numpy as np
 import pytest
+from corpus import (  # noqa: F401 (skip_fsync is an autouse fixture)
+    ALL_CODES,
+    SHAPES,
+    infos_for,
+    listing,
+    load,
+    same_bits,
+    sample,
+    save,
+    skip_fsync,
+    write,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -16,9 +28,6 @@ from safetensors.numpy import save_file
 
 import wtool.io.atomic
 import wtool.io.sharded
-from corpus import (  # noqa: F401 (skip_fsync is an autouse fixture)
-    ALL_CODES, SHAPES, infos_for, listing, load, same_bits, sample, save, skip_fsync, write,
-)
 from wtool.errors import InputError, OutputError, UsageError
 from wtool.io import create_writer, open_checkpoint
 from wtool.io.sharded import INDEX_NAME, plan_shards

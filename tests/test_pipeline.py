@@ -9,10 +9,10 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import ALL_DTYPES, sample
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from conftest import ALL_DTYPES, sample
 from wtool import InputError, Pipeline, UsageError, open_checkpoint, run
 from wtool.io import create_writer
 from wtool.pipeline import Step

@@ -27,19 +27,28 @@ import ml_dtypes
 import numpy as np
 import pytest
 import typer.testing
+from corpus import (  # noqa: F401 (skip_fsync is an autouse fixture)
+    HOSTILE_NPZ,
+    HOSTILE_SAFETENSORS,
+    entry,
+    load,
+    npy_bytes,
+    safetensors_bytes,
+    same_bits,
+    save,
+    skip_fsync,
+    write,
+    zip_bytes,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_io_safetensors import FullDisk
+from test_io_sharded import HOSTILE as HOSTILE_INDEX
+from test_io_sharded import SHARDS, make_folder
 from typer.testing import CliRunner
 
 import wtool.io.atomic
 import wtool.io.sharded
-from corpus import (  # noqa: F401 (skip_fsync is an autouse fixture)
-    HOSTILE_NPZ, HOSTILE_SAFETENSORS, entry, load, npy_bytes, safetensors_bytes, same_bits, save, skip_fsync, write,
-    zip_bytes,
-)
-from test_io_safetensors import FullDisk
-from test_io_sharded import HOSTILE as HOSTILE_INDEX
-from test_io_sharded import SHARDS, make_folder
 from wtool.cli import app
 from wtool.errors import InputError
 from wtool.io import open_checkpoint

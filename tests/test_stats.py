@@ -5,11 +5,11 @@ import math
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import ALL_DTYPES, sample
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import ALL_DTYPES, sample
 from wtool import stats
 
 

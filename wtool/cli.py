@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -166,7 +166,7 @@ def _debug(ctx: typer.Context) -> bool:
     return bool(ctx.obj and ctx.obj.get("debug"))
 
 
-def _refuse_overwriting(reports: list[Optional[str]], checkpoints: list[Optional[Path]]) -> None:
+def _refuse_overwriting(reports: list[str | None], checkpoints: list[Path | None]) -> None:
     """Check report targets before any work: a report written onto a checkpoint (or a shard or
     index in its folder) would destroy it, and one that cannot be written would fail only
     after the output checkpoint was committed."""
@@ -205,11 +205,11 @@ def _write_text(target: str, text: str, out: Console) -> None:
 def apply(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Input: .safetensors, .npz, or a sharded folder / its index.")],
-    output: Annotated[Optional[Path], typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded). "
+    output: Annotated[Path | None, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded). "
                                                      "Omit with --dry-run.")] = None,
     transform: Annotated[list[str], typer.Option("--transform", "-t", help="A step NAME or NAME:key=value,...; "
                                                  "repeatable, run in order.")] = [],  # noqa: B006
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", exists=True, dir_okay=False,
+    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", exists=True, dir_okay=False,
                                                    help="TOML recipe with [[steps]] (not together with -t).")] = None,
     include: Include = [],  # noqa: B006
     exclude: Exclude = [],  # noqa: B006
@@ -218,11 +218,11 @@ def apply(
                                            "error, skip (leave that tensor alone) or zero (replace by 0).")] = "error",
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan; read no data, write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
-    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size", help="Write a sharded folder with "
+    max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
                                                           "shards of at most this size, e.g. 5GB.")] = None,
-    report_path: Annotated[Optional[str], typer.Option("--report", help="Write the JSON report to FILE, or - for stdout.")] = None,
-    markdown: Annotated[Optional[str], typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
-    html: Annotated[Optional[str], typer.Option("--html", help="Write a self-contained HTML report (sortable "
+    report_path: Annotated[str | None, typer.Option("--report", help="Write the JSON report to FILE, or - for stdout.")] = None,
+    markdown: Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
+    html: Annotated[str | None, typer.Option("--html", help="Write a self-contained HTML report (sortable "
                                                 "table, before/after histograms) to FILE.")] = None,
     quiet: Quiet = False,
     rows: Rows = report.SHOW_ROWS,
@@ -285,7 +285,7 @@ def _print_plan(result: report.Report, console: Console) -> None:
 def inspect(
     ctx: typer.Context,
     path: Annotated[Path, typer.Argument(help="A .safetensors, .npz, or sharded folder / index.")],
-    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to FILE, or - for stdout.")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the JSON report to FILE, or - for stdout.")] = None,
     include: Include = [],  # noqa: B006
     exclude: Exclude = [],  # noqa: B006
     allow_empty: AllowEmpty = False,
@@ -319,8 +319,8 @@ def diff(
     ctx: typer.Context,
     a: Annotated[Path, typer.Argument(help="Reference checkpoint.")],
     b: Annotated[Path, typer.Argument(help="Checkpoint to compare with it.")],
-    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to FILE, or - for stdout.")] = None,
-    markdown: Annotated[Optional[str], typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the JSON report to FILE, or - for stdout.")] = None,
+    markdown: Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
     fail_above: Annotated[list[str], typer.Option("--fail-above", help="Gate METRIC=VALUE (max_abs, mse, rel_l2): "
                                                   "exit 1 when any tensor exceeds it; repeatable.")] = [],  # noqa: B006
     fail_below: Annotated[list[str], typer.Option("--fail-below", help="Gate METRIC=VALUE (cosine, sqnr_db): "
@@ -362,7 +362,7 @@ def diff(
 @app.command()
 def transforms(
     ctx: typer.Context,
-    name: Annotated[Optional[str], typer.Argument(help="Show one transform in detail.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Show one transform in detail.")] = None,
 ) -> None:
     """List every transform, or show one: parameters, defaults, applicability, formula.
 

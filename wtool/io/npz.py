@@ -31,7 +31,14 @@ from wtool.dtypes import DTYPES, by_code, by_numpy
 from wtool.errors import InputError, OutputError, UsageError
 from wtool.io.atomic import AtomicFile, as_output_error
 from wtool.io.base import (
-    MAX_HEADER_BYTES, Reader, Writer, check_bool_bytes, check_metadata, load_json, name_problem, open_regular,
+    MAX_HEADER_BYTES,
+    Reader,
+    Writer,
+    check_bool_bytes,
+    check_metadata,
+    load_json,
+    name_problem,
+    open_regular,
     show,
 )
 from wtool.tensor import TensorInfo
