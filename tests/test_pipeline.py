@@ -362,3 +362,20 @@ def test_config_json_beside_the_checkpoint_reaches_group_transforms(tmp_path):
     (tmp_path / "config.json").write_text("{broken")
     with pytest.raises(InputError, match="config.json"):
         run(Pipeline.from_specs(["fold-norm"]), source, None, dry_run=True)
+
+
+def test_folder_to_folder_carries_config_and_tokenizer(tmp_path):
+    folder = tmp_path / "model"
+    write(folder, {"w": np.ones((2, 2), np.float32)}, {"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "notes.txt").write_text("not a model file")
+    report = run(Pipeline.from_specs(["cast:dtype=bfloat16"]), folder, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json", "tokenizer.json"]
+    assert any("copied config.json, tokenizer.json" in n for n in report.notes)
+    assert any("declares dtype float32" in n for n in report.notes)
+    run(Pipeline(), folder, tmp_path / "bare", copy_model_files=False)
+    assert not (tmp_path / "bare" / "config.json").exists()
+    run(Pipeline(), folder, tmp_path / "single.safetensors")  # a single file carries nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "model", "out", "single.safetensors"]

@@ -97,3 +97,23 @@ def test_histogram_matches_numpy(bins):
     low, high = float(np.nanmin(values[np.isfinite(values)])), float(values[np.isfinite(values)].max())
     expected = np.histogram(values[np.isfinite(values)].astype(np.float64), bins=bins, range=(low, high))[0]
     assert stats.histogram(values, low, high, bins) == expected.tolist()
+
+
+def test_huge_float64_values_do_not_overflow():
+    values = np.array([1e200, -1e200, 3.0, 2e300])
+    got = stats.tensor_stats(values)
+    exact = [float(v) for v in values]
+    mean = sum(v / 4 for v in exact)
+    assert math.isclose(got["mean"], mean, rel_tol=1e-12)
+    assert math.isclose(got["l2"], math.sqrt(sum((v / 2e300) ** 2 for v in exact)) * 2e300, rel_tol=1e-12)
+    assert math.isclose(got["std"], math.sqrt(sum(((v - mean) / 2e300) ** 2 for v in exact) / 4) * 2e300, rel_tol=1e-12)
+    scaled = values * 0.5
+    err = stats.error_metrics(values, scaled)
+    assert math.isclose(err["rel_l2"], 0.5, rel_tol=1e-12) and math.isclose(err["sqnr_db"], 20 * math.log10(2))
+    assert err["mse"] is None  # ~1e600 does not fit in float64: reported as infinite
+    assert math.isclose(stats.cosine(values, scaled), 1.0, rel_tol=1e-12)
+
+
+def test_a_value_turned_non_finite_makes_the_error_infinite():
+    err = stats.error_metrics(np.array([1.0, 2.0]), np.array([1.0, np.inf]))
+    assert err == {"mse": None, "max_abs": None, "rel_l2": None, "sqnr_db": None}

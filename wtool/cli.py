@@ -218,6 +218,8 @@ def apply(
                                            "error, skip (leave that tensor alone) or zero (replace by 0).")] = "error",
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan; read no data, write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
+    model_files: Annotated[bool, typer.Option("--model-files/--no-model-files", help="Folder to folder: copy "
+                                              "config.json, tokenizer and model card beside the weights.")] = True,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
                                                           "shards of at most this size, e.g. 5GB.")] = None,
     report_path: Annotated[str | None, typer.Option("--report", help="Write the JSON report to FILE, or - for stdout.")] = None,
@@ -250,7 +252,7 @@ def apply(
         shard = parse_size(max_shard_size) if max_shard_size else None
         with _Bar("apply", not quiet and not dry_run) as bar:
             result = pipeline.run(pipe, source, output, force=force, max_shard_size=shard, dry_run=dry_run,
-                                  progress=bar)
+                                  copy_model_files=model_files, progress=bar)
         stdout_taken = "-" in (report_path, markdown)
         console = _stderr() if stdout_taken else _stdout()
         if report_path:

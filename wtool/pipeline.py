@@ -26,7 +26,7 @@ import numpy as np
 from wtool import __version__
 from wtool.dtypes import by_code, to_storage
 from wtool.errors import InputError, UsageError
-from wtool.io import Reader, create_writer, open_checkpoint
+from wtool.io import Reader, create_writer, is_folder_output, model_files, open_checkpoint
 from wtool.report import GroupRecord, Report, SkipRecord, TensorRecord
 from wtool.selection import Selector
 from wtool.stats import error_metrics, histogram, tensor_stats
@@ -415,11 +415,14 @@ class Progress(Protocol):
 
 
 def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, force: bool = False,
-        max_shard_size: int | None = None, dry_run: bool = False, progress: Progress | None = None) -> Report:
+        max_shard_size: int | None = None, dry_run: bool = False, copy_model_files: bool = True,
+        progress: Progress | None = None) -> Report:
     """Stream `source` through the pipeline into `output` and report what changed.
 
     With `dry_run` (or no output) nothing is read beyond headers and nothing is written; the
-    report then holds the plan (tensors and their steps) without statistics.
+    report then holds the plan (tensors and their steps) without statistics. When both input
+    and output are model folders, the config and tokenizer files travel along
+    (`copy_model_files`), so the output loads with `from_pretrained`.
     """
     started = time.perf_counter()
     with open_checkpoint(source) as reader:
@@ -433,11 +436,13 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
             _fit(the_plan)
             metadata = _output_metadata(reader.metadata, pipeline)
             infos = [node.info for node in the_plan.nodes]
+            extra = _model_files(reader, output, pipeline, the_plan.notes) if copy_model_files else []
             sources = {t.name: t for t in reader.tensors}
             if progress:
                 progress.start(len(infos), sum(i.nbytes for i in infos))
             records = []
-            with create_writer(output, infos, metadata, max_shard_size=max_shard_size, force=force) as writer:
+            with create_writer(output, infos, metadata, max_shard_size=max_shard_size, force=force,
+                               extra_files=extra) as writer:
                 for node in the_plan.nodes:
                     array, record = _materialise(reader, sources.get(node.info.name), node)
                     writer.write(node.info.name, array)
@@ -448,6 +453,24 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
             return _report(the_plan, records, output, time.perf_counter() - started, dry_run=False)
         finally:
             the_plan.close()
+
+
+def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: list[str]) -> list[Path]:
+    """Config and tokenizer files of a folder input, for a folder output (with a note each)."""
+    source = Path(reader.path)
+    folder = source if source.is_dir() else source.parent if source.name.endswith(".index.json") else None
+    if folder is None or not is_folder_output(output):
+        return []
+    found = model_files(folder)
+    if found:
+        notes.append(f"copied {', '.join(p.name for p in found)} beside the weights")
+    config = reader.config()
+    casts = [s.transform.params.dtype for s in pipeline.steps if s.op == "cast"]
+    declared = (config or {}).get("torch_dtype") or (config or {}).get("dtype")
+    if casts and declared and declared != casts[-1]:
+        notes.append(f"config.json declares dtype {declared} but tensors were cast to {casts[-1]}; "
+                     "update it if the model should load in the new dtype")
+    return found
 
 
 def _refuse_same_path(reader: Reader, output: Path) -> None:

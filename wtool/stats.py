@@ -25,6 +25,37 @@ def _chunks(flat: np.ndarray):
         yield flat[start:start + CHUNK]
 
 
+class SumOfSquares:
+    """Σx² kept as scale²·Σ(x/scale)², as LAPACK's dnrm2 does, so finite float64 values up to
+    1e308 never overflow; the scale only moves off 1 for values beyond 1e150.
+
+    >>> acc = SumOfSquares(); acc.add(np.array([3e200, 4e200])); acc.root()
+    5e+200
+    """
+
+    SAFE = 1e150
+
+    def __init__(self) -> None:
+        self.scale, self.total = 1.0, 0.0
+
+    def add(self, values: np.ndarray, top: float | None = None) -> None:
+        if not values.size:
+            return
+        top = float(np.max(np.abs(values))) if top is None else top
+        if top > self.SAFE and top > self.scale:
+            self.total *= (self.scale / top) ** 2
+            self.scale = top
+        scaled = values if self.scale == 1.0 else values / self.scale
+        self.total += float(np.dot(scaled, scaled))
+
+    def root(self) -> float:
+        return self.scale * math.sqrt(self.total)
+
+    def value(self) -> float:
+        """Σx² itself (inf when it exceeds float64, which `_finite` reports as None)."""
+        return math.inf if self.root() > 1e154 else self.root() ** 2
+
+
 def _finite(value: float) -> float | None:
     """JSON has no NaN/Inf: non-finite figures become None (null)."""
     return float(value) if math.isfinite(value) else None
@@ -38,7 +69,8 @@ def tensor_stats(array: np.ndarray) -> dict[str, Any]:
     """
     flat = np.asarray(array).reshape(-1)
     is_float = flat.dtype.kind not in "iub"  # ml_dtypes' bfloat16/float8 report kind "V"
-    sumsq = total = sq = 0.0
+    total = 0.0
+    deviations, squares = SumOfSquares(), SumOfSquares()
     zeros = nan = inf = 0
     low, high = math.inf, -math.inf
     finite_n = 0
@@ -56,34 +88,41 @@ def tensor_stats(array: np.ndarray) -> dict[str, Any]:
             total += float(values.sum())
             low = min(low, float(values.min()))
             high = max(high, float(values.max()))
+    absmax = max(abs(low), abs(high)) if finite_n else 0.0
+    if finite_n and not math.isfinite(total):  # values near 1e308: average the scaled values instead
+        total = sum(float(np.sum(_finite_values(p, is_float) / finite_n)) for p in _chunks(flat)) * finite_n
     mean = total / finite_n if finite_n else math.nan
     for part in _chunks(flat):
-        values = part.astype(np.float64)
-        if is_float:
-            values = values[np.isfinite(values)]
-        sq += float(np.square(values - mean).sum()) if values.size else 0.0
-        sumsq += float(np.square(values).sum()) if values.size else 0.0
+        values = _finite_values(part, is_float)
+        deviations.add(values - mean, top=2 * absmax)
+        squares.add(values, top=absmax)
     numel = int(flat.size)
     return {
         "numel": numel,
         "min": _finite(low), "max": _finite(high),
         "mean": _finite(mean),
-        "std": _finite(math.sqrt(sq / finite_n)) if finite_n else None,
-        "absmax": _finite(max(abs(low), abs(high))) if finite_n else None,
-        "l2": _finite(math.sqrt(sumsq)),
+        "std": _finite(deviations.root() / math.sqrt(finite_n)) if finite_n else None,
+        "absmax": _finite(absmax) if finite_n else None,
+        "l2": _finite(squares.root()),
         "sparsity": zeros / numel if numel else None,
         "nan": nan, "inf": inf,
     }
 
 
+def _finite_values(part: np.ndarray, is_float: bool) -> np.ndarray:
+    values = part.astype(np.float64)
+    return values[np.isfinite(values)] if is_float else values
+
+
 def error_metrics(before: np.ndarray, after: np.ndarray) -> dict[str, float | None]:
-    """What a pipeline did to one tensor: mse, max_abs, rel_l2 = ‖a−b‖/‖b‖, sqnr_db = 10·log10(‖b‖²/‖a−b‖²).
+    """What a pipeline did to one tensor: mse, max_abs, rel_l2 = ‖b−a‖/‖a‖, sqnr_db = 10·log10(‖a‖²/‖b−a‖²).
 
     An unchanged tensor has mse 0 and sqnr None (infinite). Elements that were not finite
     before are left out (the report counts them); a finite value turned non-finite makes
     the error infinite (None in JSON). Shapes must match.
     """
-    diff_sq = ref_sq = max_abs = 0.0
+    difference, reference = SumOfSquares(), SumOfSquares()
+    max_abs, broken = 0.0, False
     a_flat, b_flat = np.asarray(before).reshape(-1), np.asarray(after).reshape(-1)
     for start in range(0, a_flat.size, CHUNK):
         ref = a_flat[start:start + CHUNK].astype(np.float64)
@@ -92,30 +131,42 @@ def error_metrics(before: np.ndarray, after: np.ndarray) -> dict[str, float | No
         ref, new = ref[keep], new[keep]
         with np.errstate(invalid="ignore", over="ignore"):
             delta = new - ref
-            diff_sq += float(np.square(delta).sum())
-        ref_sq += float(np.square(ref).sum())
+        if not np.isfinite(delta).all():
+            broken = True
+            delta = delta[np.isfinite(delta)]
         if delta.size:
             largest = float(np.abs(delta).max())
-            max_abs = largest if math.isnan(largest) or largest > max_abs else max_abs
+            max_abs = max(max_abs, largest)
+            difference.add(delta, top=largest)
+        reference.add(ref)
+    if broken:
+        return {"mse": None, "max_abs": None, "rel_l2": None, "sqnr_db": None}
     numel = a_flat.size
-    mse = diff_sq / numel if numel else 0.0
-    rel = math.sqrt(diff_sq) / math.sqrt(ref_sq) if ref_sq > 0 else (0.0 if diff_sq == 0 else math.inf)
-    sqnr = 10 * math.log10(ref_sq / diff_sq) if diff_sq > 0 and ref_sq > 0 else None
+    error, size = difference.root(), reference.root()
+    mse = difference.value() / numel if numel else 0.0
+    rel = error / size if size > 0 else (0.0 if error == 0 else math.inf)
+    sqnr = 20 * math.log10(size / error) if error > 0 and size > 0 else None
     return {"mse": _finite(mse), "max_abs": _finite(max_abs), "rel_l2": _finite(rel), "sqnr_db": sqnr}
 
 
 def cosine(before: np.ndarray, after: np.ndarray) -> float | None:
-    """Cosine similarity of the two tensors flattened (None when either is all zeros)."""
-    dot = na = nb = 0.0
+    """Cosine similarity of the two tensors flattened (None when either is all zeros).
+
+    Both are scaled by their largest magnitude first, so huge float64 values cannot overflow.
+    """
     a_flat, b_flat = np.asarray(before).reshape(-1), np.asarray(after).reshape(-1)
-    for start in range(0, a_flat.size, CHUNK):
-        x = a_flat[start:start + CHUNK].astype(np.float64)
-        y = b_flat[start:start + CHUNK].astype(np.float64)
+    chunks = range(0, a_flat.size, CHUNK)
+    a_top = max((float(np.max(np.abs(a_flat[i:i + CHUNK].astype(np.float64)))) for i in chunks), default=0.0)
+    b_top = max((float(np.max(np.abs(b_flat[i:i + CHUNK].astype(np.float64)))) for i in chunks), default=0.0)
+    if not (0 < a_top < math.inf and 0 < b_top < math.inf):  # all zeros, or NaN/Inf present
+        return None
+    dot = na = nb = 0.0
+    for start in chunks:
+        x = a_flat[start:start + CHUNK].astype(np.float64) / a_top
+        y = b_flat[start:start + CHUNK].astype(np.float64) / b_top
         dot += float(x @ y)
         na += float(x @ x)
         nb += float(y @ y)
-    if na == 0 or nb == 0:
-        return None
     return _finite(dot / math.sqrt(na * nb))
 
 

@@ -23,10 +23,11 @@ from wtool.io.atomic import check_target
 from wtool.io.base import Reader, Writer, WriterMisuse, check_output_tensors, open_regular, parse_size
 from wtool.io.npz import NpzReader, NpzWriter
 from wtool.io.safetensors import SafetensorsReader, SafetensorsWriter
-from wtool.io.sharded import INDEX_NAME, ShardedReader, ShardedWriter
+from wtool.io.sharded import INDEX_NAME, ShardedReader, ShardedWriter, model_files
 from wtool.tensor import TensorInfo
 
-__all__ = ["Reader", "Writer", "WriterMisuse", "open_checkpoint", "create_writer", "parse_size"]
+__all__ = ["Reader", "Writer", "WriterMisuse", "open_checkpoint", "create_writer", "is_folder_output",
+           "model_files", "parse_size"]
 
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
@@ -77,17 +78,26 @@ def _open_folder(path: Path) -> Reader:
     raise InputError(f"{path}: folder holds no {INDEX_NAME} or model.safetensors")
 
 
+def is_folder_output(path: str | os.PathLike[str]) -> bool:
+    """Whether `create_writer` would write a sharded folder at `path` (anything but *.safetensors / *.npz)."""
+    return not Path(path).name.lower().endswith((".safetensors", ".npz"))
+
+
 def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | None,
-                  *, max_shard_size: int | str | None = None, force: bool = False) -> Writer:
+                  *, max_shard_size: int | str | None = None, force: bool = False,
+                  extra_files: Sequence[Path] = ()) -> Writer:
     """A streaming, atomic writer; the format follows the path.
 
     `*.safetensors` -> one file, `*.npz` -> npz, anything else -> a Hugging Face sharded folder
-    (one shard when `max_shard_size` is None). An existing target is a UsageError unless `force`.
+    (one shard when `max_shard_size` is None), into which `extra_files` (config, tokenizer) are
+    copied before the folder is renamed into place. An existing target is a UsageError unless `force`.
     """
     path = Path(path)
     metadata = dict(metadata or {})
     name = path.name.lower()
-    single = name.endswith(".safetensors") or name.endswith(".npz")
+    single = not is_folder_output(path)
+    if extra_files and single:
+        raise UsageError(f"{path}: extra files can only go into a folder output")
     if max_shard_size is not None:
         if single:
             raise UsageError(f"{path}: --max-shard-size needs a folder output, not a single "
@@ -102,4 +112,4 @@ def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], m
         return SafetensorsWriter(path, tensors, metadata)
     if name.endswith(".npz"):
         return NpzWriter(path, tensors, metadata)
-    return ShardedWriter(path, tensors, metadata, max_shard_size)
+    return ShardedWriter(path, tensors, metadata, max_shard_size, extra_files)

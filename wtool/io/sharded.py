@@ -13,6 +13,7 @@ order, and always an index, even for a single shard.
 from __future__ import annotations
 
 import json
+import shutil
 import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -27,6 +28,10 @@ from wtool.io.safetensors import SafetensorsReader, check_header_size, check_wit
 from wtool.tensor import TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
+#: Files of a Hugging Face model folder that travel with the weights (never weight files).
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+               "added_tokens.json", "vocab.*", "merges.txt", "*.jinja", "chat_template.json",
+               "preprocessor_config.json", "README.md")
 
 
 def shard_problem(shard: object) -> str | None:
@@ -148,6 +153,13 @@ def plan_shards(tensors: Sequence[TensorInfo], max_shard_size: int | None) -> li
     return shards
 
 
+def model_files(folder: Path) -> list[Path]:
+    """The non-weight files of a model folder (config, tokenizer, model card) that a folder
+    output should carry along, so that the result loads with `from_pretrained`."""
+    found = {p for pattern in MODEL_FILES for p in folder.glob(pattern) if p.is_file()}
+    return sorted(found)
+
+
 def shard_name(number: int, count: int) -> str:
     return f"model-{number:05d}-of-{count:05d}.safetensors"
 
@@ -156,8 +168,9 @@ class ShardedWriter(Writer):
     """Writes shards one after another into a hidden folder, then the index, then renames the folder."""
 
     def __init__(self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str],
-                 max_shard_size: int | None):
+                 max_shard_size: int | None, extra_files: Sequence[Path] = ()):
         super().__init__(path, tensors, metadata)
+        self._extra_files = list(extra_files)
         plan = plan_shards(self.tensors, max_shard_size)
         self._shards = [(shard_name(number, len(plan)), shard) for number, shard in enumerate(plan, 1)]
         self._headers = [check_header_size(path, shard, self.metadata) for _, shard in self._shards]
@@ -194,6 +207,9 @@ class ShardedWriter(Writer):
             handle = create_file(self._folder.temp / INDEX_NAME)
             handle.write((json.dumps(index, indent=2) + "\n").encode("utf-8"))
             finish_file(handle)
+        for extra in self._extra_files:
+            with as_output_error(self.path / extra.name):
+                shutil.copyfile(extra, self._folder.temp / extra.name)
         self._folder.commit()
 
     def _abort(self) -> None:
