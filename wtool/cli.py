@@ -49,12 +49,12 @@ class Interrupted(BaseException):
 
 
 def _console(stderr: bool) -> Console:
-    """Honour NO_COLOR; when piped (CI logs, files) draw tables 160 columns wide instead of 80."""
+    """Honour NO_COLOR; when piped (CI logs, files) draw tables 180 columns wide instead of 80."""
     stream = sys.stderr if stderr else sys.stdout
     piped = not stream.isatty() and "COLUMNS" not in os.environ
     plain = bool(os.environ.get("NO_COLOR"))  # no-color.org: wins over FORCE_COLOR
     return Console(stderr=stderr, no_color=plain or None, color_system=None if plain else "auto",
-                   highlight=False, width=160 if piped else None)
+                   highlight=False, width=180 if piped else None)
 
 
 def _stderr() -> Console:

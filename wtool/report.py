@@ -209,25 +209,33 @@ def _pair(before: dict[str, Any] | None, after: dict[str, Any] | None, key: str)
 
 # ------------------------------------------------------------------ rich tables
 
-def apply_table(report: Report, limit: int = SHOW_ROWS) -> Table:
-    """The terminal table after `apply`: one row per tensor, totals underneath."""
+def apply_table(report: Report, limit: int = SHOW_ROWS, sparklines: bool = True) -> Table:
+    """The terminal table after `apply`: one row per tensor, totals underneath; the value
+    histograms as sparklines when the terminal is wide enough for them."""
     rows, hidden = report.worst(limit)
     title = "wtool plan (dry run)" if report.dry_run else f"wtool apply: {escape(report.input)} → {escape(str(report.output))}"
     table = Table(title=title, title_justify="left", show_footer=False)
     longest = max((len(r.name) for r in rows), default=10)
-    for column, justify in (("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("steps", "left"),
-                            ("absmax", "right"), ("std", "right"), ("sparsity", "right"),
-                            ("rel_l2", "right"), ("sqnr dB", "right"), ("values before → after", "left")):
-        table.add_column(column, justify=justify, overflow="fold", no_wrap=column.startswith("values"),
-                         min_width=min(longest, 48) if column == "tensor" else None)
+    step_lists = {tuple(r.steps) for r in rows if r.steps}
+    uniform = len(step_lists) <= 1  # then the title names the steps once, and rows just say yes/no
+    if uniform and step_lists:
+        table.title += escape(f"  [{' → '.join(next(iter(step_lists)))}]")
+    for column, justify in (("tensor", "left"), ("shape", "right"), ("dtype", "left"),
+                            ("steps", "left"), ("absmax", "right"), ("std", "right"), ("sparsity", "right"),
+                            ("rel_l2", "right"), ("sqnr dB", "right"), ("values before → after", "left"))[
+                                :None if sparklines else -1]:
+        table.add_column(column, justify=justify, overflow="fold",
+                         min_width=min(longest, 32) if column == "tensor" and sparklines else None)
     for r in rows:
         dtype = r.dtype if not r.dtype_before or r.dtype_before == r.dtype else f"{r.dtype_before} → {r.dtype}"
         error = r.error or {}
         style = None if r.changed else "dim"
-        table.add_row(escape(r.name), _shape(r.shape), dtype, escape(" → ".join(r.steps)) or "-",
+        steps = ("all" if r.steps else "-") if uniform else escape(" → ".join(r.steps)) or "-"
+        table.add_row(escape(r.name), _shape(r.shape), dtype, steps,
                       _pair(r.before, r.after, "absmax"), _pair(r.before, r.after, "std"),
                       _pair(r.before, r.after, "sparsity"), fmt(error.get("rel_l2")),
-                      fmt(error.get("sqnr_db"), 3) if error.get("mse") else "-", _hist_pair(r), style=style)
+                      fmt(error.get("sqnr_db"), 3) if error.get("mse") else "-",
+                      *([_hist_pair(r)] if sparklines else []), style=style)
     t = report.totals
     caption = [f"{t['tensors']} tensors, {t['changed']} changed, {fmt(t['params'])} params, "
                f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])}"
@@ -306,7 +314,7 @@ def diff_table(report: DiffReport, limit: int = SHOW_ROWS) -> Table:
 
 
 def print_apply(report: Report, console: Console, limit: int = SHOW_ROWS) -> None:
-    console.print(apply_table(report, limit))
+    console.print(apply_table(report, limit, sparklines=console.width >= 150))
     for line in plan_details(report):
         console.print(line)
 
