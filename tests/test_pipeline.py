@@ -379,3 +379,24 @@ def test_folder_to_folder_carries_config_and_tokenizer(tmp_path):
     assert not (tmp_path / "bare" / "config.json").exists()
     run(Pipeline(), folder, tmp_path / "single.safetensors")  # a single file carries nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "model", "out", "single.safetensors"]
+
+
+@pytest.mark.parametrize("jobs", [2, 3])
+def test_jobs_give_the_same_bytes_and_order(llama, tmp_path, jobs):
+    specs = ["clip:percentile=99", "quantize:bits=3", "sparsify:fraction=0.3,scope=global"]
+    one = run(Pipeline.from_specs(specs), llama, tmp_path / "one.safetensors")
+    many = run(Pipeline.from_specs(specs), llama, tmp_path / f"many{jobs}.safetensors", jobs=jobs)
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / f"many{jobs}.safetensors").read_bytes()
+    assert [r.name for r in one.tensors] == [r.name for r in many.tensors]
+    source = write(tmp_path / "g.safetensors", {f"{k}.{p}": np.full((2, 2), i + 1.0, np.float32)
+                                                 for i, k in enumerate("xyz") for p in "ab"})
+    run(Pipeline((Step(Merge()),)), source, tmp_path / "g1.safetensors")
+    run(Pipeline((Step(Merge()),)), source, tmp_path / "g2.safetensors", jobs=jobs)
+    assert (tmp_path / "g1.safetensors").read_bytes() == (tmp_path / "g2.safetensors").read_bytes()
+
+
+def test_failure_with_jobs_leaves_no_output(tmp_path):
+    source = write(tmp_path / "in.safetensors", {k: np.ones((2, 2), np.float32) for k in "abcdef"})
+    with pytest.raises(InputError, match="boom"):
+        run(Pipeline((Step(FailOnSecond()),)), source, tmp_path / "out.safetensors", jobs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]

@@ -14,9 +14,12 @@ True
 from __future__ import annotations
 
 import json
+import threading
 import time
 import tomllib
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -224,11 +227,13 @@ class GroupEvaluation:
     def __init__(self, run: StepRun, group: Group, inputs: Mapping[str, Node]) -> None:
         self.run, self.group, self.inputs = run, group, inputs
         self._waiting: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()  # outputs of one group may be materialised by two threads
 
     def output(self, name: str) -> np.ndarray:
-        if name not in self._waiting:
-            self._waiting = self._evaluate()
-        return self._waiting.pop(name)
+        with self._lock:
+            if name not in self._waiting:
+                self._waiting = self._evaluate()
+            return self._waiting.pop(name)
 
     def _evaluate(self) -> dict[str, np.ndarray]:
         transform = self.run.step.transform
@@ -416,14 +421,17 @@ class Progress(Protocol):
 
 def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, force: bool = False,
         max_shard_size: int | None = None, dry_run: bool = False, copy_model_files: bool = True,
-        progress: Progress | None = None) -> Report:
+        jobs: int = 1, progress: Progress | None = None) -> Report:
     """Stream `source` through the pipeline into `output` and report what changed.
 
     With `dry_run` (or no output) nothing is read beyond headers and nothing is written; the
     report then holds the plan (tensors and their steps) without statistics. When both input
     and output are model folders, the config and tokenizer files travel along
-    (`copy_model_files`), so the output loads with `from_pretrained`.
+    (`copy_model_files`), so the output loads with `from_pretrained`. `jobs` tensors are
+    computed at once (peak memory grows with it).
     """
+    if jobs < 1:
+        raise UsageError(f"jobs={jobs}: must be at least 1")
     started = time.perf_counter()
     with open_checkpoint(source) as reader:
         if output is not None:
@@ -443,8 +451,7 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
             records = []
             with create_writer(output, infos, metadata, max_shard_size=max_shard_size, force=force,
                                extra_files=extra) as writer:
-                for node in the_plan.nodes:
-                    array, record = _materialise(reader, sources.get(node.info.name), node)
+                for node, (array, record) in _evaluate_in_order(reader, sources, the_plan.nodes, jobs):
                     writer.write(node.info.name, array)
                     records.append(record)
                     del array
@@ -453,6 +460,33 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
             return _report(the_plan, records, output, time.perf_counter() - started, dry_run=False)
         finally:
             the_plan.close()
+
+
+def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes: Sequence[Node],
+                       jobs: int) -> Iterator[tuple[Node, tuple[np.ndarray, TensorRecord]]]:
+    """Materialise the output tensors in order, up to `jobs` of them at once in threads
+    (numpy releases the GIL in its kernels); memory grows with `jobs`."""
+    if jobs <= 1:
+        for node in nodes:
+            yield node, _materialise(reader, sources.get(node.info.name), node)
+        return
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="wtool")
+    pending: deque[tuple[Node, Future]] = deque()
+    upcoming = iter(nodes)
+    try:
+        for node in upcoming:
+            pending.append((node, pool.submit(_materialise, reader, sources.get(node.info.name), node)))
+            if len(pending) >= jobs:
+                break
+        while pending:
+            node, future = pending.popleft()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append((following, pool.submit(_materialise, reader, sources.get(following.info.name),
+                                                       following)))
+            yield node, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: list[str]) -> list[Path]:
