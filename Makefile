@@ -42,6 +42,7 @@ reference:
 	test -x .venv-ref/bin/python || $(PYTHON) -m venv .venv-ref
 	.venv-ref/bin/python -m pip install --quiet torch==2.13.0 numpy safetensors ml_dtypes
 	.venv-ref/bin/python fixtures/make_reference.py
+	.venv-ref/bin/python fixtures/make_torch_fans.py
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .hypothesis

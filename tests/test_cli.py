@@ -20,7 +20,7 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("command", ["apply", "inspect", "diff", "transforms"])
+@pytest.mark.parametrize("command", ["apply", "inspect", "diff", "transforms", "new"])
 def test_every_command_has_help_with_an_example(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0
@@ -193,3 +193,20 @@ def test_value_errors_name_the_file_and_the_tensor(tmp_path):
     result = invoke("apply", path, tmp_path / "o.safetensors", "-t", "quantize")
     assert result.exit_code == 3
     assert "nan.safetensors: tensor 'w': 1 non-finite" in result.output
+
+
+def test_new_creates_a_checkpoint_from_a_spec(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[[tensors]]\nname = "layers.{i}.weight"\ncount = 3\nshape = [8, 4]\ndtype = "bfloat16"\n'
+                    '[[tensors]]\nname = "bias"\nshape = [8]\n')
+    out = tmp_path / "new.safetensors"
+    result = invoke("new", spec, out)
+    assert result.exit_code == 0, result.output
+    tensors = load_file(out)
+    assert set(tensors) == {"bias", "layers.0.weight", "layers.1.weight", "layers.2.weight"}
+    assert str(tensors["layers.0.weight"].dtype) == "bfloat16" and not tensors["bias"].any()
+    assert invoke("new", spec, out).exit_code == 2  # exists
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[tensors]]\nname = "w"\nshape = [-1]\n')
+    failed = invoke("new", bad, tmp_path / "bad.safetensors")
+    assert failed.exit_code == 3 and "bad.toml" in failed.output and not (tmp_path / "bad.safetensors").exists()

@@ -8,12 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from safetensors import safe_open
 
-from wtool.io import create_writer
-from wtool.tensor import TensorInfo
+from wtool import new_checkpoint
 
 pytestmark = pytest.mark.stress
 
@@ -22,11 +20,11 @@ LIMIT = 1 << 30                              # peak RSS must stay well under 1 G
 
 
 def make_checkpoint(path: Path) -> None:
-    infos = [TensorInfo(f"layers.{i}.weight", "F32", (ROWS, COLS)) for i in range(COUNT)]
-    rng = np.random.default_rng(0)
-    with create_writer(path, infos, {"format": "pt"}) as writer:
-        for info in infos:
-            writer.write(info.name, rng.standard_normal((ROWS, COLS), dtype=np.float32))
+    """The stress fixture, made the way users make theirs: `wtool new` from a spec."""
+    spec = path.with_suffix(".toml")
+    spec.write_text(f'[metadata]\nformat = "pt"\n[[tensors]]\nname = "layers.{{i}}.weight"\ncount = {COUNT}\n'
+                    f'shape = [{ROWS}, {COLS}]\nscheme = "he"\n')
+    new_checkpoint(spec, path)
 
 
 def peak_rss_of(command: list[str]) -> tuple[int, float]:

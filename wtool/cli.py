@@ -25,6 +25,7 @@ from rich.table import Table
 from wtool import __version__, analyze, pipeline, report
 from wtool.errors import UsageError, WtoolError
 from wtool.io import parse_size
+from wtool.new import new_checkpoint
 from wtool.selection import Selector
 from wtool.tensor import TensorInfo
 from wtool.transforms import REGISTRY, GroupTransform
@@ -361,6 +362,30 @@ def diff(
             _stderr().print(f"[bold red]diff failed[/]: {len(result.failures)} problem(s); first: "
                             f"{escape(result.failures[0])}", soft_wrap=True)
             raise typer.Exit(1)
+
+
+@app.command()
+def new(
+    ctx: typer.Context,
+    spec: Annotated[Path, typer.Argument(help="TOML (or .json) spec: [defaults], [metadata], [[tensors]] "
+                                         "with name, shape, dtype and init options.")],
+    output: Annotated[Path, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded).")],
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
+    max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
+                                                       "shards of at most this size, e.g. 5GB.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Create a checkpoint from scratch (names, shapes, dtypes; Xavier/He/constant init), one
+    tensor in memory at a time: for tests, fixtures and benchmarks.
+
+    Example: wtool new spec.toml model.safetensors   (spec: [[tensors]] name = "fc.weight" shape = [256, 128])
+    """
+    with _guard(_debug(ctx)):
+        shard = parse_size(max_shard_size) if max_shard_size else None
+        infos = new_checkpoint(spec, output, force=force, max_shard_size=shard)
+        if not quiet:
+            total = sum(i.nbytes for i in infos)
+            _stderr().print(f"wrote {escape(str(output))}: {len(infos)} tensors, {report.human_bytes(total)}")
 
 
 @app.command()
