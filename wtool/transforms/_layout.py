@@ -13,11 +13,15 @@ A tensor name is a module prefix plus a leaf; the prefix may be empty (a bare mo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from wtool.errors import UsageError
+from wtool.tensor import TensorInfo
+from wtool.transforms.base import Group, GroupPlan, GroupTransform, Skip, Transform
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -88,3 +92,61 @@ def unselected(names: Iterable[str], selected: Callable[[str], bool]) -> list[st
 def first_position(order: dict[str, int], names: Iterable[str]) -> int:
     """Where the first of `names` sits in the checkpoint (for ordering groups)."""
     return min(order[n] for n in names)
+
+
+class AlongDim(Transform):
+    """Base of the transforms that work slice by slice along `params.dim` (weight-norm,
+    spectral-norm, standardize): a tensor without that axis is skipped, and no include lifts it."""
+
+    def skip(self, info: TensorInfo) -> Skip | None:
+        reason = super().skip(info)
+        if reason is not None and reason.hard:
+            return reason
+        try:
+            normalize_dim(self.params.dim, info.ndim)
+        except ValueError as err:
+            return Skip(str(err), hard=True)
+        return reason
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One fold found from an anchor tensor: its companions, the weight it writes, and why it
+    cannot happen (`problem`, reported in the plan's notes)."""
+
+    companions: tuple[str, ...]
+    target: str
+    note: str = ""
+    data: Any = None
+    problem: str = ""
+
+
+class FoldIntoOne(GroupTransform):
+    """Base of the folds that turn an anchor tensor and its companions into one weight of the
+    anchor's shape and dtype (fold-weight-norm, fold-spectral-norm, fold-prune).
+
+    Subclasses implement `find`; a fold forms when its anchor is selected and the weight it
+    would write does not exist yet.
+    """
+
+    def find(self, info: TensorInfo, by_name: Mapping[str, TensorInfo]) -> Fold | None:
+        """The fold anchored at `info`, or None when `info` anchors none."""
+        raise NotImplementedError
+
+    def plan(self, tensors: Sequence[TensorInfo], selected: Callable[[str], bool],
+             config: Mapping[str, Any] | None = None) -> GroupPlan:
+        by_name = {t.name: t for t in tensors}
+        order = {t.name: i for i, t in enumerate(tensors)}
+        groups: list[Group] = []
+        notes: list[str] = []
+        for info in tensors:
+            fold = self.find(info, by_name) if selected(info.name) else None
+            if fold is None:
+                continue
+            problem = fold.problem or (f"{fold.target} already exists" if fold.target in by_name else "")
+            if problem:
+                notes.append(f"{fold.target}: not folded: {problem}")
+                continue
+            inputs = tuple(sorted((info.name, *fold.companions), key=order.__getitem__))
+            groups.append(Group(inputs, (TensorInfo(fold.target, info.dtype, info.shape),), fold.note, fold.data))
+        return GroupPlan(tuple(groups), tuple(notes))

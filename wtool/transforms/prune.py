@@ -7,17 +7,16 @@ its siblings: X_mask means pruning, X_u means spectral norm.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 
 from wtool.tensor import TensorInfo
-from wtool.transforms._layout import join, split_name
-from wtool.transforms.base import Group, GroupPlan, GroupTransform, NoParams
+from wtool.transforms._layout import Fold, FoldIntoOne, join, split_name
+from wtool.transforms.base import Group, NoParams
 
 
-class FoldPrune(GroupTransform, name="fold-prune"):
+class FoldPrune(FoldIntoOne, name="fold-prune"):
     """Fold torch pruning pairs (weight_orig + weight_mask) into the pruned weight."""
 
     Params = NoParams
@@ -25,34 +24,20 @@ class FoldPrune(GroupTransform, name="fold-prune"):
     applies_to = "P.X_orig + P.X_mask pairs, formed when X_orig is selected; X_orig with X_u is spectral norm"
     example = "fold-prune"
 
-    def plan(self, tensors: Sequence[TensorInfo], selected: Callable[[str], bool],
-             config: Mapping[str, Any] | None = None) -> GroupPlan:
-        by_name = {t.name: t for t in tensors}
-        order = {t.name: i for i, t in enumerate(tensors)}
-        groups: list[Group] = []
-        notes: list[str] = []
-        for info in tensors:
-            prefix, leaf = split_name(info.name)
-            if not leaf.endswith("_orig") or leaf == "_orig":
-                continue
-            base = leaf[:-5]
-            mask, target = join(prefix, base + "_mask"), join(prefix, base)
-            if mask not in by_name or not selected(info.name):
-                continue
-            problem = ""
-            if join(prefix, base + "_u") in by_name:
-                problem = f"both {mask} (pruning) and {join(prefix, base + '_u')} (spectral norm) are present"
-            elif by_name[mask].shape != info.shape:
-                problem = f"{mask} has shape {list(by_name[mask].shape)}, {info.name} {list(info.shape)}"
-            elif target in by_name:
-                problem = f"{target} already exists"
-            if problem:
-                notes.append(f"{target}: not folded: {problem}")
-                continue
-            groups.append(Group(inputs=tuple(sorted((info.name, mask), key=order.__getitem__)),
-                                outputs=(TensorInfo(target, info.dtype, info.shape),),
-                                note=f"{target} <- {info.name} · {mask}", data=(info.name, mask, target)))
-        return GroupPlan(tuple(groups), tuple(notes))
+    def find(self, info: TensorInfo, by_name: Mapping[str, TensorInfo]) -> Fold | None:
+        prefix, leaf = split_name(info.name)
+        if not leaf.endswith("_orig") or leaf == "_orig":
+            return None
+        base = leaf[:-5]
+        mask, target = join(prefix, base + "_mask"), join(prefix, base)
+        if mask not in by_name:
+            return None
+        problem = ""
+        if join(prefix, base + "_u") in by_name:
+            problem = f"both {mask} (pruning) and {join(prefix, base + '_u')} (spectral norm) are present"
+        elif by_name[mask].shape != info.shape:
+            problem = f"{mask} has shape {list(by_name[mask].shape)}, {info.name} {list(info.shape)}"
+        return Fold((mask,), target, f"{target} <- {info.name} · {mask}", (info.name, mask, target), problem)
 
     def apply_group(self, group: Group, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         orig_name, mask_name, target = group.data

@@ -11,16 +11,15 @@ array([1.  , 0.5 , 0.25])
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 
 from wtool.tensor import TensorInfo
-from wtool.transforms._layout import join, matrix_around, normalize_dim, split_name
-from wtool.transforms.base import Context, Group, GroupPlan, GroupTransform, Skip, Transform, param
+from wtool.transforms._layout import AlongDim, Fold, FoldIntoOne, join, matrix_around, normalize_dim, split_name
+from wtool.transforms.base import Context, Group, param
 
 #: Below this many rows or columns an exact SVD is cheaper than any iteration.
 EXACT_BELOW = 32
@@ -78,7 +77,7 @@ class SpectralNormParams:
     seed: int = param(0, "seed of the Lanczos start vector (mixed with the tensor name)", low=0)
 
 
-class SpectralNorm(Transform, name="spectral-norm"):
+class SpectralNorm(AlongDim, name="spectral-norm"):
     """Scale each weight so its largest singular value equals `target` (or at most `target` with clamp)."""
 
     Params = SpectralNormParams
@@ -87,15 +86,6 @@ class SpectralNorm(Transform, name="spectral-norm"):
     applies_to = "float tensors with ndim >= 2 that have axis `dim`; records sigma_before/sigma_after"
     example = "spectral-norm:target=1.0,method=power"
     spreads_nonfinite = True
-
-    def skip(self, info: TensorInfo) -> Skip | None:
-        if not info.dtype_info.is_float:
-            return Skip(f"{info.dtype} is not a float dtype", hard=True)
-        try:
-            normalize_dim(self.params.dim, info.ndim)
-        except ValueError as err:
-            return Skip(str(err), hard=True)
-        return super().skip(info)
 
     def sigma(self, matrix: np.ndarray, ctx: Context) -> float:
         """σ1 of `matrix` by the chosen method; notes a fallback to SVD in `ctx.extras`."""
@@ -139,7 +129,7 @@ class FoldSpectralNormParams:
                                   "len(u) and len(v), 0 where ambiguous")
 
 
-class FoldSpectralNorm(GroupTransform, name="fold-spectral-norm"):
+class FoldSpectralNorm(FoldIntoOne, name="fold-spectral-norm"):
     """Fold torch spectral-norm tensors (weight_orig/_u/_v or parametrizations) into the eval-mode weight."""
 
     Params = FoldSpectralNormParams
@@ -149,32 +139,18 @@ class FoldSpectralNorm(GroupTransform, name="fold-spectral-norm"):
     example = "fold-spectral-norm"
     spreads_nonfinite = True
 
-    def plan(self, tensors: Sequence[TensorInfo], selected: Callable[[str], bool],
-             config: Mapping[str, Any] | None = None) -> GroupPlan:
-        by_name = {t.name: t for t in tensors}
-        order = {t.name: i for i, t in enumerate(tensors)}
-        groups: list[Group] = []
-        notes: list[str] = []
-        for info in tensors:
-            found = self._companions(info, by_name)
-            if found is None or not selected(info.name):
-                continue
-            u_name, v_name, weight, problem = found
-            if not problem and weight in by_name:
-                problem = f"{weight} already exists"
-            dim, how = (None, "")
-            if not problem:
-                dim, how = self._dim(info, by_name[u_name], by_name[v_name])
-                if dim is None:
-                    problem = how
-            if problem:
-                notes.append(f"{weight}: not folded: {problem}")
-                continue
-            inputs = tuple(sorted((info.name, u_name, v_name), key=order.__getitem__))
-            groups.append(Group(inputs=inputs, outputs=(TensorInfo(weight, info.dtype, info.shape),),
-                                note=f"{weight} <- {info.name}, {u_name}, {v_name} (dim {dim}{how})",
-                                data=_Spectral(info.name, u_name, v_name, weight, dim)))
-        return GroupPlan(tuple(groups), tuple(notes))
+    def find(self, info: TensorInfo, by_name: Mapping[str, TensorInfo]) -> Fold | None:
+        found = self._companions(info, by_name)
+        if found is None:
+            return None
+        u_name, v_name, weight, problem = found
+        dim, how = (None, "")
+        if not problem:
+            dim, how = self._dim(info, by_name[u_name], by_name[v_name])
+            if dim is None:
+                problem = how
+        return Fold((u_name, v_name), weight, f"{weight} <- {info.name}, {u_name}, {v_name} (dim {dim}{how})",
+                    _Spectral(info.name, u_name, v_name, weight, dim), problem)
 
     @staticmethod
     def _companions(info: TensorInfo, by_name: Mapping[str, TensorInfo]) -> tuple[str, str, str, str] | None:

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wtool.tensor import TensorInfo
-from wtool.transforms._layout import normalize_dim, other_axes
-from wtool.transforms.base import Context, Skip, Transform, param
+from wtool.transforms._layout import AlongDim, normalize_dim, other_axes
+from wtool.transforms.base import Context, param
 
 
 @dataclass(frozen=True)
@@ -23,7 +22,7 @@ class StandardizeParams:
     eps: float = param(1e-5, "added to the variance before the square root", low=0.0)
 
 
-class Standardize(Transform, name="standardize"):
+class Standardize(AlongDim, name="standardize"):
     """Standardize each slice along `dim` to mean 0 and variance σ²/(σ²+ε) (weight standardization)."""
 
     Params = StandardizeParams
@@ -31,15 +30,6 @@ class Standardize(Transform, name="standardize"):
     applies_to = "float tensors with ndim >= 2 that have axis `dim`"
     example = "standardize:dim=0,eps=1e-5"
     spreads_nonfinite = True
-
-    def skip(self, info: TensorInfo) -> Skip | None:
-        if not info.dtype_info.is_float:
-            return Skip(f"{info.dtype} is not a float dtype", hard=True)
-        try:
-            normalize_dim(self.params.dim, info.ndim)
-        except ValueError as err:
-            return Skip(str(err), hard=True)
-        return super().skip(info)
 
     def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
         axes = other_axes(array.ndim, normalize_dim(self.params.dim, array.ndim))

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from wtool.tensor import TensorInfo
-from wtool.transforms._layout import join, normalize_dim, slice_norms, split_name
-from wtool.transforms.base import Context, Group, GroupPlan, GroupTransform, NoParams, Skip, Transform, param
+from wtool.transforms._layout import AlongDim, Fold, FoldIntoOne, join, normalize_dim, slice_norms, split_name
+from wtool.transforms.base import Context, Group, GroupPlan, GroupTransform, NoParams, param
 
 
 def _direction_times(v: np.ndarray, g: np.ndarray | float, dim: int | None) -> np.ndarray:
@@ -33,7 +33,7 @@ class WeightNormParams:
     norm: float = param(1.0, "the L2 norm every slice gets", low=0.0, low_open=True)
 
 
-class WeightNorm(Transform, name="weight-norm"):
+class WeightNorm(AlongDim, name="weight-norm"):
     """Rescale every slice along `dim` to the same L2 norm (torch's weight_norm with g = norm)."""
 
     Params = WeightNormParams
@@ -42,15 +42,6 @@ class WeightNorm(Transform, name="weight-norm"):
     applies_to = "float tensors with ndim >= 2 that have axis `dim`"
     example = "weight-norm:dim=0,norm=1.0"
     spreads_nonfinite = True
-
-    def skip(self, info: TensorInfo) -> Skip | None:
-        if not info.dtype_info.is_float:
-            return Skip(f"{info.dtype} is not a float dtype", hard=True)
-        try:
-            normalize_dim(self.params.dim, info.ndim)
-        except ValueError as err:
-            return Skip(str(err), hard=True)
-        return super().skip(info)
 
     def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
         return _direction_times(array, self.params.norm, normalize_dim(self.params.dim, array.ndim))
@@ -85,7 +76,7 @@ def _dim_of_g(g: TensorInfo, v: TensorInfo) -> tuple[int | None, str]:
     return None, f"{g.name} has shape {list(g.shape)}, which fits no axis of {v.name} {list(v.shape)}"
 
 
-class FoldWeightNorm(GroupTransform, name="fold-weight-norm"):
+class FoldWeightNorm(FoldIntoOne, name="fold-weight-norm"):
     """Fold torch weight-norm pairs (weight_g/weight_v or parametrizations original0/1) into plain weights."""
 
     Params = NoParams
@@ -95,29 +86,14 @@ class FoldWeightNorm(GroupTransform, name="fold-weight-norm"):
     example = "fold-weight-norm"
     spreads_nonfinite = True
 
-    def plan(self, tensors: Sequence[TensorInfo], selected: Callable[[str], bool],
-             config: Mapping[str, Any] | None = None) -> GroupPlan:
-        by_name = {t.name: t for t in tensors}
-        order = {t.name: i for i, t in enumerate(tensors)}
-        groups: list[Group] = []
-        notes: list[str] = []
-        for info in tensors:
-            found = self._companions(info, by_name)
-            if found is None or not selected(info.name):
-                continue
-            g_name, weight, clash = found
-            problem = clash
-            if not problem and weight in by_name:
-                problem = f"{weight} already exists"
-            dim, shape_problem = _dim_of_g(by_name[g_name], info)
-            problem = problem or shape_problem
-            if problem:
-                notes.append(f"{weight}: not folded: {problem}")
-                continue
-            inputs = tuple(sorted((g_name, info.name), key=order.__getitem__))
-            groups.append(Group(inputs=inputs, outputs=(TensorInfo(weight, info.dtype, info.shape),),
-                                note=f"{weight} <- {g_name}, {info.name}", data=_Pair(g_name, info.name, weight, dim)))
-        return GroupPlan(tuple(groups), tuple(notes))
+    def find(self, info: TensorInfo, by_name: Mapping[str, TensorInfo]) -> Fold | None:
+        found = self._companions(info, by_name)
+        if found is None:
+            return None
+        g_name, weight, clash = found
+        dim, shape_problem = _dim_of_g(by_name[g_name], info)
+        return Fold((g_name,), weight, f"{weight} <- {g_name}, {info.name}", _Pair(g_name, info.name, weight, dim),
+                    clash or shape_problem)
 
     @staticmethod
     def _companions(info: TensorInfo, by_name: Mapping[str, TensorInfo]) -> tuple[str, str, str] | None:
