@@ -1,6 +1,6 @@
 """One small exception hierarchy; the CLI maps it to exit codes in one place.
 
->>> raise InputError("model.safetensors: tensor 'w': shape [2, 3] needs 24 bytes, has 20")
+    raise InputError("model.safetensors: tensor 'w': shape [2, 3] needs 24 bytes, has 20")   # exit 3
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 The JSON keys are a public contract (scripts and CI jobs parse them); non-finite numbers
 are written as null, never as NaN tokens.
 
->>> Report.from_json(report.to_json()) == report   # doctest: +SKIP
+>>> report = wtool.run(pipeline, "in.safetensors", "out.safetensors")
+>>> print(dumps(report.to_json()))          # the --report FILE.json contents
+>>> print(apply_markdown(report))           # the --markdown summary
 """
 
 from __future__ import annotations
