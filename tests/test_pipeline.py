@@ -400,3 +400,22 @@ def test_failure_with_jobs_leaves_no_output(tmp_path):
     with pytest.raises(InputError, match="boom"):
         run(Pipeline((Step(FailOnSecond()),)), source, tmp_path / "out.safetensors", jobs=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+@pytest.mark.parametrize("policy", ["zero", "skip"])
+def test_global_fit_sees_what_the_step_will_see(tmp_path, policy):
+    rng = np.random.default_rng(0)
+    clean = rng.normal(size=(10, 10)).astype(np.float32)
+    dirty = rng.normal(size=(10, 10)).astype(np.float32)
+    dirty[0, :5] = np.nan
+    source = write(tmp_path / "in.safetensors", {"clean": clean, "dirty": dirty})
+    run(Pipeline.from_specs(["sparsify:fraction=0.5,scope=global"], nonfinite=policy), source,
+        tmp_path / "out.safetensors")
+    result = read_all(tmp_path / "out.safetensors")
+    if policy == "zero":  # NaNs became zeros before the threshold was chosen: exactly half of 200 are zero
+        assert int((result["clean"] == 0).sum() + (result["dirty"] == 0).sum()) == 100
+    else:  # the dirty tensor is left alone and the clean one alone decides: half of 100
+        assert same_bytes(result["dirty"], dirty)
+        assert int((result["clean"] == 0).sum()) == 50
+    with pytest.raises(InputError, match=r"in.safetensors: tensor 'dirty': 5 non-finite"):
+        run(Pipeline.from_specs(["sparsify:fraction=0.5,scope=global"]), source, tmp_path / "err.safetensors")

@@ -17,6 +17,7 @@ import json
 import threading
 import time
 import tomllib
+from functools import partial
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -195,12 +196,15 @@ class StepNode(Node):
     def compute(self) -> np.ndarray:
         array = self.prev.load()
         transform = self.run.step.transform
-        if transform.spreads_nonfinite:
-            array = self.run.guard(self.info.name, array, self.extras)
-            if array is None:
-                return self.prev.load()
-        ctx = Context(self.prev.info, self.run.state, self.run.companions(self.info.name, array.dtype), {})
-        result = transform.apply(array, ctx)
+        try:
+            if transform.spreads_nonfinite:
+                array = self.run.guard(self.info.name, array, self.extras)
+                if array is None:
+                    return self.prev.load()
+            ctx = Context(self.prev.info, self.run.state, self.run.companions(self.info.name, array.dtype), {})
+            result = transform.apply(array, ctx)
+        except InputError as exc:  # a value the step refuses: name the input file too
+            raise self.run.refused(exc) from None
         self.extras.update({f"{transform.name}.{k}": v for k, v in ctx.extras.items()})
         if result.shape != array.shape:
             raise RuntimeError(f"{transform.name} changed the shape of {self.info.name!r}")  # transform bug
@@ -238,17 +242,19 @@ class GroupEvaluation:
     def _evaluate(self) -> dict[str, np.ndarray]:
         transform = self.run.step.transform
         assert isinstance(transform, GroupTransform)
-        arrays = {}
-        for key, node in self.inputs.items():
-            array = node.load() if node.info.dtype_info.is_float else node.compute()
-            if transform.spreads_nonfinite and node.info.dtype_info.is_float:
-                guarded = self.run.guard(key, array, {})
-                if guarded is None:
-                    raise InputError(f"tensor {key!r}: non-finite values; {transform.name} cannot skip "
-                                     f"one member of the group {self.group.note or key}; use --nonfinite=zero")
-                array = guarded
-            arrays[key] = array
-        outputs = transform.apply_group(self.group, arrays)
+        arrays = {key: node.load() if node.info.dtype_info.is_float else node.compute()
+                  for key, node in self.inputs.items()}
+        try:
+            for key, node in self.inputs.items():
+                if transform.spreads_nonfinite and node.info.dtype_info.is_float:
+                    guarded = self.run.guard(key, arrays[key], {})
+                    if guarded is None:
+                        raise InputError(f"tensor {key!r}: non-finite values; {transform.name} cannot skip one "
+                                         f"member of the group {self.group.note or key}; use --nonfinite=zero")
+                    arrays[key] = guarded
+            outputs = transform.apply_group(self.group, arrays)
+        except InputError as exc:
+            raise self.run.refused(exc) from None
         missing = {o.name for o in self.group.outputs} - set(outputs)
         if missing:
             raise RuntimeError(f"{transform.name} did not produce {sorted(missing)}")  # transform bug
@@ -261,15 +267,29 @@ class StepRun:
 
     step: Step
     policy: str
+    source: str
     companion_readers: dict[str, Reader] = field(default_factory=dict)
     state: Any = None
 
     def companions(self, name: str, dtype: np.dtype) -> dict[str, np.ndarray | None]:
-        found: dict[str, np.ndarray | None] = {}
-        for role, reader in self.companion_readers.items():
-            present = any(t.name == name for t in reader.tensors)
-            found[role] = np.asarray(reader.read(name), dtype=dtype) if present else None
-        return found
+        """The tensor of the same name in each companion checkpoint (None where it has none)."""
+        return {role: np.asarray(reader.read(name), dtype=dtype) if name in reader else None
+                for role, reader in self.companion_readers.items()}
+
+    def refused(self, exc: InputError) -> InputError:
+        """A value error from this step ("tensor 'w': ..."), prefixed with the input's path."""
+        return InputError(f"{self.source}: {exc}")
+
+    def guarded_load(self, node: Node) -> np.ndarray:
+        """`node`'s value as this step will see it, for a fit pass (`skip` members are left out before)."""
+        array = node.load()
+        if not self.step.transform.spreads_nonfinite:
+            return array
+        try:
+            guarded = self.guard(node.info.name, array, {})
+        except InputError as exc:
+            raise self.refused(exc) from None
+        return array if guarded is None else guarded
 
     def guard(self, name: str, array: np.ndarray, extras: dict[str, Any]) -> np.ndarray | None:
         """Apply the non-finite policy: the array to transform, or None to skip this tensor."""
@@ -324,7 +344,7 @@ def plan(pipeline: Pipeline, reader: Reader) -> Plan:
             if not pipeline.allow_empty:
                 for pattern in step.selector.unmatched(current):
                     raise UsageError(f"{label}: pattern {pattern!r} matches no tensor")
-            run = StepRun(step, pipeline.nonfinite)
+            run = StepRun(step, pipeline.nonfinite, str(reader.path))
             runs.append(run)
             for role, path in step.transform.companion_paths().items():
                 run.companion_readers[role] = open_checkpoint(path)
@@ -520,17 +540,9 @@ def _fit(the_plan: Plan) -> None:
         if not run.step.transform.needs_fit():
             continue
         members = [n for n in _all_nodes(the_plan.nodes) if isinstance(n, StepNode) and n.run is run]
-        try:
-            run.state = run.step.transform.fit([(m.prev.info, m.prev.load) for m in members])
-        except InputError as exc:
-            raise _in_file(the_plan.reader, exc) from None
-
-
-def _in_file(reader: Reader, exc: InputError) -> InputError:
-    """Prefix the input's path to a value error raised by a step ("tensor 'w': ...");
-    errors from reading already name their file."""
-    message = str(exc)
-    return InputError(f"{reader.path}: {message}") if message.startswith("tensor ") else exc
+        if run.policy == "skip" and run.step.transform.spreads_nonfinite:  # they will be left alone
+            members = [m for m in members if np.isfinite(m.prev.load()).all()]
+        run.state = run.step.transform.fit([(m.prev.info, partial(run.guarded_load, m.prev)) for m in members])
 
 
 def _all_nodes(nodes: Sequence[Node]) -> Iterator[Node]:
@@ -560,11 +572,11 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple
         after_stats = before_stats = tensor_stats(before)
         return stored, TensorRecord(info.name, info.dtype, list(info.shape), [], False,
                                     before_stats, after_stats, None, {})
+    value = node.compute()
     try:
-        value = node.compute()
         stored = _to_storage(value, info)
     except InputError as exc:
-        raise _in_file(reader, exc) from None
+        raise InputError(f"{reader.path}: {exc}") from None
     before_stats = tensor_stats(before) if before is not None else None
     after_stats = tensor_stats(stored)
     comparable = source is not None and source.shape == info.shape
