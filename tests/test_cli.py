@@ -210,3 +210,20 @@ def test_new_creates_a_checkpoint_from_a_spec(tmp_path):
     bad.write_text('[[tensors]]\nname = "w"\nshape = [-1]\n')
     failed = invoke("new", bad, tmp_path / "bad.safetensors")
     assert failed.exit_code == 3 and "bad.toml" in failed.output and not (tmp_path / "bad.safetensors").exists()
+
+
+def test_a_closed_stdout_ends_quietly(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.safetensors"
+    save_file({f"t{i}": np.ones((2, 2), np.float32) for i in range(50)}, path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "wtool", "inspect", str(path), "--json", "-", "-q"],
+                              stdout=write_end, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and done.stderr == b""

@@ -55,7 +55,12 @@ def test_apply_on_3gib_checkpoint_stays_under_1gib(big, tmp_path):
     copy_peak, copy_seconds = peak_rss_of([*wtool, "apply", str(big), str(tmp_path / "same.safetensors"), "-q"])
     print(f"\n3 GiB apply: peak RSS {peak / 2**20:.0f} MiB, {seconds:.1f} s; no-step copy: peak "
           f"{copy_peak / 2**20:.0f} MiB, {copy_seconds:.1f} s; cp: {cp_seconds:.1f} s")
+    peak2, seconds2 = peak_rss_of([*wtool, "apply", str(big), str(tmp_path / "jobs.safetensors"), "-q", "-j", "2",
+                                   "-t", "clip:percentile=99.9", "-t", "quantize:bits=4,granularity=group,group_size=128",
+                                   "-t", "sparsify:fraction=0.5"])
+    print(f"with --jobs 2: peak RSS {peak2 / 2**20:.0f} MiB, {seconds2:.1f} s")
     assert peak < LIMIT, f"peak RSS {peak / 2**20:.0f} MiB"
+    assert peak2 < LIMIT, f"peak RSS with --jobs 2 {peak2 / 2**20:.0f} MiB"
     assert copy_peak < LIMIT
     with safe_open(out, "numpy") as f:
         assert len(list(f.keys())) == COUNT

@@ -1,7 +1,8 @@
 """The command line: parse options, call the library once, render the result.
 
 Exit codes (one place, `_guard`): 0 ok; 1 a gate failed; 2 usage error; 3 invalid input;
-4 output not writable; 70 internal error; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
+4 output not writable; 70 internal error; 130 interrupted (Ctrl-C); 141 stdout closed early
+(`| head`); 143 terminated (SIGTERM).
 stdout carries only what was asked for; logs, progress and errors go to stderr.
 """
 
@@ -90,6 +91,9 @@ def _guard(debug: bool) -> Iterator[None]:
         raise typer.Exit(exc.code) from None
     except (typer.Exit, SystemExit):
         raise
+    except BrokenPipeError:  # `wtool ... | head`: the reader left; stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
     except Exception as exc:  # a bug: one line, traceback only with --debug
         if debug:
             traceback.print_exc()
