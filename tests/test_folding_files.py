@@ -82,3 +82,27 @@ def test_fold_bn_through_a_bf16_sharded_resnet_block(tmp_path):
         np.testing.assert_allclose(result[f"{conv}.weight"].astype(np.float64), weight, rtol=1e-2, atol=1e-2)
         np.testing.assert_allclose(result[f"{conv}.bias"].astype(np.float64), bias, rtol=1e-2, atol=1e-2)
         assert result[f"{conv}.bias"].dtype == ml_dtypes.bfloat16
+
+
+@pytest.mark.parametrize("spec", ["weight-norm:norm=2.0", "spectral-norm:target=1.5", "standardize"])
+def test_slice_transforms_through_a_bf16_sharded_checkpoint(spec, tmp_path):
+    rng = np.random.default_rng(0)
+    state = {"conv.weight": rng.normal(size=(6, 3, 3, 3)).astype(np.float32),
+             "fc.weight": rng.normal(size=(10, 12)).astype(np.float32), "fc.bias": rng.normal(size=10).astype(np.float32)}
+    source = one_tensor_per_shard(state, tmp_path / "in", ml_dtypes.bfloat16)
+    report = run(Pipeline.from_specs([spec]), source, tmp_path / "out", max_shard_size=1000)
+    result = read(tmp_path / "out")
+    assert result["fc.bias"].tobytes() == state["fc.bias"].astype(ml_dtypes.bfloat16).tobytes()  # 1-D: skipped
+    for name in ("conv.weight", "fc.weight"):
+        w = result[name].astype(np.float64)
+        assert result[name].dtype == ml_dtypes.bfloat16
+        rows = w.reshape(w.shape[0], -1)
+        if spec.startswith("weight-norm"):
+            np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 2.0, rtol=2e-2)
+        elif spec.startswith("spectral-norm"):
+            np.testing.assert_allclose(np.linalg.svd(rows, compute_uv=False)[0], 1.5, rtol=2e-2)
+            record = next(r for r in report.tensors if r.name == name)
+            assert record.extras["spectral-norm.sigma_after"] == pytest.approx(1.5, rel=1e-4)
+        else:
+            np.testing.assert_allclose(rows.mean(axis=1), 0, atol=2e-2)
+            np.testing.assert_allclose(rows.std(axis=1), 1, rtol=2e-2)
