@@ -127,68 +127,59 @@ def parse_header(path: Path, handle: BinaryIO,
 
 
 class SafetensorsReader(Reader):
-    """Reads a .safetensors file through one read-only mmap; `read` returns zero-copy views."""
+    """Reads a .safetensors file; `read` maps just that tensor's bytes, read-only and zero-copy.
+
+    The mapping lives as long as the arrays using it, so streaming a checkpoint keeps memory
+    flat (touched pages of a mapping count as resident until it is unmapped), also when
+    several threads read at once.
+    """
 
     format = "safetensors"
 
     def __init__(self, path: Path, file: Path | None = None):
         file = file or path
-        with open_regular(file) as handle:
-            try:
-                file_size = os.fstat(handle.fileno()).st_size
-                entries, metadata, _ = parse_header(file, handle, file_size)
-                self._map: mmap.mmap | None = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-                if len(self._map) != file_size:
-                    self._map.close()
-                    raise InputError(f"{file}: file changed size while it was being opened")
-            except OSError as exc:
-                raise InputError(f"{file}: cannot read: {exc.strerror or exc}") from None
-            except (ValueError, OverflowError) as exc:
-                raise InputError(f"{file}: cannot map the file: {exc}") from None
+        handle = open_regular(file)
+        try:
+            file_size = os.fstat(handle.fileno()).st_size
+            entries, metadata, _ = parse_header(file, handle, file_size)
+        except OSError as exc:
+            handle.close()
+            raise InputError(f"{file}: cannot read: {exc.strerror or exc}") from None
+        except BaseException:
+            handle.close()
+            raise
         super().__init__(path, [info for info, _ in entries], metadata, [file])
         self.file = file
+        self._handle: BinaryIO | None = handle
         self._offsets = {info.name: offset for info, offset in entries}
-        self._resident: tuple[int, int] | None = None
 
     def _read(self, info: TensorInfo) -> np.ndarray:
-        if self._map is None:
+        if self._handle is None:
             raise InputError(f"{self.file}: reader is closed")
+        dtype = info.dtype_info.numpy
+        if info.nbytes == 0:
+            empty = np.zeros(info.shape, dtype=dtype)
+            empty.setflags(write=False)
+            return empty
         offset = self._offsets[info.name]
-        self._release_previous()
-        self._resident = (offset, info.nbytes)
-        array = np.frombuffer(self._map, dtype=info.dtype_info.numpy, count=info.numel, offset=offset)
-        array = array.reshape(info.shape)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            if os.fstat(self._handle.fileno()).st_size < offset + info.nbytes:  # mapping past EOF is SIGBUS
+                raise InputError(f"{self.file}: tensor {show(info.name)}: the file was truncated while open")
+            region = mmap.mmap(self._handle.fileno(), offset + info.nbytes - start, access=mmap.ACCESS_READ,
+                               offset=start)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise InputError(f"{self.file}: tensor {show(info.name)}: cannot map its bytes: {exc}") from None
+        array = np.frombuffer(region, dtype=dtype, count=info.numel, offset=offset - start).reshape(info.shape)
         if info.dtype == "BOOL":
             check_bool_bytes(array, f"{self.file}: tensor {show(info.name)}")
         return array
 
-    def _release_previous(self) -> None:
-        """Unmap the pages of the tensor read before, so streaming a file keeps memory flat.
-
-        Touched pages of a file mapping count as resident memory until unmapped; without this,
-        streaming a 3 GB checkpoint ends with 3 GB resident. The pages stay in the page cache
-        and a view still in use re-faults them transparently (the mapping is read-only and
-        shared, so nothing is lost).
-        """
-        if self._resident is None or self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        offset, length = self._resident
-        start = offset - offset % mmap.PAGESIZE
-        length += offset - start
-        if length:
-            try:
-                self._map.madvise(mmap.MADV_DONTNEED, start, length)
-            except (OSError, ValueError):
-                pass
-        self._resident = None
-
     def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # arrays still view it; it closes when they are gone
-                pass
-            self._map = None
+        """Close the file; arrays already returned keep their own mappings."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
 
 def encode_header(tensors: Sequence[TensorInfo], metadata: Mapping[str, str]) -> bytes:
