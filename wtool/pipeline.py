@@ -17,11 +17,11 @@ import json
 import threading
 import time
 import tomllib
-from functools import partial
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,7 +30,13 @@ import numpy as np
 from wtool import __version__
 from wtool.dtypes import by_code, to_storage
 from wtool.errors import InputError, UsageError
-from wtool.io import Reader, create_writer, is_folder_output, model_files, open_checkpoint
+from wtool.io import (
+    Reader,
+    create_writer,
+    is_folder_output,
+    model_files,
+    open_checkpoint,
+)
 from wtool.report import GroupRecord, Report, SkipRecord, TensorRecord
 from wtool.selection import Selector
 from wtool.stats import error_metrics, histogram, tensor_stats

@@ -20,7 +20,14 @@ from pathlib import Path
 
 from wtool.errors import InputError, UsageError
 from wtool.io.atomic import check_target
-from wtool.io.base import Reader, Writer, WriterMisuse, check_output_tensors, open_regular, parse_size
+from wtool.io.base import (
+    Reader,
+    Writer,
+    WriterMisuse,
+    check_output_tensors,
+    open_regular,
+    parse_size,
+)
 from wtool.io.npz import NpzReader, NpzWriter
 from wtool.io.safetensors import SafetensorsReader, SafetensorsWriter
 from wtool.io.sharded import INDEX_NAME, ShardedReader, ShardedWriter, model_files

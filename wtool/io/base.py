@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from wtool.dtypes import by_numpy, to_storage
+from wtool.dtypes import DTYPES, by_numpy, to_storage
 from wtool.errors import InputError, UsageError, WtoolError
 from wtool.tensor import TensorInfo
 
@@ -324,10 +324,8 @@ def check_output_tensors(path: Path, tensors: Sequence[TensorInfo], metadata: Ma
         if info.name in seen:
             raise UsageError(f"{path}: output tensor {show(info.name)} is declared twice")
         seen.add(info.name)
-        try:
-            info.dtype_info
-        except KeyError:
-            raise UsageError(f"{path}: tensor {show(info.name)} has unknown dtype {info.dtype!r}") from None
+        if info.dtype not in DTYPES:
+            raise UsageError(f"{path}: tensor {show(info.name)} has unknown dtype {info.dtype!r}")
         if any(isinstance(dim, bool) or not isinstance(dim, int) or dim < 0 for dim in info.shape):
             raise UsageError(f"{path}: tensor {show(info.name)} has invalid shape {list(info.shape)}")
     for key, value in metadata.items():

@@ -23,8 +23,20 @@ import numpy as np
 
 from wtool.errors import InputError
 from wtool.io.atomic import AtomicFolder, as_output_error, create_file, finish_file
-from wtool.io.base import MAX_HEADER_BYTES, Reader, Writer, load_json, open_regular, show
-from wtool.io.safetensors import SafetensorsReader, check_header_size, check_with_reference, write_data
+from wtool.io.base import (
+    MAX_HEADER_BYTES,
+    Reader,
+    Writer,
+    load_json,
+    open_regular,
+    show,
+)
+from wtool.io.safetensors import (
+    SafetensorsReader,
+    check_header_size,
+    check_with_reference,
+    write_data,
+)
 from wtool.tensor import TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"

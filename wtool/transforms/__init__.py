@@ -8,7 +8,16 @@
 import importlib
 import pkgutil
 
-from wtool.transforms.base import REGISTRY, Context, Group, GroupPlan, GroupTransform, Skip, Transform, param
+from wtool.transforms.base import (
+    REGISTRY,
+    Context,
+    Group,
+    GroupPlan,
+    GroupTransform,
+    Skip,
+    Transform,
+    param,
+)
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":

@@ -18,7 +18,15 @@ import numpy as np
 from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 
 from wtool.tensor import TensorInfo
-from wtool.transforms._layout import AlongDim, Fold, FoldIntoOne, join, matrix_around, normalize_dim, split_name
+from wtool.transforms._layout import (
+    AlongDim,
+    Fold,
+    FoldIntoOne,
+    join,
+    matrix_around,
+    normalize_dim,
+    split_name,
+)
 from wtool.transforms.base import Context, Group, param
 
 #: Below this many rows or columns an exact SVD is cheaper than any iteration.

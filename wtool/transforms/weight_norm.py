@@ -14,8 +14,23 @@ from typing import Any
 import numpy as np
 
 from wtool.tensor import TensorInfo
-from wtool.transforms._layout import AlongDim, Fold, FoldIntoOne, join, normalize_dim, slice_norms, split_name
-from wtool.transforms.base import Context, Group, GroupPlan, GroupTransform, NoParams, param
+from wtool.transforms._layout import (
+    AlongDim,
+    Fold,
+    FoldIntoOne,
+    join,
+    normalize_dim,
+    slice_norms,
+    split_name,
+)
+from wtool.transforms.base import (
+    Context,
+    Group,
+    GroupPlan,
+    GroupTransform,
+    NoParams,
+    param,
+)
 
 
 def _direction_times(v: np.ndarray, g: np.ndarray | float, dim: int | None) -> np.ndarray:
