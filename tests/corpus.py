@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import warnings
 import zipfile
@@ -309,6 +310,21 @@ def listing(folder: Path) -> dict[str, tuple[int, int]]:
     """Every path under `folder` (hidden ones included) with its size and mtime."""
     return {str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
             for path in sorted(folder.rglob("*"))}
+
+
+def assert_refused(path: Path, pattern: str) -> None:
+    """Opening `path` and reading every tensor raises one InputError line that starts with the
+    path and matches `pattern`, and nothing under its folder changes."""
+    from wtool.errors import InputError
+    from wtool.io import open_checkpoint
+
+    before = listing(path.parent)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: {pattern}") as caught:
+        with open_checkpoint(path) as reader:
+            for info in reader.tensors:
+                reader.read(info.name)
+    assert "\n" not in str(caught.value)
+    assert listing(path.parent) == before
 
 
 @pytest.fixture(autouse=True)
