@@ -314,3 +314,12 @@ def test_4096_square_into_256_clusters_is_quick():
     y, extras = share(x, clusters=256)
     assert time.perf_counter() - start < 6.0
     assert extras["converged"] and extras["distinct"] == 256
+
+
+@pytest.mark.parametrize("accelerate", [True, False])
+def test_tiny_values_beside_large_ones_still_reach_a_fixed_point(accelerate):
+    # found by hypothesis: 0, 1.2e-38 and 3.8e-34 drown in running sums that include -1 and 3
+    x = np.array([3.0, 0.75, 2.0, 1.0, -1.0, 3.7811656e-34, 0.5, 1.1754944e-38, 0, 0, 0, 0], np.float32)
+    y, extras = share(x, clusters=8, init="linear", accelerate=accelerate)
+    assert extras["converged"] and extras["distinct"] == 8
+    assert_lloyd_fixed_point(x, y, 8)

@@ -226,12 +226,13 @@ def _lloyd(data: np.ndarray, centroids: np.ndarray, iters: int, accelerate: bool
         if beta and np.any(np.diff(point) < 0):
             point, beta, momentum_steps = current, 0.0, 1
         edges = _edges(data, point)
-        sizes, sums, _ = prefix.clusters(edges)
+        running, _ = prefix.at(edges)
+        sizes = np.diff(edges)
         filled = sizes > 0
         stepped = point.copy()
-        stepped[filled] = _means(data, edges, sums, sizes, filled, prefix.shift)
+        stepped[filled] = _means(data, edges, running, filled, prefix.shift)
         if not filled.all():
-            stepped = _relocate(data, edges, point, stepped, sums, sizes, prefix.shift)
+            stepped = _relocate(data, edges, point, stepped, sizes)
             previous = current = stepped
             momentum_steps, error = 1, np.inf
             continue
@@ -249,16 +250,30 @@ def _lloyd(data: np.ndarray, centroids: np.ndarray, iters: int, accelerate: bool
     return _Fit(current, _edges(data, current), iters, False), prefix
 
 
-def _means(data: np.ndarray, edges: np.ndarray, sums: np.ndarray, sizes: np.ndarray,
-           filled: np.ndarray, shift: float) -> np.ndarray:
+def _means(data: np.ndarray, edges: np.ndarray, running: np.ndarray, filled: np.ndarray,
+           shift: float) -> np.ndarray:
     """Means of the filled clusters, kept inside each cluster's range: a cluster of equal
-    values gets exactly that value, even where the centred sums cannot resolve it."""
-    means = shift + sums[filled] / sizes[filled]
-    return np.clip(means, data[edges[:-1][filled]], data[edges[1:][filled] - 1])
+    values gets exactly that value, even where the centred sums cannot resolve it.
+
+    A cluster of distinct values whose spread drowns in the rounding of the running sums
+    (e.g. 0, 1e-38 and 4e-34 after a -1) is averaged from its values instead: otherwise its
+    mean collapses onto an end, the next step empties a neighbour, and Lloyd never settles.
+    Such clusters are rare and small, so the direct means cost nothing on ordinary data.
+    """
+    starts, ends = edges[:-1][filled], edges[1:][filled]
+    sizes = ends - starts
+    means = shift + np.diff(running)[filled] / sizes
+    lows, highs = data[starts], data[ends - 1]
+    magnitude = np.maximum(np.abs(running[:-1]), np.abs(running[1:]))[filled]
+    rounding = magnitude * 2.0 ** -48 / sizes  # a generous bound on the error of each mean
+    span = highs.astype(np.float64) - lows
+    for j in np.flatnonzero((span > 0) & (rounding >= span * 2.0 ** -20)):
+        means[j] = float(np.mean(data[starts[j]:ends[j]], dtype=np.float64))
+    return np.clip(means, lows, highs)
 
 
 def _relocate(data: np.ndarray, edges: np.ndarray, old: np.ndarray, new: np.ndarray,
-              sums: np.ndarray, sizes: np.ndarray, shift: float) -> np.ndarray:
+              sizes: np.ndarray) -> np.ndarray:
     """Move each empty cluster onto one of the values farthest from the centroid they were
     assigned to (`old`), as scikit-learn does; `new` holds the means of the filled clusters.
 
@@ -268,7 +283,8 @@ def _relocate(data: np.ndarray, edges: np.ndarray, old: np.ndarray, new: np.ndar
     follow it at the next assignment anyway) and leaves its old cluster's mean. A cluster
     never gives up its last value: that would only move the hole (scikit-learn does, and
     leaves that centroid at 0). With more distinct values than clusters, which the caller
-    ensures, there are always enough values to take.
+    ensures, there are always enough values to take. The donor's new mean is taken from its
+    remaining values (a contiguous run), which running sums could not resolve for tiny values.
     """
     heap: list[tuple[float, int, int, int]] = []  # (-distance, position, cluster, direction)
     ends: dict[int, list[int]] = {}  # cluster -> [lowest, highest] position not yet taken
@@ -278,7 +294,7 @@ def _relocate(data: np.ndarray, edges: np.ndarray, old: np.ndarray, new: np.ndar
         heap.append((-abs(float(data[low]) - old[j]), low, j, 1))
         heap.append((-abs(float(data[high]) - old[j]), high, j, -1))
     heapq.heapify(heap)
-    sums, sizes, moved = sums.copy(), sizes.copy(), new.copy()
+    moved = new.copy()
     for target in np.flatnonzero(sizes == 0).tolist():
         while heap:
             _, position, j, direction = heapq.heappop(heap)
@@ -293,18 +309,14 @@ def _relocate(data: np.ndarray, edges: np.ndarray, old: np.ndarray, new: np.ndar
             # the cluster's last value: taking it would only move the hole
         else:  # pragma: no cover - impossible with more distinct values than clusters
             break
-        copies = after - first
-        sums[j] -= copies * (float(value) - shift)
-        sizes[j] -= copies
         moved[target] = float(value)
-        if sizes[j] > 0:
-            moved[j] = shift + sums[j] / sizes[j]
         if direction == 1:
             ends[j][0] = after
         else:
             ends[j][1] = first - 1
         low, high = ends[j]
         if low <= high:
+            moved[j] = float(np.mean(data[low:high + 1], dtype=np.float64))
             nxt = low if direction == 1 else high
             heapq.heappush(heap, (-abs(float(data[nxt]) - old[j]), nxt, j, direction))
     return np.sort(moved)
