@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := build/demo
 
-.PHONY: demo test stress bench fixtures reference clean
+.PHONY: demo test explore stress bench fixtures reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q
+
+# hypothesis with fresh random examples (make test repeats the same ones every run)
+explore: $(VENV)/.test
+	HYPOTHESIS_PROFILE=explore $(BIN)/python -m pytest -q -p no:cacheprovider
 
 stress: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m stress -p no:cacheprovider

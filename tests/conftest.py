@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import settings
 from safetensors.numpy import save_file
+
+# `make test` (and so CI) draws the same hypothesis examples every run, so a gate never
+# flakes; HYPOTHESIS_PROFILE=explore draws new ones each run to hunt for bugs.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 ALL_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
