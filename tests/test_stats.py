@@ -117,3 +117,14 @@ def test_huge_float64_values_do_not_overflow():
 def test_a_value_turned_non_finite_makes_the_error_infinite():
     err = stats.error_metrics(np.array([1.0, 2.0]), np.array([1.0, np.inf]))
     assert err == {"mse": None, "max_abs": None, "rel_l2": None, "sqnr_db": None}
+
+
+def test_std_of_values_far_from_zero_is_accurate(monkeypatch):
+    values = 1e6 + np.random.default_rng(3).normal(size=50_000)
+    monkeypatch.setattr(stats, "CHUNK", 4096)  # many chunks, one shift
+    got = stats.tensor_stats(values)
+    exact = [float(v) for v in values]
+    mean = math.fsum(exact) / len(exact)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in exact) / len(exact))
+    assert math.isclose(got["mean"], mean, rel_tol=1e-13)
+    assert math.isclose(got["std"], std, rel_tol=1e-9)

@@ -66,52 +66,55 @@ def tensor_stats(array: np.ndarray) -> dict[str, Any]:
 
     Float statistics ignore NaN/Inf (counted separately); bool and int tensors get the same
     keys computed on their values. Figures that do not exist (empty tensor) are None.
+
+    One pass, each chunk converted to float64 once. Deviations are summed around the first
+    value (a shifted-data variance: its rounding grows with (mean − shift)²/variance, which
+    is small when the shift is any value of the tensor), so no second pass is needed.
     """
     flat = np.asarray(array).reshape(-1)
     is_float = flat.dtype.kind not in "iub"  # ml_dtypes' bfloat16/float8 report kind "V"
-    total = 0.0
-    deviations, squares = SumOfSquares(), SumOfSquares()
-    zeros = nan = inf = 0
+    count = zeros = nan = inf = 0
     low, high = math.inf, -math.inf
-    finite_n = 0
+    shift: float | None = None
+    shifted_total = 0.0
+    deviations, squares = SumOfSquares(), SumOfSquares()
     for part in _chunks(flat):
         values = part.astype(np.float64)
         if is_float:
             finite = np.isfinite(values)
-            nan += int(np.isnan(values).sum())
-            inf += int(np.isinf(values).sum())
             if not finite.all():
+                bad = values[~finite]
+                nans = int(np.count_nonzero(np.isnan(bad)))
+                nan, inf = nan + nans, inf + bad.size - nans
                 values = values[finite]
+        if not values.size:
+            continue
         zeros += int(np.count_nonzero(values == 0))
-        if values.size:
-            finite_n += values.size
-            total += float(values.sum())
-            low = min(low, float(values.min()))
-            high = max(high, float(values.max()))
-    absmax = max(abs(low), abs(high)) if finite_n else 0.0
-    if finite_n and not math.isfinite(total):  # values near 1e308: average the scaled values instead
-        total = sum(float(np.sum(_finite_values(p, is_float) / finite_n)) for p in _chunks(flat)) * finite_n
-    mean = total / finite_n if finite_n else math.nan
-    for part in _chunks(flat):
-        values = _finite_values(part, is_float)
-        deviations.add(values - mean, top=2 * absmax)
-        squares.add(values, top=absmax)
+        smallest, largest = float(values.min()), float(values.max())
+        low, high = min(low, smallest), max(high, largest)
+        top = max(abs(smallest), abs(largest))
+        squares.add(values, top=top)
+        shift = float(values[0]) if shift is None else shift
+        values -= shift
+        shifted_total += float(values.sum())
+        deviations.add(values, top=top + abs(shift))
+        count += values.size
     numel = int(flat.size)
+    mean = shift + shifted_total / count if count else math.nan
+    if count:  # std² = mean of squared deviations from the shift − (mean − shift)²
+        spread, offset = deviations.root() / math.sqrt(count), abs(shifted_total / count)
+        std = math.sqrt(max(spread - offset, 0.0)) * math.sqrt(spread + offset)
+    absmax = max(abs(low), abs(high)) if count else 0.0
     return {
         "numel": numel,
         "min": _finite(low), "max": _finite(high),
         "mean": _finite(mean),
-        "std": _finite(deviations.root() / math.sqrt(finite_n)) if finite_n else None,
-        "absmax": _finite(absmax) if finite_n else None,
+        "std": _finite(std) if count else None,
+        "absmax": _finite(absmax) if count else None,
         "l2": _finite(squares.root()),
         "sparsity": zeros / numel if numel else None,
         "nan": nan, "inf": inf,
     }
-
-
-def _finite_values(part: np.ndarray, is_float: bool) -> np.ndarray:
-    values = part.astype(np.float64)
-    return values[np.isfinite(values)] if is_float else values
 
 
 def error_metrics(before: np.ndarray, after: np.ndarray) -> dict[str, float | None]:
