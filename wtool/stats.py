@@ -129,19 +129,23 @@ def error_metrics(before: np.ndarray, after: np.ndarray) -> dict[str, float | No
     a_flat, b_flat = np.asarray(before).reshape(-1), np.asarray(after).reshape(-1)
     for start in range(0, a_flat.size, CHUNK):
         ref = a_flat[start:start + CHUNK].astype(np.float64)
-        new = b_flat[start:start + CHUNK].astype(np.float64)
+        delta = b_flat[start:start + CHUNK].astype(np.float64)
         keep = np.isfinite(ref)
-        ref, new = ref[keep], new[keep]
+        if not keep.all():
+            ref, delta = ref[keep], delta[keep]
+        if not ref.size:
+            continue
         with np.errstate(invalid="ignore", over="ignore"):
-            delta = new - ref
-        if not np.isfinite(delta).all():
+            delta -= ref
+        finite = np.isfinite(delta)
+        if not finite.all():
             broken = True
-            delta = delta[np.isfinite(delta)]
+            delta = delta[finite]
         if delta.size:
-            largest = float(np.abs(delta).max())
+            largest = max(-float(delta.min()), float(delta.max()))
             max_abs = max(max_abs, largest)
             difference.add(delta, top=largest)
-        reference.add(ref)
+        reference.add(ref, top=max(-float(ref.min()), float(ref.max())))
     if broken:
         return {"mse": None, "max_abs": None, "rel_l2": None, "sqnr_db": None}
     numel = a_flat.size
@@ -187,8 +191,12 @@ def histogram(array: np.ndarray, low: float, high: float, bins: int = 32) -> lis
     scale = bins / (high - low)
     for part in _chunks(flat):
         values = part.astype(np.float64)
-        values = values[np.isfinite(values)]
-        index = ((values - low) * scale).astype(np.intp)
+        finite = np.isfinite(values)
+        if not finite.all():
+            values = values[finite]
+        values -= low
+        values *= scale
+        index = values.astype(np.intp)
         np.clip(index, 0, bins - 1, out=index)  # the maximum falls in the last bin, as in np.histogram
         counts += np.bincount(index, minlength=bins)
     return counts.tolist()
