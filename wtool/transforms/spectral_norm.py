@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 
 from wtool.tensor import TensorInfo
 from wtool.transforms._layout import (
@@ -47,6 +46,12 @@ def lanczos_sigma(matrix: np.ndarray, tol: float, restarts: int, rng: np.random.
     relative error of σ1 by tol/2. Products with the matrix run in its own dtype (float32
     stays float32: half the memory traffic); ARPACK's vectors are float64.
     """
+    from scipy.sparse.linalg import (  # 0.15 s to import: only when used
+        ArpackError,
+        LinearOperator,
+        eigsh,
+    )
+
     rows, cols = matrix.shape
     if min(rows, cols) < EXACT_BELOW:
         return exact_sigma(matrix)
