@@ -200,13 +200,13 @@ class StepNode(Node):
         self.extras = prev.extras
 
     def compute(self) -> np.ndarray:
-        array = self.prev.load()
+        loaded = array = self.prev.load()
         transform = self.run.step.transform
         try:
             if transform.spreads_nonfinite:
-                array = self.run.guard(self.info.name, array, self.extras)
-                if array is None:
-                    return self.prev.load()
+                array = self.run.guard(self.info.name, loaded, self.extras)
+                if array is None:  # --nonfinite=skip: this step leaves the tensor as it came
+                    return loaded
             ctx = Context(self.prev.info, self.run.state, self.run.companions(self.info.name, array.dtype), {})
             result = transform.apply(array, ctx)
         except InputError as exc:  # a value the step refuses: name the input file too
