@@ -28,6 +28,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from wtool import __version__
+from wtool.compressed import (
+    QUANTIZATION_CONFIG,
+    DecompressedReader,
+    Scheme,
+    config_json,
+    quantization_config,
+    without_quantization_config,
+)
 from wtool.dtypes import by_code, to_storage
 from wtool.errors import InputError, UsageError
 from wtool.io import (
@@ -221,7 +229,14 @@ class GroupNode(Node):
     """One output of a group transform; the group is evaluated once for all its outputs."""
 
     def __init__(self, evaluation: GroupEvaluation, info: TensorInfo, steps: tuple[str, ...]) -> None:
-        self.evaluation, self.info, self.steps, self.extras = evaluation, info, steps, {}
+        self.evaluation, self.info, self.steps = evaluation, info, steps
+        first = evaluation.group.outputs[0].name == info.name
+        self.extras = evaluation.extras if first else {}
+
+    @property
+    def compressed(self) -> bool:
+        """One piece of a compressed layout (written by a per-tensor step's `split`)."""
+        return not isinstance(self.evaluation.run.step.transform, GroupTransform)
 
     def compute(self) -> np.ndarray:
         return self.evaluation.output(self.info.name)
@@ -236,6 +251,8 @@ class GroupEvaluation:
 
     def __init__(self, run: StepRun, group: Group, inputs: Mapping[str, Node]) -> None:
         self.run, self.group, self.inputs = run, group, inputs
+        #: Figures the transform reports for the group, shown on its first output.
+        self.extras: dict[str, Any] = {}
         self._waiting: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()  # outputs of one group may be materialised by two threads
 
@@ -247,7 +264,6 @@ class GroupEvaluation:
 
     def _evaluate(self) -> dict[str, np.ndarray]:
         transform = self.run.step.transform
-        assert isinstance(transform, GroupTransform)
         arrays = {key: node.load() if node.info.dtype_info.is_float else node.compute()
                   for key, node in self.inputs.items()}
         try:
@@ -258,7 +274,13 @@ class GroupEvaluation:
                         raise InputError(f"tensor {key!r}: non-finite values; {transform.name} cannot skip one "
                                          f"member of the group {self.group.note or key}; use --nonfinite=zero")
                     arrays[key] = guarded
-            outputs = transform.apply_group(self.group, arrays)
+            if isinstance(transform, GroupTransform):
+                outputs = transform.apply_group(self.group, arrays)
+            else:  # one tensor stored as several (a compressed layout)
+                (name,) = self.group.inputs
+                ctx = Context(self.inputs[name].info, self.run.state, {}, {})
+                outputs = transform.apply_split(arrays[name], ctx)
+                self.extras.update({f"{transform.name}.{k}": v for k, v in ctx.extras.items()})
         except InputError as exc:
             raise self.run.refused(exc) from None
         missing = {o.name for o in self.group.outputs} - set(outputs)
@@ -323,6 +345,8 @@ class Plan:
     skipped: list[SkipRecord]
     groups: list[GroupRecord]
     notes: list[str]
+    #: Weights written in a compressed layout, by their name before compression.
+    stored: dict[str, Scheme] = field(default_factory=dict)
 
     def close(self) -> None:
         for run in self.runs:
@@ -343,6 +367,7 @@ def plan(pipeline: Pipeline, reader: Reader) -> Plan:
     skipped: list[SkipRecord] = []
     groups: list[GroupRecord] = []
     notes: list[str] = []
+    stored: dict[str, Scheme] = {}
     try:
         for index, step in enumerate(pipeline.steps, start=1):
             label = f"step {index} ({step.op})"
@@ -361,7 +386,7 @@ def plan(pipeline: Pipeline, reader: Reader) -> Plan:
             if isinstance(step.transform, GroupTransform):
                 nodes, touched = _plan_group(step, run, nodes, selected, config, groups, notes)
             else:
-                nodes, touched = _plan_each(step, run, nodes, selected, skipped)
+                nodes, touched = _plan_each(step, run, nodes, selected, skipped, groups, stored)
             if touched == 0 and not pipeline.allow_empty:
                 raise UsageError(f"{label} selects no tensor"
                                  f"{' (' + notes[-1] + ')' if notes and isinstance(step.transform, GroupTransform) else ''}"
@@ -371,11 +396,12 @@ def plan(pipeline: Pipeline, reader: Reader) -> Plan:
             for companion in run.companion_readers.values():
                 companion.close()
         raise
-    return Plan(reader, pipeline, nodes, runs, skipped, groups, notes)
+    return Plan(reader, pipeline, nodes, runs, skipped, groups, notes, stored)
 
 
 def _plan_each(step: Step, run: StepRun, nodes: list[Node], selected: Callable[[str], bool],
-               skipped: list[SkipRecord]) -> tuple[list[Node], int]:
+               skipped: list[SkipRecord], records: list[GroupRecord],
+               stored: dict[str, Scheme]) -> tuple[list[Node], int]:
     out: list[Node] = []
     touched = 0
     for node in nodes:
@@ -383,13 +409,26 @@ def _plan_each(step: Step, run: StepRun, nodes: list[Node], selected: Callable[[
         if not selected(name):
             out.append(node)
             continue
+        if isinstance(node, GroupNode) and node.compressed:
+            skipped.append(SkipRecord(name, step.op, f"part of a compressed layout ({node.evaluation.group.note})"))
+            out.append(node)
+            continue
         reason = step.transform.skip(node.info)
         if reason is not None and (reason.hard or not step.selector.included_explicitly(name)):
             skipped.append(SkipRecord(name, step.op, reason.reason))
             out.append(node)
             continue
-        out.append(StepNode(node, run))
         touched += 1
+        group = step.transform.split(node.info)
+        if group is None:
+            out.append(StepNode(node, run))
+            continue
+        evaluation = GroupEvaluation(run, group, {name: node})
+        out.extend(GroupNode(evaluation, info, (*node.steps, step.op)) for info in group.outputs)
+        records.append(GroupRecord(step.op, group.note, list(group.inputs), [o.name for o in group.outputs],
+                                   list(group.created), list(group.dropped)))
+        if isinstance(group.data, Scheme):
+            stored[name] = group.data
     return out, touched
 
 
@@ -468,9 +507,13 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
                 records = [_planned_record(node) for node in the_plan.nodes]
                 return _report(the_plan, records, output, time.perf_counter() - started, dry_run=True)
             _fit(the_plan)
-            metadata = _output_metadata(reader.metadata, pipeline)
+            qconfig = quantization_config(the_plan.stored)
+            metadata = _output_metadata(reader.metadata, pipeline, qconfig)
             infos = [node.info for node in the_plan.nodes]
-            extra = _model_files(reader, output, pipeline, the_plan.notes) if copy_model_files else []
+            extra = _model_files(reader, output, pipeline, the_plan.notes, qconfig) if copy_model_files else []
+            if qconfig and not extra:
+                the_plan.notes.append(f"{QUANTIZATION_CONFIG} stored in the output's metadata "
+                                      f"(no config.json travels with this output)")
             sources = {t.name: t for t in reader.tensors}
             if progress:
                 progress.start(len(infos), sum(i.nbytes for i in infos))
@@ -515,16 +558,30 @@ def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: list[str]) -> list[Path]:
-    """Config and tokenizer files of a folder input, for a folder output (with a note each)."""
+def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: list[str],
+                 qconfig: Mapping[str, Any] | None = None) -> list[Path | tuple[str, bytes]]:
+    """Config and tokenizer files of a folder input, for a folder output (with a note each).
+
+    config.json gets `qconfig` as its `quantization_config`; a reader that decompresses
+    (`DecompressedReader`) has it removed instead.
+    """
     source = Path(reader.path)
     folder = source if source.is_dir() else source.parent if source.name.endswith(".index.json") else None
     if folder is None or not is_folder_output(output):
         return []
-    found = model_files(folder)
+    found: list[Path | tuple[str, bytes]] = list(model_files(folder))
     if found:
         notes.append(f"copied {', '.join(p.name for p in found)} beside the weights")
     config = reader.config()
+    rewrite = config is not None and (qconfig is not None or isinstance(reader, DecompressedReader))
+    if rewrite:
+        updated = without_quantization_config(config)
+        if qconfig is not None:
+            updated[QUANTIZATION_CONFIG] = dict(qconfig)
+        found = [("config.json", config_json(updated)) if isinstance(p, Path) and p.name == "config.json" else p
+                 for p in found]
+        notes.append(f"config.json: {QUANTIZATION_CONFIG} "
+                     f"{'written' if qconfig is not None else 'removed'}")
     casts = [s.transform.params.dtype for s in pipeline.steps if s.op == "cast"]
     declared = (config or {}).get("torch_dtype") or (config or {}).get("dtype")
     if casts and declared and declared != casts[-1]:
@@ -634,14 +691,18 @@ def _planned_record(node: Node) -> TensorRecord:
                         None, None, None, {})
 
 
-def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline) -> dict[str, str]:
-    """The input's metadata plus one `wtool` entry (version and pipeline run).
+def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline,
+                     qconfig: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The input's metadata plus one `wtool` entry (version and pipeline run), and the
+    compressed-tensors `quantization_config` (JSON) when weights were packed.
 
     transformers refuses safetensors metadata without `format`, so `format: pt` is added
     when the input had none.
     """
     out = dict(metadata)
     out.setdefault("format", "pt")
+    if qconfig is not None:
+        out[QUANTIZATION_CONFIG] = json.dumps(qconfig, sort_keys=True)
     out["wtool"] = json.dumps({"version": __version__, "steps": pipeline.describe()}, sort_keys=True)
     return out
 

@@ -92,12 +92,12 @@ def is_folder_output(path: str | os.PathLike[str]) -> bool:
 
 def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | None,
                   *, max_shard_size: int | str | None = None, force: bool = False,
-                  extra_files: Sequence[Path] = ()) -> Writer:
+                  extra_files: Sequence[Path | tuple[str, bytes]] = ()) -> Writer:
     """A streaming, atomic writer; the format follows the path.
 
     `*.safetensors` -> one file, `*.npz` -> npz, anything else -> a Hugging Face sharded folder
-    (one shard when `max_shard_size` is None), into which `extra_files` (config, tokenizer) are
-    copied before the folder is renamed into place. An existing target is a UsageError unless `force`.
+    (one shard when `max_shard_size` is None), into which `extra_files` (config, tokenizer: paths
+    to copy, or (name, bytes) to write) go before the folder is renamed into place. An existing target is a UsageError unless `force`.
     """
     path = Path(path)
     metadata = dict(metadata or {})

@@ -1,4 +1,5 @@
-"""Min-max fake quantization: snap values to a b-bit grid, stored in the original dtype.
+"""Min-max quantization: snap values to a b-bit grid, stored in the original dtype (fake
+quantization) or in the compressed-tensors layouts that serving stacks load (`storage=packed`).
 
 >>> q = Transform.create("quantize", {"bits": "2", "granularity": "tensor"})
 >>> q.apply(np.array([[0.0, 0.1, 0.9, 3.0]]), None)
@@ -11,8 +12,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wtool.errors import InputError
-from wtool.transforms.base import Context, Transform, param
+from wtool.compressed import (
+    PACK_BITS,
+    IntGrid,
+    Scheme,
+    dequantize_int,
+    fp8_params,
+    fp8_quantize,
+    module_of,
+    pack_int32,
+    packed_width,
+)
+from wtool.dtypes import by_code
+from wtool.errors import InputError, UsageError
+from wtool.stats import error_metrics
+from wtool.tensor import TensorInfo
+from wtool.transforms.base import Context, Group, Skip, Transform, param
 
 
 @dataclass(frozen=True)
@@ -25,25 +40,149 @@ class QuantizeParams:
     group_size: int = param(128, "weights per group, consecutive along the last axis", low=1)
     remainder: str = param("error", "last axis not divisible by group_size: error, or ok (short tail group)",
                            choices=("error", "ok"))
+    zero: str | None = param(None, "asym offset: float (w_min exactly, the default for fake storage) or int "
+                             "(an integer zero point, the range widened to include 0; needed by packed storage)",
+                             choices=("float", "int"))
+    sym_range: str = param("narrow", "sym grid: narrow (q in ±(2^(b-1)-1), scale absmax/(2^(b-1)-1)) or full "
+                           "(q in [-2^(b-1), 2^(b-1)-1], scale absmax/(2^(b-1)-0.5), as compressed-tensors)",
+                           choices=("narrow", "full"))
+    type: str = param("int", "int: a b-bit integer grid; fp8: float8_e4m3fn values times a float32 scale",
+                      choices=("int", "fp8"))
+    storage: str | None = param(None, "fake: values stored in the tensor's dtype (default for int); packed: "
+                                "the compressed-tensors layout (pack-quantized for int, float-quantized, the "
+                                "default, for fp8)", choices=("fake", "packed"))
 
 
 class Quantize(Transform, name="quantize"):
-    """Fake-quantize to a b-bit min-max (asym) or absmax (sym) grid per tensor, channel or group."""
+    """Quantize to a b-bit min-max (asym) or absmax (sym) grid per tensor, channel or group; fake or packed."""
 
     Params = QuantizeParams
     formula = ("asym: w_q = round((w - min)/(max - min)·(2^b - 1))·(max - min)/(2^b - 1) + min;  "
-               "sym: s = absmax/(2^(b-1) - 1), w_q = round(w/s)·s  (round half to even)")
+               "sym: s = absmax/(2^(b-1) - 1), w_q = round(w/s)·s  (round half to even);  "
+               "zero=int: s = (max' - min')/(2^b - 1) with [min', max'] ∋ 0, z = round(-2^(b-1) - min'/s), "
+               "w_q = (clamp(round(w/s) + z) - z)·s;  fp8: s = absmax/448, w_q = e4m3(w/s)·s")
     spreads_nonfinite = True
     example = "quantize:bits=4,granularity=group,group_size=128"
 
-    def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
+    # ---- parameters
+    @property
+    def packed(self) -> bool:
         p = self.params
+        return p.storage == "packed" or (p.storage is None and p.type == "fp8")
+
+    def check(self) -> None:
+        p = self.params
+        if p.type == "fp8":
+            if p.granularity == "group" or p.bits != 8 or p.scheme != "asym" or p.zero or p.sym_range != "narrow":
+                raise UsageError("quantize: type=fp8 is symmetric with one float32 scale per tensor or channel; "
+                                 "it takes no bits, scheme, zero, sym_range or granularity=group")
+            return
+        if p.scheme == "sym" and p.zero is not None:
+            raise UsageError("quantize: zero= applies to scheme=asym only (sym grids have no offset)")
+        if p.scheme == "asym" and p.sym_range != "narrow":
+            raise UsageError("quantize: sym_range= applies to scheme=sym only")
+        if not self.packed:
+            return
+        if p.zero == "float":
+            raise UsageError("quantize: storage=packed needs an integer zero point (zero=int), "
+                             "the seed's float offset cannot be stored")
+        if p.bits not in PACK_BITS:
+            raise UsageError(f"quantize: storage=packed supports bits {', '.join(map(str, PACK_BITS))}, not {p.bits}")
+        if p.granularity == "group" and p.remainder == "ok":
+            raise UsageError("quantize: storage=packed needs whole groups (remainder=error)")
+
+    def grid(self) -> IntGrid | None:
+        """The integer grid, or None for the seed's float-offset formula."""
+        p = self.params
+        if p.type == "fp8" or (p.zero != "int" and not self.packed and p.sym_range == "narrow"):
+            return None
+        return IntGrid(p.bits, p.scheme == "sym", full=p.sym_range == "full")
+
+    # ---- the default rule and the stored layout
+    def skip(self, info: TensorInfo) -> Skip | None:
+        reason = super().skip(info)
+        if reason is not None or not self.packed:
+            return reason
+        if info.ndim != 2 or module_of(info.name) is None:
+            return Skip("storage=packed stores 2-D module weights named P.weight", hard=True)
+        return None
+
+    def scheme_for(self) -> Scheme:
+        p = self.params
+        if p.type == "fp8":
+            return Scheme("float-quantized", 8, "float", True, p.granularity)
+        return Scheme("pack-quantized", p.bits, "int", p.scheme == "sym", p.granularity,
+                      p.group_size if p.granularity == "group" else None)
+
+    def split(self, info: TensorInfo) -> Group | None:
+        if not self.packed:
+            return None
+        p = self.params
+        name, (out, cols) = info.name, info.shape
+        if p.granularity == "group" and cols % p.group_size:
+            raise UsageError(f"quantize: tensor {name!r}: {cols} columns are not divisible by "
+                             f"group_size={p.group_size}; packed groups must be whole")
+        per_row = {"tensor": 0, "channel": 1, "group": cols // p.group_size}[p.granularity]
+        scale_shape = (out, per_row) if per_row else (1,)
+        if p.type == "fp8":
+            outputs = (TensorInfo(name, "F8_E4M3", info.shape), TensorInfo(name + "_scale", "F32", scale_shape))
+        else:
+            outputs = (TensorInfo(name + "_packed", "I32", (out, packed_width(cols, p.bits))),
+                       TensorInfo(name + "_scale", info.dtype, scale_shape))
+            if p.scheme == "asym":
+                zero_shape = (packed_width(out, p.bits), per_row) if per_row else (1,)
+                outputs += (TensorInfo(name + "_zero_point", "I32" if per_row else "I8", zero_shape),)
+            outputs += (TensorInfo(name + "_shape", "I64", (2,)),)
+        return Group((name,), outputs, note=f"{name} stored as {self.scheme_for().label()}",
+                     data=self.scheme_for())
+
+    # ---- the math
+    def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
         if array.size == 0:
             return array.copy()
+        scale_dtype = by_code(ctx.info.dtype).numpy if ctx else np.dtype(np.float32)
+        out = np.empty_like(array)
+        for index, groups in self._groups(array, ctx):
+            out[index] = self._snap(groups, scale_dtype).reshape(out[index].shape)
+        return out
+
+    def apply_split(self, array: np.ndarray, ctx: Context) -> dict[str, np.ndarray]:
+        """The pieces of the packed layout (see `split`); the error of what they decode to goes
+        into the report's extras."""
+        p = self.params
+        name, (out, cols) = ctx.name, array.shape
+        per_row = {"tensor": 0, "channel": 1, "group": cols // p.group_size}[p.granularity]
+        groups = array.reshape(out * per_row, -1) if per_row else array.reshape(1, -1)
+        scale_shape = (out, per_row) if per_row else (1,)
+        grid = self.grid()
+        if grid is None:  # fp8
+            scale = fp8_params(groups)
+            values = fp8_quantize(groups, scale)
+            decoded = values.astype(np.float32) * scale[:, None]
+            pieces = {name: values.reshape(array.shape), name + "_scale": scale.reshape(scale_shape)}
+        else:
+            scale, zero = grid.params(groups, by_code(ctx.info.dtype).numpy)
+            q = grid.quantize(groups, scale, zero)
+            decoded = dequantize_int(q, scale, zero)
+            pieces = {name + "_packed": pack_int32(q.reshape(out, cols), p.bits),
+                      name + "_scale": scale.reshape(scale_shape)}
+            if zero is not None:
+                pieces[name + "_zero_point"] = (pack_int32(zero.reshape(out, per_row).T, p.bits).T if per_row
+                                                else zero.astype(np.int8))
+            pieces[name + "_shape"] = np.array([out, cols], dtype=np.int64)
+        metrics = error_metrics(array, decoded.reshape(array.shape).astype(by_code(ctx.info.dtype).numpy))
+        ctx.extras.update(rel_l2=metrics["rel_l2"], sqnr_db=metrics["sqnr_db"])
+        return pieces
+
+    def _groups(self, array: np.ndarray, ctx: Context | None):
+        """(index into the tensor, 2-D rows that each get one grid) pairs covering `array`."""
+        p = self.params
         if p.granularity == "tensor" or (p.granularity == "channel" and array.ndim < 2):
-            return self._snap(array.reshape(1, -1)).reshape(array.shape)
+            yield ..., array.reshape(1, -1)
+            return
         if p.granularity == "channel":
-            return self._snap(array.reshape(array.shape[0], -1)).reshape(array.shape)
+            yield ..., array.reshape(array.shape[0], -1)
+            return
         rows = array.reshape(-1, array.shape[-1])
         width = rows.shape[1]
         full = width - width % p.group_size
@@ -51,16 +190,24 @@ class Quantize(Transform, name="quantize"):
             name = ctx.name if ctx else "?"
             raise InputError(f"tensor {name!r}: last axis {width} is not divisible by group_size={p.group_size}; "
                              f"pass remainder=ok to quantize the tail group of {width - full} on its own")
-        out = np.empty_like(rows)
         if full:
-            head = rows[:, :full].reshape(-1, p.group_size)
-            out[:, :full] = self._snap(head).reshape(rows.shape[0], full)
+            yield (..., slice(0, full)), rows[:, :full].reshape(-1, p.group_size)
         if full != width:
-            out[:, full:] = self._snap(rows[:, full:])
-        return out.reshape(array.shape)
+            yield (..., slice(full, width)), rows[:, full:]
 
-    def _snap(self, groups: np.ndarray) -> np.ndarray:
-        """Quantize each row of a 2-D array on its own grid."""
+    def _snap(self, groups: np.ndarray, scale_dtype: np.dtype) -> np.ndarray:
+        """Quantize each row of a 2-D array on its own grid; values in the array's dtype."""
+        if self.params.type == "fp8":
+            scale = fp8_params(groups)
+            return (fp8_quantize(groups, scale).astype(np.float32) * scale[:, None]).astype(groups.dtype)
+        grid = self.grid()
+        if grid is not None:
+            scale, zero = grid.params(groups, scale_dtype)
+            return dequantize_int(grid.quantize(groups, scale, zero), scale, zero).astype(groups.dtype)
+        return self._snap_float(groups)
+
+    def _snap_float(self, groups: np.ndarray) -> np.ndarray:
+        """The seed formula: float offset (asym) or absmax/(2^(b-1)-1) (sym); constant rows kept."""
         levels = 2 ** self.params.bits - 1
         # One working array, updated in place: peak memory is one extra copy of the tensor.
         if self.params.scheme == "sym":
