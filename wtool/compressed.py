@@ -20,6 +20,7 @@ array([[1, 2, 3, 4]], dtype=int8)
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -223,17 +224,44 @@ class Layout:
         return next((p for p in self.pieces if p.name == self.name + suffix), None)
 
 
+def declared_config(reader: Reader) -> dict[str, object] | None:
+    """The `quantization_config` of config.json beside the checkpoint, else of its metadata."""
+    config = (reader.config() or {}).get(QUANTIZATION_CONFIG)
+    if config is None and QUANTIZATION_CONFIG in reader.metadata:
+        try:
+            config = json.loads(reader.metadata[QUANTIZATION_CONFIG])
+        except ValueError:
+            raise InputError(f"{reader.path}: metadata {QUANTIZATION_CONFIG} is not JSON") from None
+    return config if isinstance(config, dict) else None
+
+
+def declared_bits(config: Mapping[str, object] | None, module: str | None) -> int | None:
+    """`num_bits` of the config group whose targets name `module` (exactly or by `re:`), else
+    of the only bit width the config declares; None when it says nothing."""
+    groups = [g for g in ((config or {}).get("config_groups") or {}).values()
+              if isinstance(g, dict) and isinstance(g.get("weights"), dict)]
+    for group in groups:
+        for target in group.get("targets") or ():
+            if isinstance(target, str) and module is not None and (
+                    target == module or (target.startswith("re:") and re.match(target[3:], module))):
+                return group["weights"].get("num_bits")
+    widths = {g["weights"].get("num_bits") for g in groups}
+    return widths.pop() if len(widths) == 1 else None
+
+
 def find_layouts(reader: Reader) -> list[Layout]:
     """Every compressed weight in `reader`, recognised by names, dtypes and shapes.
 
-    Reads only the tiny `P.weight_shape` tensors; the scheme (bits, group size, symmetry) is
-    inferred from the shapes, so files without a `quantization_config` are read too.
+    Reads only the tiny `P.weight_shape` tensors; group size and symmetry come from the
+    shapes, the bit width from the `quantization_config` where the packed width alone could
+    mean two (rows shorter than 32/bits values), so files without a config are read too.
     """
     infos = {t.name: t for t in reader.tensors}
+    config = declared_config(reader)
     layouts = []
     for info in reader.tensors:
         if info.name.endswith("_packed") and info.dtype == "I32":
-            layouts.append(_packed_layout(reader, infos, info.name[: -len("_packed")]))
+            layouts.append(_packed_layout(reader, infos, info.name[: -len("_packed")], config))
         elif info.dtype == "F8_E4M3" and by_code(infos.get(info.name + "_scale", info).dtype).is_float \
                 and info.name + "_scale" in infos:
             layouts.append(_fp8_layout(infos, info))
@@ -248,7 +276,8 @@ def _need(infos: Mapping[str, TensorInfo], name: str, where: str) -> TensorInfo:
     return infos[name]
 
 
-def _packed_layout(reader: Reader, infos: Mapping[str, TensorInfo], name: str) -> Layout:
+def _packed_layout(reader: Reader, infos: Mapping[str, TensorInfo], name: str,
+                   config: Mapping[str, object] | None) -> Layout:
     where = f"{reader.path}: tensor {name + '_packed'!r}"
     packed = infos[name + "_packed"]
     scale = _need(infos, name + "_scale", where)
@@ -258,17 +287,21 @@ def _packed_layout(reader: Reader, infos: Mapping[str, TensorInfo], name: str) -
             or not scale.dtype_info.is_float:
         raise InputError(f"{where}: expected packed [out, words], a float scale and a 2-element weight_shape")
     out, cols = (int(v) for v in reader.read(shape_info.name).reshape(-1))
-    bits = next((b for b in PACK_BITS if packed_width(cols, b) == packed.shape[1]), None)
+    fitting = [b for b in PACK_BITS if packed_width(cols, b) == packed.shape[1]]
+    bits = declared_bits(config, module_of(name))
+    if len(fitting) > 1 and bits is None:
+        raise InputError(f"{where}: {packed.shape[1]} words per row of {cols} values could be "
+                         f"{' or '.join(map(str, fitting))} bits and no {QUANTIZATION_CONFIG} says which")
+    bits = bits if bits in fitting else (fitting[0] if len(fitting) == 1 else None)
     if out != packed.shape[0] or bits is None:
         raise InputError(f"{where}: shape {list(packed.shape)} cannot hold weight_shape [{out}, {cols}] "
                          f"at {'/'.join(map(str, PACK_BITS))} bits")
-    scale_shape = scale.shape if scale.ndim == 2 else (1, 1)
-    if scale.numel == 1:
+    if scale.ndim < 2 and scale.numel == 1:
         strategy, group_size = "tensor", None
-    elif scale_shape[0] == out and scale_shape[1] == 1:
+    elif scale.ndim == 2 and scale.shape == (out, 1):
         strategy, group_size = "channel", None
-    elif scale.ndim == 2 and scale_shape[0] == out and cols % scale_shape[1] == 0:
-        strategy, group_size = "group", cols // scale_shape[1]
+    elif scale.ndim == 2 and scale.shape[0] == out and cols % scale.shape[1] == 0:
+        strategy, group_size = "group", cols // scale.shape[1]
     else:
         raise InputError(f"{where}: scale shape {list(scale.shape)} fits no strategy for [{out}, {cols}]")
     pieces = tuple(p for p in (packed, scale, zero, shape_info) if p is not None)

@@ -33,10 +33,11 @@ from wtool.compressed import (
     DecompressedReader,
     Scheme,
     config_json,
+    find_layouts,
     quantization_config,
     without_quantization_config,
 )
-from wtool.dtypes import by_code, to_storage
+from wtool.dtypes import by_code, by_user_name, to_storage
 from wtool.errors import InputError, UsageError
 from wtool.io import (
     Reader,
@@ -130,6 +131,8 @@ class Pipeline:
     selector: Selector = field(default_factory=Selector)
     allow_empty: bool = False
     nonfinite: str = "error"
+    #: Read compressed weights (packed, fp8, codebook) as dense floats, so steps may change them.
+    allow_requantize: bool = False
 
     def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE_POLICIES:
@@ -484,9 +487,17 @@ class Progress(Protocol):
     def advance(self, info: TensorInfo) -> None: ...
 
 
+def decompress(source: str | Path, output: str | Path | None, dtype: str | None = None, **options: Any) -> Report:
+    """Write `source` with every compressed weight (pack-quantized, float-quantized, codebook)
+    turned back into a dense tensor of `dtype` (default: its scale's dtype); config.json loses
+    its `quantization_config`. `options` as for `run`."""
+    code = by_user_name(dtype).code if dtype else None
+    return run(Pipeline(), source, output, decompress_to=code or "", **options)
+
+
 def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, force: bool = False,
         max_shard_size: int | None = None, dry_run: bool = False, copy_model_files: bool = True,
-        jobs: int = 1, progress: Progress | None = None) -> Report:
+        jobs: int = 1, progress: Progress | None = None, decompress_to: str | None = None) -> Report:
     """Stream `source` through the pipeline into `output` and report what changed.
 
     With `dry_run` (or no output) nothing is read beyond headers and nothing is written; the
@@ -501,6 +512,10 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
     with open_checkpoint(source) as reader:
         if output is not None:
             _refuse_same_path(reader, Path(output))
+        if decompress_to is not None or pipeline.allow_requantize:
+            reader = DecompressedReader(reader, decompress_to or None)
+        elif pipeline.steps:
+            _refuse_requantizing(pipeline, reader)
         the_plan = plan(pipeline, reader)
         try:
             if dry_run or output is None:
@@ -588,6 +603,19 @@ def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: 
         notes.append(f"config.json declares dtype {declared} but tensors were cast to {casts[-1]}; "
                      "update it if the model should load in the new dtype")
     return found
+
+
+def _refuse_requantizing(pipeline: Pipeline, reader: Reader) -> None:
+    """A step that would change a piece of a compressed layout (a scale, fp8 values) would
+    break it: refuse, unless --allow-requantize has the pieces read as one dense weight."""
+    for layout in find_layouts(reader):
+        for step in pipeline.steps:
+            for piece in layout.pieces:
+                if pipeline.selector.admits(piece.name) and step.selector.admits(piece.name) \
+                        and step.transform.skip(piece) is None:
+                    raise UsageError(f"{reader.path}: {step.op} would change {piece.name!r}, part of "
+                                     f"{layout.name!r} stored as {layout.scheme.label()}; pass "
+                                     f"--allow-requantize to decompress it and {step.op} the dense weight")
 
 
 def _refuse_same_path(reader: Reader, output: Path) -> None:

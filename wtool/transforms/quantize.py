@@ -40,8 +40,9 @@ class QuantizeParams:
     group_size: int = param(128, "weights per group, consecutive along the last axis", low=1)
     remainder: str = param("error", "last axis not divisible by group_size: error, or ok (short tail group)",
                            choices=("error", "ok"))
-    zero: str | None = param(None, "asym offset: float (w_min exactly, the default for fake storage) or int "
-                             "(an integer zero point, the range widened to include 0; needed by packed storage)",
+    zero: str | None = param(None, "float: the seed formula (offset w_min, the default for fake storage); int: "
+                             "the storable integer grid (asym: integer zero point, range widened to include 0; "
+                             "the scale rounded to the tensor's dtype; implied by packed storage)",
                              choices=("float", "int"))
     sym_range: str = param("narrow", "sym grid: narrow (q in ±(2^(b-1)-1), scale absmax/(2^(b-1)-1)) or full "
                            "(q in [-2^(b-1), 2^(b-1)-1], scale absmax/(2^(b-1)-0.5), as compressed-tensors)",
@@ -77,8 +78,8 @@ class Quantize(Transform, name="quantize"):
                 raise UsageError("quantize: type=fp8 is symmetric with one float32 scale per tensor or channel; "
                                  "it takes no bits, scheme, zero, sym_range or granularity=group")
             return
-        if p.scheme == "sym" and p.zero is not None:
-            raise UsageError("quantize: zero= applies to scheme=asym only (sym grids have no offset)")
+        if p.zero == "float" and p.sym_range == "full":
+            raise UsageError("quantize: sym_range=full is an integer grid; it cannot take zero=float")
         if p.scheme == "asym" and p.sym_range != "narrow":
             raise UsageError("quantize: sym_range= applies to scheme=sym only")
         if not self.packed:
@@ -101,11 +102,9 @@ class Quantize(Transform, name="quantize"):
     # ---- the default rule and the stored layout
     def skip(self, info: TensorInfo) -> Skip | None:
         reason = super().skip(info)
-        if reason is not None or not self.packed:
-            return reason
-        if info.ndim != 2 or module_of(info.name) is None:
+        if self.packed and (reason is None or not reason.hard) and (info.ndim != 2 or module_of(info.name) is None):
             return Skip("storage=packed stores 2-D module weights named P.weight", hard=True)
-        return None
+        return reason
 
     def scheme_for(self) -> Scheme:
         p = self.params
