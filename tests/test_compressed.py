@@ -212,3 +212,70 @@ def test_decompressed_reader_sees_dense_weights(llama, tmp_path):
         w = original.read("lm_head.weight")
         np.testing.assert_allclose(dense.read("lm_head.weight"), w, atol=np.abs(w).max() / 127)
         assert "quantization_config" not in dense.metadata
+
+
+# ------------------------------------------------------------------ the CLI: inspect, decompress, refusals
+
+from typer.testing import CliRunner  # noqa: E402
+
+from wtool.cli import app  # noqa: E402
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def packed_llama(llama, tmp_path):
+    out = tmp_path / "packed.safetensors"
+    result = invoke("apply", llama, out, "-t", "quantize:bits=4,granularity=group,group_size=8,storage=packed",
+                    "--report", tmp_path / "r.json", "--markdown", tmp_path / "r.md", "--quiet")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_apply_reports_bytes_before_and_after(packed_llama, tmp_path):
+    data = json.loads((tmp_path / "r.json").read_text())
+    first = next(t for t in data["tensors"] if t["name"] == "lm_head.weight_packed")
+    assert first["bytes_before"] is None and first["bytes_after"] == 32 * 2 * 4
+    assert first["error"]["rel_l2"] < 0.2  # the error of what the layout decodes to, against lm_head.weight
+    group = next(g for g in data["groups"] if g["inputs"] == ["lm_head.weight"])
+    # 32×16 float32 = 2048 B -> packed 32×2 I32 (256) + scale 32×2 F32 (256) + zero 4×2 I32 (32) + shape 16
+    assert (group["bytes_before"], group["bytes_after"], group["layout"]) == (2048, 560, "int4 asym group 8")
+    assert "| bytes |" in (tmp_path / "r.md").read_text()
+
+
+def test_inspect_shows_one_row_per_logical_weight(packed_llama):
+    result = invoke("inspect", packed_llama, "--json", "-", "--quiet")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    row = next(t for t in data["tensors"] if t["name"] == "lm_head.weight")
+    assert row["shape"] == [32, 16] and row["dtype"] == "F32"
+    assert row["layout"]["scheme"] == "int4 asym group 8"
+    assert row["layout"]["bits_per_weight"] == pytest.approx(560 * 8 / 512, abs=1e-4)
+    assert row["layout"]["ratio"] == pytest.approx(2048 / 560, abs=1e-4)
+    assert not any(t["name"].endswith("_packed") for t in data["tensors"])
+    assert data["totals"]["bytes"] < data["totals"]["dense_bytes"]
+
+
+def test_decompress_cli_writes_dense_weights(packed_llama, llama, tmp_path):
+    out = tmp_path / "dense.safetensors"
+    result = invoke("decompress", packed_llama, out, "--dtype", "float16", "--quiet")
+    assert result.exit_code == 0, result.output
+    with open_checkpoint(out) as dense, open_checkpoint(llama) as original:
+        assert [t.name for t in dense.tensors] == [t.name for t in original.tensors]
+        assert dense.info("model.layers.0.mlp.up_proj.weight").dtype == "F16"
+        assert dense.info("model.layers.0.mlp.up_proj.bias").dtype == "BF16"  # untouched
+        assert "quantization_config" not in dense.metadata
+    assert invoke("decompress", packed_llama, tmp_path / "x.safetensors", "--dtype", "int8").exit_code == 2
+
+
+def test_changing_a_compressed_weight_needs_allow_requantize(packed_llama, tmp_path):
+    result = invoke("apply", packed_llama, tmp_path / "again.safetensors", "-t", "quantize:bits=8")
+    assert result.exit_code == 2
+    assert "lm_head.weight" in result.output and "--allow-requantize" in result.output
+    result = invoke("apply", packed_llama, tmp_path / "again.safetensors", "-t", "quantize:bits=8", "--quiet",
+                    "--allow-requantize")
+    assert result.exit_code == 0, result.output
+    with open_checkpoint(tmp_path / "again.safetensors") as again:
+        assert again.info("lm_head.weight").dtype == "F32"

@@ -31,8 +31,10 @@ from wtool import __version__
 from wtool.compressed import (
     QUANTIZATION_CONFIG,
     DecompressedReader,
+    Layout,
     Scheme,
     config_json,
+    dequantize,
     find_layouts,
     quantization_config,
     without_quantization_config,
@@ -256,6 +258,8 @@ class GroupEvaluation:
         self.run, self.group, self.inputs = run, group, inputs
         #: Figures the transform reports for the group, shown on its first output.
         self.extras: dict[str, Any] = {}
+        #: For one tensor stored in a compressed layout: the error of what the layout decodes to.
+        self.error: dict[str, Any] | None = None
         self._waiting: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()  # outputs of one group may be materialised by two threads
 
@@ -284,12 +288,23 @@ class GroupEvaluation:
                 ctx = Context(self.inputs[name].info, self.run.state, {}, {})
                 outputs = transform.apply_split(arrays[name], ctx)
                 self.extras.update({f"{transform.name}.{k}": v for k, v in ctx.extras.items()})
+                self.error = self._decoding_error(arrays[name], outputs)
         except InputError as exc:
             raise self.run.refused(exc) from None
         missing = {o.name for o in self.group.outputs} - set(outputs)
         if missing:
             raise RuntimeError(f"{transform.name} did not produce {sorted(missing)}")  # transform bug
         return outputs
+
+    def _decoding_error(self, array: np.ndarray, outputs: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
+        """Decode the layout as a reader will (pieces in their storage dtypes) and measure the error."""
+        if not isinstance(self.group.data, Scheme):
+            return None
+        info = self.inputs[self.group.inputs[0]].info
+        stored = {o.name: to_storage(outputs[o.name], o.dtype_info) for o in self.group.outputs}
+        layout = Layout(info.name, self.group.data, info.shape, info.dtype, self.group.outputs)
+        decoded = to_storage(dequantize(layout, stored.__getitem__), info.dtype_info)
+        return error_metrics(to_storage(array, info.dtype_info), decoded)
 
 
 @dataclass
@@ -428,11 +443,17 @@ def _plan_each(step: Step, run: StepRun, nodes: list[Node], selected: Callable[[
             continue
         evaluation = GroupEvaluation(run, group, {name: node})
         out.extend(GroupNode(evaluation, info, (*node.steps, step.op)) for info in group.outputs)
-        records.append(GroupRecord(step.op, group.note, list(group.inputs), [o.name for o in group.outputs],
-                                   list(group.created), list(group.dropped)))
+        records.append(_group_record(step.op, group, [node.info]))
         if isinstance(group.data, Scheme):
             stored[name] = group.data
     return out, touched
+
+
+def _group_record(op: str, group: Group, inputs: Sequence[TensorInfo]) -> GroupRecord:
+    return GroupRecord(op, group.note, list(group.inputs), [o.name for o in group.outputs], list(group.created),
+                       list(group.dropped), bytes_before=sum(i.nbytes for i in inputs),
+                       bytes_after=sum(o.nbytes for o in group.outputs),
+                       layout=group.data.label() if isinstance(group.data, Scheme) else None)
 
 
 def _plan_group(step: Step, run: StepRun, nodes: list[Node], selected: Callable[[str], bool],
@@ -461,8 +482,7 @@ def _plan_group(step: Step, run: StepRun, nodes: list[Node], selected: Callable[
             steps = (*(base.steps if base else by_name[first].steps), step.op)
             anchor = info.name if info.name in group.inputs else first
             placed.setdefault(anchor, []).append(GroupNode(evaluation, info, steps))
-        records.append(GroupRecord(step.op, group.note, list(group.inputs), [o.name for o in group.outputs],
-                                   list(group.created), list(group.dropped)))
+        records.append(_group_record(step.op, group, [by_name[n].info for n in group.inputs]))
     out: list[Node] = []
     for node in nodes:
         name = node.info.name
@@ -662,7 +682,8 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple
         stored = before
         after_stats = before_stats = tensor_stats(before)
         return stored, TensorRecord(info.name, info.dtype, list(info.shape), [], False,
-                                    before_stats, after_stats, None, {})
+                                    before_stats, after_stats, None, {},
+                                    bytes_before=info.nbytes, bytes_after=info.nbytes)
     value = node.compute()
     try:
         stored = _to_storage(value, info)
@@ -670,12 +691,16 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple
         raise InputError(f"{reader.path}: {exc}") from None
     before_stats = tensor_stats(before) if before is not None else None
     after_stats = tensor_stats(stored)
+    piece = isinstance(node, GroupNode) and node.compressed  # fp8 values without their scale, say
     comparable = source is not None and source.shape == info.shape
     changed = not comparable or source.dtype != info.dtype or not _same_bytes(before, stored)
-    error = error_metrics(before, stored) if comparable else None
+    error = error_metrics(before, stored) if comparable and not piece else None
+    if piece and node.evaluation.group.outputs[0].name == info.name:  # the layout's error, on its first piece
+        error = node.evaluation.error
     return stored, TensorRecord(info.name, info.dtype, list(info.shape), list(node.steps), changed,
                                 before_stats, after_stats, error, dict(node.extras),
                                 dtype_before=source.dtype if source else None,
+                                bytes_before=source.nbytes if source else None, bytes_after=info.nbytes,
                                 histogram=_histograms(before, before_stats, stored, after_stats) if changed else None)
 
 
@@ -716,7 +741,7 @@ def _same_bytes(before: np.ndarray, after: np.ndarray, chunk: int = 1 << 24) -> 
 def _planned_record(node: Node) -> TensorRecord:
     info = node.info
     return TensorRecord(info.name, info.dtype, list(info.shape), list(node.steps), bool(node.steps),
-                        None, None, None, {})
+                        None, None, None, {}, bytes_after=info.nbytes)
 
 
 def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline,
@@ -745,7 +770,7 @@ def _report(the_plan: Plan, records: list[TensorRecord], output: str | Path | No
         "tensors": len(records),
         "changed": sum(r.changed for r in records),
         "params": sum(int(np.prod(r.shape, dtype=np.int64)) for r in records),
-        "bytes_in": sum(t.nbytes for t in reader.tensors),
+        "bytes_in": sum(t.nbytes for t in (reader.inner if isinstance(reader, DecompressedReader) else reader).tensors),
         "bytes_out": bytes_out,
         "seconds": round(seconds, 3),
     }

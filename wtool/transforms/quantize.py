@@ -25,7 +25,6 @@ from wtool.compressed import (
 )
 from wtool.dtypes import by_code
 from wtool.errors import InputError, UsageError
-from wtool.stats import error_metrics
 from wtool.tensor import TensorInfo
 from wtool.transforms.base import Context, Group, Skip, Transform, param
 
@@ -102,9 +101,13 @@ class Quantize(Transform, name="quantize"):
     # ---- the default rule and the stored layout
     def skip(self, info: TensorInfo) -> Skip | None:
         reason = super().skip(info)
-        if self.packed and (reason is None or not reason.hard) and (info.ndim != 2 or module_of(info.name) is None):
+        if not self.packed:
+            return reason
+        if reason is not None:  # an include cannot lift it: a packed layout needs a 2-D weight
+            return Skip(reason.reason, hard=True)
+        if info.ndim != 2 or module_of(info.name) is None:
             return Skip("storage=packed stores 2-D module weights named P.weight", hard=True)
-        return reason
+        return None
 
     def scheme_for(self) -> Scheme:
         p = self.params
@@ -146,8 +149,7 @@ class Quantize(Transform, name="quantize"):
         return out
 
     def apply_split(self, array: np.ndarray, ctx: Context) -> dict[str, np.ndarray]:
-        """The pieces of the packed layout (see `split`); the error of what they decode to goes
-        into the report's extras."""
+        """The pieces of the packed layout (see `split`), by name."""
         p = self.params
         name, (out, cols) = ctx.name, array.shape
         per_row = {"tensor": 0, "channel": 1, "group": cols // p.group_size}[p.granularity]
@@ -157,20 +159,16 @@ class Quantize(Transform, name="quantize"):
         if grid is None:  # fp8
             scale = fp8_params(groups)
             values = fp8_quantize(groups, scale)
-            decoded = values.astype(np.float32) * scale[:, None]
             pieces = {name: values.reshape(array.shape), name + "_scale": scale.reshape(scale_shape)}
         else:
             scale, zero = grid.params(groups, by_code(ctx.info.dtype).numpy)
             q = grid.quantize(groups, scale, zero)
-            decoded = dequantize_int(q, scale, zero)
             pieces = {name + "_packed": pack_int32(q.reshape(out, cols), p.bits),
                       name + "_scale": scale.reshape(scale_shape)}
             if zero is not None:
                 pieces[name + "_zero_point"] = (pack_int32(zero.reshape(out, per_row).T, p.bits).T if per_row
                                                 else zero.astype(np.int8))
             pieces[name + "_shape"] = np.array([out, cols], dtype=np.int64)
-        metrics = error_metrics(array, decoded.reshape(array.shape).astype(by_code(ctx.info.dtype).numpy))
-        ctx.extras.update(rel_l2=metrics["rel_l2"], sqnr_db=metrics["sqnr_db"])
         return pieces
 
     def _groups(self, array: np.ndarray, ctx: Context | None):
