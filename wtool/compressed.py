@@ -378,7 +378,7 @@ class DecompressedReader(Reader):
             elif info.name not in hidden:
                 tensors.append(info)
         metadata = {k: v for k, v in inner.metadata.items() if k != QUANTIZATION_CONFIG}
-        super().__init__(inner.path, tensors, metadata, list(inner.files))
+        super().__init__(inner.path, tensors, metadata, list(inner.files), inner.stamps)
         self.format = inner.format
 
     def _read(self, info: TensorInfo) -> np.ndarray:

@@ -34,10 +34,12 @@ class QuantizeParams:
     bits: int = param(8, "bits per weight: 2^bits grid levels", low=2, high=8)
     scheme: str = param("asym", "asym: min-max grid; sym: zero-centred grid, scale = absmax/(2^(b-1)-1)",
                         choices=("asym", "sym"))
-    granularity: str = param("channel", "one grid per tensor, per output row (axis 0), or per group",
-                             choices=("tensor", "channel", "group"))
+    granularity: str = param("auto", "one grid per tensor, per output row (axis 0), or per group; auto: group "
+                             "(with a short tail group allowed) when bits <= 4, as 4-bit outliers destroy per-channel "
+                             "grids, else channel", choices=("auto", "tensor", "channel", "group"))
     group_size: int = param(128, "weights per group, consecutive along the last axis", low=1)
-    remainder: str = param("error", "last axis not divisible by group_size: error, or ok (short tail group)",
+    remainder: str = param("error", "last axis not divisible by group_size with granularity=group: error, or ok "
+                           "(short tail group; always ok for auto)",
                            choices=("error", "ok"))
     zero: str | None = param(None, "float: the seed formula (offset w_min, the default for fake storage); int: "
                              "the storable integer grid (asym: integer zero point, range widened to include 0; "
@@ -65,6 +67,13 @@ class Quantize(Transform, name="quantize"):
     example = "quantize:bits=4,granularity=group,group_size=128"
 
     # ---- parameters
+    def granularity(self) -> str:
+        """The granularity in force: `auto` is group for bits <= 4, else channel."""
+        p = self.params
+        if p.granularity != "auto":
+            return p.granularity
+        return "group" if p.bits <= 4 else "channel"
+
     @property
     def packed(self) -> bool:
         p = self.params
@@ -73,7 +82,7 @@ class Quantize(Transform, name="quantize"):
     def check(self) -> None:
         p = self.params
         if p.type == "fp8":
-            if p.granularity == "group" or p.bits != 8 or p.scheme != "asym" or p.zero or p.sym_range != "narrow":
+            if self.granularity() == "group" or p.bits != 8 or p.scheme != "asym" or p.zero or p.sym_range != "narrow":
                 raise UsageError("quantize: type=fp8 is symmetric with one float32 scale per tensor or channel; "
                                  "it takes no bits, scheme, zero, sym_range or granularity=group")
             return
@@ -112,19 +121,19 @@ class Quantize(Transform, name="quantize"):
     def scheme_for(self) -> Scheme:
         p = self.params
         if p.type == "fp8":
-            return Scheme("float-quantized", 8, "float", True, p.granularity)
-        return Scheme("pack-quantized", p.bits, "int", p.scheme == "sym", p.granularity,
-                      p.group_size if p.granularity == "group" else None)
+            return Scheme("float-quantized", 8, "float", True, self.granularity())
+        return Scheme("pack-quantized", p.bits, "int", p.scheme == "sym", self.granularity(),
+                      p.group_size if self.granularity() == "group" else None)
 
     def split(self, info: TensorInfo) -> Group | None:
         if not self.packed:
             return None
         p = self.params
         name, (out, cols) = info.name, info.shape
-        if p.granularity == "group" and cols % p.group_size:
+        if self.granularity() == "group" and cols % p.group_size:
             raise UsageError(f"quantize: tensor {name!r}: {cols} columns are not divisible by "
-                             f"group_size={p.group_size}; packed groups must be whole")
-        per_row = {"tensor": 0, "channel": 1, "group": cols // p.group_size}[p.granularity]
+                             f"group_size={p.group_size}; packed groups must be whole (or use granularity=channel)")
+        per_row = self._scales_per_row(cols)
         scale_shape = (out, per_row) if per_row else (1,)
         if p.type == "fp8":
             outputs = (TensorInfo(name, "F8_E4M3", info.shape), TensorInfo(name + "_scale", "F32", scale_shape))
@@ -152,7 +161,7 @@ class Quantize(Transform, name="quantize"):
         """The pieces of the packed layout (see `split`), by name."""
         p = self.params
         name, (out, cols) = ctx.name, array.shape
-        per_row = {"tensor": 0, "channel": 1, "group": cols // p.group_size}[p.granularity]
+        per_row = self._scales_per_row(cols)
         groups = array.reshape(out * per_row, -1) if per_row else array.reshape(1, -1)
         scale_shape = (out, per_row) if per_row else (1,)
         grid = self.grid()
@@ -171,19 +180,24 @@ class Quantize(Transform, name="quantize"):
             pieces[name + "_shape"] = np.array([out, cols], dtype=np.int64)
         return pieces
 
+    def _scales_per_row(self, cols: int) -> int:
+        """Scales per output row of a packed weight: 0 for one per tensor."""
+        return {"tensor": 0, "channel": 1, "group": cols // self.params.group_size}[self.granularity()]
+
     def _groups(self, array: np.ndarray, ctx: Context | None):
         """(index into the tensor, 2-D rows that each get one grid) pairs covering `array`."""
         p = self.params
-        if p.granularity == "tensor" or (p.granularity == "channel" and array.ndim < 2):
+        granularity = self.granularity()
+        if granularity == "tensor" or (granularity == "channel" and array.ndim < 2):
             yield ..., array.reshape(1, -1)
             return
-        if p.granularity == "channel":
+        if granularity == "channel":
             yield ..., array.reshape(array.shape[0], -1)
             return
         rows = array.reshape(-1, array.shape[-1])
         width = rows.shape[1]
         full = width - width % p.group_size
-        if full != width and p.remainder == "error":
+        if full != width and p.remainder == "error" and p.granularity == "group":
             name = ctx.name if ctx else "?"
             raise InputError(f"tensor {name!r}: last axis {width} is not divisible by group_size={p.group_size}; "
                              f"pass remainder=ok to quantize the tail group of {width - full} on its own")
