@@ -279,3 +279,31 @@ def test_changing_a_compressed_weight_needs_allow_requantize(packed_llama, tmp_p
     assert result.exit_code == 0, result.output
     with open_checkpoint(tmp_path / "again.safetensors") as again:
         assert again.info("lm_head.weight").dtype == "F32"
+
+
+def test_codebook_golden(tmp_path):
+    """Three distinct values for k = 4: the codebook holds them ascending, then one zero of padding."""
+    w = np.array([[0.0, 0.0, 0.5], [0.5, 2.0, 2.0]], dtype=np.float32)
+    pieces = Transform.create("share", {"clusters": 4, "storage": "codebook"}).apply_split(
+        w, Context(TensorInfo("w", "F32", w.shape)))
+    assert pieces["w_indices"].dtype == np.uint8
+    assert pieces["w_indices"].tolist() == [[0, 0, 1], [1, 2, 2]]
+    assert pieces["w_codebook"].tolist() == [0.0, 0.5, 2.0, 0.0]
+
+
+def test_codebook_file_round_trip(tmp_path):
+    w = np.array([[0.0, 0.1, 0.9], [1.0, 2.0, 2.2]], dtype=np.float16)
+    save_file({"m.weight": w}, tmp_path / "in.safetensors")
+    wtool.run(wtool.Pipeline.from_specs(["share:clusters=3,storage=codebook"]), tmp_path / "in.safetensors",
+              tmp_path / "cb.safetensors")
+    with open_checkpoint(tmp_path / "cb.safetensors") as reader:
+        assert reader.read("m.weight_indices").tolist() == [[0, 0, 1], [1, 2, 2]]
+        assert reader.read("m.weight_codebook").tolist() == np.array([0.05, 0.95, 2.1], np.float16).tolist()
+        assert "quantization_config" not in reader.metadata  # no standard for codebooks
+    result = invoke("inspect", tmp_path / "cb.safetensors", "--json", "-", "--quiet")
+    (row,) = json.loads(result.output)["tensors"]
+    assert (row["name"], row["layout"]["scheme"]) == ("m.weight", "codebook, 8-bit indices")
+    wtool.decompress(tmp_path / "cb.safetensors", tmp_path / "dense.safetensors")
+    with open_checkpoint(tmp_path / "dense.safetensors") as reader:
+        assert reader.read("m.weight").tolist() == np.array([[0.05, 0.05, 0.95], [0.95, 2.1, 2.1]],
+                                                            dtype=np.float16).tolist()

@@ -51,22 +51,32 @@ def pack_int32(q: np.ndarray, bits: int) -> np.ndarray:
     per_word = 32 // bits
     rows, cols = q.shape
     words = -(-cols // per_word)
-    unsigned = np.zeros((rows, words * per_word), dtype=np.uint32)
-    unsigned[:, :cols] = q.astype(np.int32) + (1 << (bits - 1))
-    lanes = unsigned.reshape(rows, words, per_word)
-    lanes <<= (np.arange(per_word, dtype=np.uint32) * bits)
-    return np.bitwise_or.reduce(lanes, axis=2).view(np.int32)
+    # q + 2^(b-1) as bytes (two's complement wraps the same way), then 8/b of them per byte; the
+    # host is little-endian (wtool.dtypes), so four bytes in a row are one word, lowest first
+    unsigned = np.zeros((rows, words * per_word), dtype=np.uint8)
+    np.add(q.view(np.uint8) if q.dtype == np.int8 else q.astype(np.int8).view(np.uint8),
+           np.uint8(1 << (bits - 1)), out=unsigned[:, :cols])
+    if bits < 8:
+        unsigned &= np.uint8((1 << bits) - 1)
+        per_byte = 8 // bits
+        packed = unsigned[:, 0::per_byte].copy()
+        for lane in range(1, per_byte):
+            packed |= unsigned[:, lane::per_byte] << np.uint8(lane * bits)
+        unsigned = packed
+    return unsigned.view(np.int32)
 
 
 def unpack_int32(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
     """The inverse of `pack_int32`: int8 values [rows, cols] (the padding dropped)."""
     if bits not in PACK_BITS:
         raise ValueError(f"packing supports {PACK_BITS} bits, not {bits}")
-    per_word = 32 // bits
-    words = np.ascontiguousarray(packed).view(np.uint32)
-    lanes = (words[:, :, None] >> (np.arange(per_word, dtype=np.uint32) * bits)) & ((1 << bits) - 1)
-    values = lanes.reshape(words.shape[0], -1)[:, :cols].astype(np.int16) - (1 << (bits - 1))
-    return values.astype(np.int8)
+    stored = np.ascontiguousarray(packed).view(np.uint8)  # little-endian: each word's bytes, lowest first
+    per_byte = 8 // bits
+    unsigned = np.empty((stored.shape[0], stored.shape[1] * per_byte), dtype=np.uint8)
+    for lane in range(per_byte):
+        unsigned[:, lane::per_byte] = (stored >> np.uint8(lane * bits)) & np.uint8((1 << bits) - 1)
+    values = unsigned[:, :cols] - np.uint8(1 << (bits - 1))  # wraps to the two's complement of q
+    return values.view(np.int8)
 
 
 def packed_width(cols: int, bits: int) -> int:
@@ -102,7 +112,7 @@ class IntGrid:
         """Scale (rounded to `scale_dtype`, then float32) and integer zero point (or None) per row."""
         if self.symmetric:
             divisor = (1 << (self.bits - 1)) - (0.5 if self.full else 1.0)
-            raw = np.abs(groups).max(axis=1) / np.float32(divisor)
+            raw = np.maximum(groups.max(axis=1), -groups.min(axis=1)) / np.float32(divisor)
         else:
             low = np.minimum(groups.min(axis=1), 0)
             raw = (np.maximum(groups.max(axis=1), 0) - low) / np.float32((1 << self.bits) - 1)
@@ -115,21 +125,43 @@ class IntGrid:
 
     def quantize(self, groups: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
         """q = clamp(round(w/scale + zero)) as int8, one scale (and zero) per row; half to even."""
-        work = groups / scale[:, None]
-        if zero is not None:
-            work += zero[:, None]
-        np.round(work, out=work)
-        np.clip(work, self.qmin, self.qmax, out=work)
-        return work.astype(np.int8)
+        out = np.empty(groups.shape, dtype=np.int8)
+        for rows, cols in _blocks(groups.shape):
+            work = groups[rows, cols] / scale[rows, None]
+            if zero is not None:
+                work += zero[rows, None]
+            np.round(work, out=work)
+            np.clip(work, self.qmin, self.qmax, out=work)
+            out[rows, cols] = work
+        return out
+
+
+_BLOCK = 1 << 16  # values per block: the working copies stay in the CPU cache
+
+
+def _blocks(shape: tuple[int, int]):
+    """(row slice, column slice) blocks of about _BLOCK values covering a rows × values array."""
+    rows, width = shape
+    if width >= _BLOCK:
+        for row in range(rows):
+            for start in range(0, width, _BLOCK):
+                yield slice(row, row + 1), slice(start, start + _BLOCK)
+        return
+    step = max(1, _BLOCK // max(width, 1))
+    for start in range(0, rows, step):
+        yield slice(start, start + step), slice(None)
 
 
 def dequantize_int(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
     """(q − zero)·scale in float32, one scale per row of `q` (rows × values)."""
-    work = q.astype(np.float32)
-    if zero is not None:
-        work -= zero.astype(np.float32)[:, None]
-    work *= scale.astype(np.float32)[:, None]
-    return work
+    out = np.empty(q.shape, dtype=np.float32)
+    for rows, cols in _blocks(q.shape):
+        work = out[rows, cols]
+        work[...] = q[rows, cols]
+        if zero is not None:
+            work -= zero[rows, None].astype(np.float32)
+        work *= scale[rows, None].astype(np.float32)
+    return out
 
 
 def fp8_params(rows: np.ndarray) -> np.ndarray:
@@ -164,7 +196,7 @@ class Scheme:
 
     def label(self) -> str:
         if self.format == "codebook":
-            return f"codebook k≤{1 << self.num_bits}"
+            return f"codebook, {self.num_bits}-bit indices"
         kind = "fp8" if self.type == "float" else f"int{self.num_bits}"
         grain = f"group {self.group_size}" if self.strategy == "group" else self.strategy
         return f"{kind} {'sym' if self.symmetric else 'asym'} {grain}"
