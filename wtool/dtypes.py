@@ -98,3 +98,32 @@ def to_storage(array: np.ndarray, dtype: DType) -> np.ndarray:
     """
     array = np.asarray(array)
     return np.ascontiguousarray(array, dtype=dtype.numpy).reshape(array.shape)  # ascontiguousarray makes 0-d 1-d
+
+
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def widen_into(array: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Convert `array` exactly into the wider float buffer `out` (same shape) and return `out`.
+
+    bfloat16 is the upper half of a float32, so bfloat16 -> float32 is a 16-bit shift of the
+    bits (pure integer numpy, which releases the GIL); other dtypes take numpy's cast.
+
+    >>> widen_into(np.array([1.5, -2.0], ml_dtypes.bfloat16), np.empty(2, np.float32))
+    array([ 1.5, -2. ], dtype=float32)
+    """
+    if array.dtype == _BFLOAT16 and out.dtype == np.float32:
+        bits = out.view(np.uint32)
+        np.copyto(bits, array.view(np.uint16))
+        np.left_shift(bits, 16, out=bits)
+    else:
+        np.copyto(out, array, casting="unsafe")
+    return out
+
+
+def widen(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A new array holding `array` converted exactly to the wider float `dtype` (see `widen_into`)."""
+    array = np.asarray(array)
+    if array.dtype == dtype:
+        return array
+    return widen_into(array, np.empty(array.shape, dtype))

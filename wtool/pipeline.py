@@ -39,7 +39,7 @@ from wtool.io import (
 )
 from wtool.report import GroupRecord, Report, SkipRecord, TensorRecord
 from wtool.selection import Selector
-from wtool.stats import error_metrics, histogram, tensor_stats
+from wtool.stats import compare, histogram, tensor_stats
 from wtool.tensor import TensorInfo
 from wtool.transforms import Context, Group, GroupTransform, Transform
 
@@ -569,7 +569,8 @@ def _all_nodes(nodes: Sequence[Node]) -> Iterator[Node]:
 def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple[np.ndarray, TensorRecord]:
     """Evaluate one output tensor in its storage dtype, with its before/after statistics.
 
-    `source` is the input tensor of the same name, if any: the "before" of the report.
+    `source` is the input tensor of the same name, if any: the "before" of the report. A
+    tensor of the same shape is compared in one pass over the pair (`stats.compare`).
     """
     info = node.info
     before = reader.read(info.name) if source is not None else None
@@ -583,20 +584,25 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple
         stored = _to_storage(value, info)
     except InputError as exc:
         raise InputError(f"{reader.path}: {exc}") from None
-    before_stats = tensor_stats(before) if before is not None else None
-    after_stats = tensor_stats(stored)
-    comparable = source is not None and source.shape == info.shape
-    changed = not comparable or source.dtype != info.dtype or not _same_bytes(before, stored)
-    error = error_metrics(before, stored) if comparable else None
+    del value
+    if source is not None and source.shape == info.shape:
+        pair = compare(before, stored)
+        changed = source.dtype != info.dtype or not pair.same_bytes
+        before_stats, after_stats, error = pair.before, pair.after, pair.error
+        histograms = pair.histogram if changed else None
+    else:
+        before_stats = tensor_stats(before) if before is not None else None
+        after_stats, error, changed = tensor_stats(stored), None, True
+        histograms = _histograms(before, before_stats, stored, after_stats)
     return stored, TensorRecord(info.name, info.dtype, list(info.shape), list(node.steps), changed,
                                 before_stats, after_stats, error, dict(node.extras),
-                                dtype_before=source.dtype if source else None,
-                                histogram=_histograms(before, before_stats, stored, after_stats) if changed else None)
+                                dtype_before=source.dtype if source else None, histogram=histograms)
 
 
 def _histograms(before: np.ndarray | None, before_stats: dict[str, Any] | None,
                 after: np.ndarray, after_stats: dict[str, Any]) -> dict[str, Any] | None:
-    """Before/after value histograms on one shared range (for sparklines and the HTML report)."""
+    """Before/after value histograms on one shared range, for tensors `compare` cannot pair
+    (created, or reshaped by a group transform)."""
     ends = [v for s in (before_stats, after_stats) if s for v in (s["min"], s["max"]) if v is not None]
     if not ends:
         return None
@@ -618,14 +624,6 @@ def _to_storage(value: np.ndarray, info: TensorInfo) -> np.ndarray:
             raise InputError(f"tensor {info.name!r}: {overflow} value(s) overflow {dtype.user_name} after the "
                              f"pipeline; add a cast step with saturate=true or clip first")
     return stored
-
-
-def _same_bytes(before: np.ndarray, after: np.ndarray, chunk: int = 1 << 24) -> bool:
-    """Bitwise equality, compared in chunks so no tensor-sized temporary is made."""
-    if before.dtype != after.dtype or before.shape != after.shape:
-        return False
-    a, b = before.reshape(-1).view(np.uint8), np.ascontiguousarray(after).reshape(-1).view(np.uint8)
-    return all(np.array_equal(a[i:i + chunk], b[i:i + chunk]) for i in range(0, a.size, chunk))
 
 
 def _planned_record(node: Node) -> TensorRecord:
