@@ -103,13 +103,13 @@ def to_storage(array: np.ndarray, dtype: DType) -> np.ndarray:
 _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
-def widen_into(array: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Convert `array` exactly into the wider float buffer `out` (same shape) and return `out`.
+def convert_into(array: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Convert `array` into the buffer `out` (same shape; exact when `out` is a wider float) and return `out`.
 
     bfloat16 is the upper half of a float32, so bfloat16 -> float32 is a 16-bit shift of the
     bits (pure integer numpy, which releases the GIL); other dtypes take numpy's cast.
 
-    >>> widen_into(np.array([1.5, -2.0], ml_dtypes.bfloat16), np.empty(2, np.float32))
+    >>> convert_into(np.array([1.5, -2.0], ml_dtypes.bfloat16), np.empty(2, np.float32))
     array([ 1.5, -2. ], dtype=float32)
     """
     if array.dtype == _BFLOAT16 and out.dtype == np.float32:
@@ -121,9 +121,9 @@ def widen_into(array: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def widen(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """A new array holding `array` converted exactly to the wider float `dtype` (see `widen_into`)."""
+def convert(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`array` as `dtype`: itself when it already is, else a new array (see `convert_into`)."""
     array = np.asarray(array)
     if array.dtype == dtype:
         return array
-    return widen_into(array, np.empty(array.shape, dtype))
+    return convert_into(array, np.empty(array.shape, dtype))

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from wtool import __version__
-from wtool.dtypes import by_code, to_storage
+from wtool.dtypes import by_code, convert, to_storage
 from wtool.errors import InputError, UsageError
 from wtool.io import (
     Reader,
@@ -39,7 +39,7 @@ from wtool.io import (
 )
 from wtool.report import GroupRecord, Report, SkipRecord, TensorRecord
 from wtool.selection import Selector
-from wtool.stats import compare, histogram, tensor_stats
+from wtool.stats import compare, histogram, same_bytes, tensor_stats
 from wtool.tensor import TensorInfo
 from wtool.transforms import Context, Group, GroupTransform, Transform
 
@@ -179,7 +179,7 @@ class Node:
 
     def load(self) -> np.ndarray:
         """The value in compute dtype (float32, or float64 for F64 tensors)."""
-        return np.asarray(self.compute(), dtype=self.info.dtype_info.compute)
+        return convert(self.compute(), self.info.dtype_info.compute)
 
 
 class SourceNode(Node):
@@ -447,14 +447,15 @@ class Progress(Protocol):
 
 def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, force: bool = False,
         max_shard_size: int | None = None, dry_run: bool = False, copy_model_files: bool = True,
-        jobs: int = 1, progress: Progress | None = None) -> Report:
+        jobs: int = 1, stats: bool = True, progress: Progress | None = None) -> Report:
     """Stream `source` through the pipeline into `output` and report what changed.
 
     With `dry_run` (or no output) nothing is read beyond headers and nothing is written; the
     report then holds the plan (tensors and their steps) without statistics. When both input
     and output are model folders, the config and tokenizer files travel along
     (`copy_model_files`), so the output loads with `from_pretrained`. `jobs` tensors are
-    computed at once (peak memory grows with it).
+    computed at once (peak memory grows with it). Without `stats` the report lists tensors,
+    steps and whether their bytes changed, without statistics, error metrics or histograms.
     """
     if jobs < 1:
         raise UsageError(f"jobs={jobs}: must be at least 1")
@@ -477,7 +478,7 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
             records = []
             with create_writer(output, infos, metadata, max_shard_size=max_shard_size, force=force,
                                extra_files=extra) as writer:
-                for node, (array, record) in _evaluate_in_order(reader, sources, the_plan.nodes, jobs):
+                for node, (array, record) in _evaluate_in_order(reader, sources, the_plan.nodes, jobs, stats):
                     writer.write(node.info.name, array)
                     records.append(record)
                     del array
@@ -489,27 +490,27 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
 
 
 def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes: Sequence[Node],
-                       jobs: int) -> Iterator[tuple[Node, tuple[np.ndarray, TensorRecord]]]:
+                       jobs: int, stats: bool) -> Iterator[tuple[Node, tuple[np.ndarray, TensorRecord]]]:
     """Materialise the output tensors in order, up to `jobs` of them at once in threads
     (numpy releases the GIL in its kernels); memory grows with `jobs`."""
+    work = partial(_materialise, reader, stats=stats)
     if jobs <= 1:
         for node in nodes:
-            yield node, _materialise(reader, sources.get(node.info.name), node)
+            yield node, work(sources.get(node.info.name), node)
         return
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="wtool")
     pending: deque[tuple[Node, Future]] = deque()
     upcoming = iter(nodes)
     try:
         for node in upcoming:
-            pending.append((node, pool.submit(_materialise, reader, sources.get(node.info.name), node)))
+            pending.append((node, pool.submit(work, sources.get(node.info.name), node)))
             if len(pending) >= jobs:
                 break
         while pending:
             node, future = pending.popleft()
             following = next(upcoming, None)
             if following is not None:
-                pending.append((following, pool.submit(_materialise, reader, sources.get(following.info.name),
-                                                       following)))
+                pending.append((following, pool.submit(work, sources.get(following.info.name), following)))
             yield node, future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -566,7 +567,8 @@ def _all_nodes(nodes: Sequence[Node]) -> Iterator[Node]:
             stack.extend(node.evaluation.inputs.values())
 
 
-def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple[np.ndarray, TensorRecord]:
+def _materialise(reader: Reader, source: TensorInfo | None, node: Node, *,
+                 stats: bool = True) -> tuple[np.ndarray, TensorRecord]:
     """Evaluate one output tensor in its storage dtype, with its before/after statistics.
 
     `source` is the input tensor of the same name, if any: the "before" of the report. A
@@ -576,7 +578,7 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple
     before = reader.read(info.name) if source is not None else None
     if isinstance(node, SourceNode):
         stored = before
-        after_stats = before_stats = tensor_stats(before)
+        after_stats = before_stats = tensor_stats(before) if stats else None
         return stored, TensorRecord(info.name, info.dtype, list(info.shape), [], False,
                                     before_stats, after_stats, None, {})
     value = node.compute()
@@ -585,7 +587,13 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple
     except InputError as exc:
         raise InputError(f"{reader.path}: {exc}") from None
     del value
-    if source is not None and source.shape == info.shape:
+    comparable = source is not None and source.shape == info.shape
+    if not stats:
+        changed = not comparable or source.dtype != info.dtype or not same_bytes(before, stored)
+        return stored, TensorRecord(info.name, info.dtype, list(info.shape), list(node.steps), changed,
+                                    None, None, None, dict(node.extras),
+                                    dtype_before=source.dtype if source else None)
+    if comparable:
         pair = compare(before, stored)
         changed = source.dtype != info.dtype or not pair.same_bytes
         before_stats, after_stats, error = pair.before, pair.after, pair.error
@@ -617,13 +625,23 @@ def _to_storage(value: np.ndarray, info: TensorInfo) -> np.ndarray:
     dtype = by_code(info.dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         stored = to_storage(value, dtype)
-    narrower = dtype.is_float and dtype.itemsize < np.asarray(value).dtype.itemsize
-    if narrower:
+    value = np.asarray(value)
+    if dtype.is_float and dtype.itemsize < value.dtype.itemsize and _may_overflow(value, dtype.numpy):
         overflow = int(np.count_nonzero(~np.isfinite(stored))) - int(np.count_nonzero(~np.isfinite(value)))
         if overflow > 0:
             raise InputError(f"tensor {info.name!r}: {overflow} value(s) overflow {dtype.user_name} after the "
                              f"pipeline; add a cast step with saturate=true or clip first")
     return stored
+
+
+def _may_overflow(value: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether casting `value` to `dtype` may create NaN/Inf: rounding is monotonic, so only
+    the extremes can overflow (two fast reductions instead of counting every element)."""
+    if not value.size:
+        return False
+    extremes = np.array([value.min(), value.max()])
+    with np.errstate(over="ignore", invalid="ignore"):
+        return not (np.isfinite(extremes).all() and np.isfinite(extremes.astype(dtype)).all())
 
 
 def _planned_record(node: Node) -> TensorRecord:

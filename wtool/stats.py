@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from wtool.dtypes import widen_into
+from wtool.dtypes import convert_into
 
 CHUNK = 1 << 16  # elements per chunk: a chunk's working buffers stay in the core's cache
 BINS = 32
@@ -53,7 +53,7 @@ def _values(part: np.ndarray, slot: str) -> np.ndarray:
     target = _compute_dtype(part.dtype)
     if part.dtype == target:
         return part
-    return widen_into(part, _buffer(slot, target)[:part.size])
+    return convert_into(part, _buffer(slot, target)[:part.size])
 
 
 @dataclass
@@ -310,8 +310,7 @@ def compare(before: np.ndarray, after: np.ndarray, bins: int = BINS) -> Comparis
     sides, error = (_Moments(a_flat.size), _Moments(b_flat.size)), _Error()
     for start in _chunks(a_flat.size):
         a_part, b_part = a_flat[start:start + CHUNK], b_flat[start:start + CHUNK]
-        if same:
-            same = np.array_equal(_raw(a_part), _raw(b_part))
+        same = same and _same_chunk(a_part, b_part)
         a, b = sides[0].take(a_part, "a"), sides[1].take(b_part, "b")
         a_wide, b_wide = _wide(a.values, "wa"), _wide(b.values, "wb")
         if a.dropped or b.dropped:  # NaN/Inf on either side: the slow, masked path
@@ -337,9 +336,19 @@ def compare(before: np.ndarray, after: np.ndarray, bins: int = BINS) -> Comparis
     return Comparison(before_stats, after_stats, error.result(before_stats["l2"], a_flat.size), histograms, same)
 
 
-def _raw(part: np.ndarray) -> np.ndarray:
-    """The bytes of a chunk as unsigned integers of the same width (bitwise comparison)."""
-    return part.view(f"u{part.dtype.itemsize}") if part.dtype.itemsize in (1, 2, 4, 8) else part.view(np.uint8)
+def _same_chunk(a_part: np.ndarray, b_part: np.ndarray) -> bool:
+    """Bitwise equality of two chunks of one dtype, compared as unsigned integers of its width."""
+    width = a_part.dtype.itemsize
+    raw = f"u{width}" if width in (1, 2, 4, 8) else np.uint8
+    return bool(np.array_equal(a_part.view(raw), b_part.view(raw)))
+
+
+def same_bytes(before: np.ndarray, after: np.ndarray) -> bool:
+    """Whether two arrays hold the same dtype, shape and bytes (NaN payloads and -0.0 included)."""
+    if before.dtype != after.dtype or before.shape != after.shape:
+        return False
+    a_flat, b_flat = _flat(before), _flat(after)
+    return all(_same_chunk(a_flat[i:i + CHUNK], b_flat[i:i + CHUNK]) for i in _chunks(a_flat.size))
 
 
 def _masked_delta(a_part: np.ndarray, b_part: np.ndarray) -> np.ndarray:

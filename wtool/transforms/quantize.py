@@ -63,12 +63,20 @@ class Quantize(Transform, name="quantize"):
         """Quantize each row of a 2-D array on its own grid."""
         levels = 2 ** self.params.bits - 1
         # One working array, updated in place: peak memory is one extra copy of the tensor.
+        out = np.empty_like(groups)
+        step = max(1, _BLOCK // max(groups.shape[1], 1))
+        for start in range(0, groups.shape[0], step):  # blocks of rows small enough to stay in cache
+            self._snap_block(groups[start:start + step], out[start:start + step], levels)
+        return out
+
+    def _snap_block(self, groups: np.ndarray, work: np.ndarray, levels: int) -> None:
+        """Quantize rows of `groups` into `work`; max(max, -min) is the absmax without a |w| copy."""
         if self.params.scheme == "sym":
             half = 2 ** (self.params.bits - 1) - 1
-            scale = np.abs(groups).max(axis=1, keepdims=True) / half
+            scale = np.maximum(groups.max(axis=1, keepdims=True), -groups.min(axis=1, keepdims=True)) / half
             constant = scale == 0
             scale[constant] = 1
-            work = groups / scale
+            np.divide(groups, scale, out=work)
             np.round(work, out=work)
             work *= scale
         else:
@@ -76,7 +84,7 @@ class Quantize(Transform, name="quantize"):
             span = groups.max(axis=1, keepdims=True) - low
             constant = span == 0
             span[constant] = 1
-            work = groups - low
+            np.subtract(groups, low, out=work)
             work /= span
             work *= levels
             np.round(work, out=work)
@@ -84,5 +92,8 @@ class Quantize(Transform, name="quantize"):
             work /= levels
             work += low
         rows = constant.reshape(-1)
-        work[rows] = groups[rows]
-        return work
+        if rows.any():
+            work[rows] = groups[rows]
+
+
+_BLOCK = 1 << 16  # values per block of rows in `_snap`

@@ -113,8 +113,12 @@ class Sparsify(Transform, name="sparsify"):
         p = self.params
         if array.size == 0:
             return array.copy()
-        if p.threshold is not None:
-            return np.where(np.abs(array) >= p.threshold, array, np.zeros((), array.dtype))
+        if p.threshold is not None:  # keep |w| >= τ; two comparisons and a masked copy beat np.where
+            keep = array >= p.threshold
+            keep |= array <= -p.threshold
+            out = np.zeros_like(array)
+            np.copyto(out, array, where=keep)
+            return out
         if p.nm is not None:
             return self._nm(array, ctx)
         if p.scope == "global":
