@@ -190,10 +190,17 @@ def test_compare_tells_bytes_apart_that_compare_equal():
     assert stats.compare(a.astype(np.float64), a).same_bytes is False  # another dtype is another storage
 
 
-def test_statistics_of_a_bfloat16_tensor_equal_those_of_its_float32_values(monkeypatch):
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, ml_dtypes.float8_e4m3fn])
+def test_counted_bit_patterns_give_the_statistics_of_the_chunked_pass(monkeypatch, dtype):
     monkeypatch.setattr(stats, "CHUNK", 1000)
-    values = np.random.default_rng(6).normal(3, 2, size=12_345).astype(ml_dtypes.bfloat16)
-    assert stats.tensor_stats(values) == stats.tensor_stats(values.astype(np.float32))
+    values = np.random.default_rng(6).normal(3, 2, size=12_345).astype(dtype)
+    values[[5, 77]] = [np.nan, np.inf] if dtype != ml_dtypes.float8_e4m3fn else [np.nan, 0]
+    counted, chunked = stats.tensor_stats(values), stats.tensor_stats(values.astype(np.float32))
+    assert counted.keys() == chunked.keys()
+    for key, value in counted.items():
+        assert math.isclose(value, chunked[key], rel_tol=1e-12), key
+    low, high = counted["min"], counted["max"] + 1
+    assert stats.histogram(values, low, high) == stats.histogram(values.astype(np.float32), low, high)
 
 
 def test_same_bytes_is_bitwise(monkeypatch):

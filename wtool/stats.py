@@ -1,13 +1,13 @@
 """Per-tensor statistics and error metrics: pure numpy, chunked, sums accumulated in float64.
 
-Every figure of a tensor comes from one pass over it in chunks of CHUNK elements (small
-enough to stay in cache), each chunk converted once into reused per-thread buffers:
-float32 for 32-bit and narrower floats (bfloat16 by a bit shift), float64 for float64 and
-integers. Sums and sums of squares are taken in float64 over exact float64 copies of the
-values, so they keep float64 accuracy whatever the storage dtype. `compare` does the same
-for a tensor before and after a pipeline in one pass over the pair: both sides' statistics,
-the error metrics and both histograms (a min/max scan first fixes the histogram range).
-No BLAS call is made: a BLAS dot starts threads of its own that fight `--jobs` for the cores.
+Floats of 16 bits or fewer (bfloat16, float16, float8) have at most 65536 distinct values:
+their statistics and histograms come, exactly, from one count of their bit patterns
+(one bincount per chunk, no conversion). Other tensors are read once in chunks of CHUNK
+elements (small enough to stay in cache), each converted once into reused per-thread
+buffers; sums and sums of squares are taken in float64 over exact float64 copies of the
+values. `compare` takes a tensor before and after a pipeline: both sides' statistics, the
+error metrics and both histograms, with one pass over the pair for the error. No BLAS call
+is made: a BLAS dot starts threads of its own that fight `--jobs` for the cores.
 
 >>> tensor_stats(np.array([[0.0, -2.0], [3.0, 1.0]], dtype=np.float32))["absmax"]
 3.0
@@ -15,8 +15,10 @@ No BLAS call is made: a BLAS dot starts threads of its own that fight `--jobs` f
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,13 +35,14 @@ ERROR_KEYS = ("mse", "max_abs", "rel_l2", "sqnr_db")
 _local = threading.local()
 
 
-def _buffer(slot: str, dtype: type) -> np.ndarray:
-    """This thread's reused work array of CHUNK elements for `slot` (one per slot and dtype)."""
+def _buffer(slot: str, dtype: type, size: int | None = None) -> np.ndarray:
+    """This thread's reused work array for `slot` and `dtype`: `size` (default CHUNK) elements."""
+    size = CHUNK if size is None else size
     cache = _local.__dict__.setdefault("buffers", {})
     array = cache.get((slot, dtype))
-    if array is None or array.size != CHUNK:
-        array = cache[slot, dtype] = np.empty(CHUNK, dtype)
-    return array
+    if array is None or array.size < size or array.size < CHUNK:
+        array = cache[slot, dtype] = np.empty(max(size, CHUNK), dtype)
+    return array[:size]
 
 
 def _compute_dtype(dtype: np.dtype) -> type:
@@ -53,7 +56,7 @@ def _values(part: np.ndarray, slot: str) -> np.ndarray:
     target = _compute_dtype(part.dtype)
     if part.dtype == target:
         return part
-    return convert_into(part, _buffer(slot, target)[:part.size])
+    return convert_into(part, _buffer(slot, target, part.size))
 
 
 @dataclass
@@ -71,9 +74,9 @@ class _Finite:
         return bool(self.nan or self.inf)
 
 
-def _finite(part: np.ndarray, slot: str) -> _Finite:
-    """The finite values of a chunk; min/max propagate NaN/Inf, so clean chunks cost no mask."""
-    values = _values(part, slot)
+def _finite(values: np.ndarray) -> _Finite:
+    """The finite values of a chunk (in compute dtype); min/max propagate NaN/Inf, so clean
+    chunks cost no mask."""
     low, high = float(values.min()), float(values.max())
     if math.isfinite(low) and math.isfinite(high):
         return _Finite(values, low, high)
@@ -81,12 +84,12 @@ def _finite(part: np.ndarray, slot: str) -> _Finite:
     nans = int(np.count_nonzero(np.isnan(values)))
     values = values[keep]
     low, high = (float(values.min()), float(values.max())) if values.size else (math.inf, -math.inf)
-    return _Finite(values, low, high, nans, part.size - values.size - nans)
+    return _Finite(values, low, high, nans, keep.size - values.size - nans)
 
 
 def _wide(values: np.ndarray, slot: str) -> np.ndarray:
     """A float64 copy of `values` in a reused buffer, free to be overwritten."""
-    out = _buffer(slot, np.float64)[:values.size]
+    out = _buffer(slot, np.float64, values.size)
     np.copyto(out, values)
     return out
 
@@ -141,12 +144,13 @@ class _Moments:
         self.shift: float | None = None
         self.sums = SumOfSquares()
 
-    def take(self, part: np.ndarray, slot: str) -> _Finite:
-        """Count a chunk's zeros, NaN/Inf and range; return its finite values for `add`."""
-        chunk = _finite(part, slot)
+    def take(self, values: np.ndarray) -> _Finite:
+        """Count a chunk's zeros, NaN/Inf and range (`values` in compute dtype); return its
+        finite values for `add`."""
+        chunk = _finite(values)
         self.nan, self.inf = self.nan + chunk.nan, self.inf + chunk.inf
         if chunk.values.size:
-            zero = np.equal(chunk.values, 0, out=_buffer("zero", np.bool_)[:chunk.values.size])
+            zero = np.equal(chunk.values, 0, out=_buffer("zero", np.bool_, chunk.values.size))
             self.zeros += int(np.count_nonzero(zero))
             self.low, self.high = min(self.low, chunk.low), max(self.high, chunk.high)
         return chunk
@@ -200,12 +204,76 @@ def tensor_stats(array: np.ndarray) -> dict[str, Any]:
     Float statistics ignore NaN/Inf (counted separately); bool and int tensors get the same
     keys computed on their values. Figures that do not exist (empty tensor) are None.
     """
-    flat = _flat(array)
+    return _side(_flat(array)).result()
+
+
+def _side(flat: np.ndarray) -> _Patterns | _Moments:
+    """The statistics of a whole tensor: bit-pattern counts for narrow floats, else one chunked pass."""
+    if _countable(flat.dtype):
+        return _Patterns(flat)
     side = _Moments(flat.size)
     for start in _chunks(flat.size):
-        chunk = side.take(flat[start:start + CHUNK], "a")
+        chunk = side.take(_values(flat[start:start + CHUNK], "a"))
         side.add(_wide(chunk.values, "wa"), chunk)
-    return side.result()
+    return side
+
+
+def _countable(dtype: np.dtype) -> bool:
+    """Floats of 16 bits or fewer: few enough distinct values to count each bit pattern."""
+    return _compute_dtype(dtype) == np.float32 and dtype.itemsize <= 2
+
+
+@functools.cache
+def _every_value(dtype: np.dtype) -> np.ndarray:
+    """Every value of a 16-bit-or-narrower dtype, indexed by its bit pattern, in float64."""
+    patterns = np.arange(1 << (8 * dtype.itemsize), dtype=np.uint32).astype(f"u{dtype.itemsize}")
+    with np.errstate(invalid="ignore"):
+        return patterns.view(dtype).astype(np.float64)
+
+
+class _Patterns:
+    """Statistics of a narrow float tensor from the counts of its bit patterns.
+
+    Counting costs one bincount per chunk and no conversion; the figures then come from the
+    table of the dtype's values weighted by the counts: the mean, a two-pass variance and
+    the sums exact to float64 rounding, and a histogram of any range (`histogram`).
+    """
+
+    CHUNK = 1 << 18  # bincount's own buffers and result stay a few MiB
+
+    def __init__(self, flat: np.ndarray) -> None:
+        counts = np.zeros(1 << (8 * flat.dtype.itemsize), dtype=np.int64)
+        raw = flat.view(f"u{flat.dtype.itemsize}")
+        for start in range(0, raw.size, self.CHUNK):
+            counts += np.bincount(raw[start:start + self.CHUNK], minlength=counts.size)
+        values = _every_value(flat.dtype)
+        finite = np.isfinite(values)
+        self.numel, self.nan = flat.size, int(counts[np.isnan(values)].sum())
+        self.inf = int(counts[np.isinf(values)].sum())
+        present = finite & (counts > 0)
+        self.values, self.weights = values[present], counts[present]
+        self.low = float(self.values.min()) if self.values.size else math.inf
+        self.high = float(self.values.max()) if self.values.size else -math.inf
+
+    def result(self) -> dict[str, Any]:
+        count, numel = int(self.weights.sum()), self.numel
+        figures: dict[str, Any] = {"numel": numel, "min": None, "max": None, "mean": None, "std": None,
+                                   "absmax": None, "l2": 0.0, "nan": self.nan, "inf": self.inf,
+                                   "sparsity": int(self.weights[self.values == 0].sum()) / numel if numel else None}
+        if not count:
+            return figures
+        weighted = self.weights * self.values  # exact: a count times a value of at most 11 significant bits
+        mean = float(np.add.reduce(weighted)) / count
+        deviations = self.values - mean
+        variance = float(np.add.reduce(self.weights * deviations * deviations)) / count
+        figures.update(min=self.low, max=self.high, mean=mean, std=math.sqrt(variance),
+                       absmax=max(abs(self.low), abs(self.high)),
+                       l2=math.sqrt(float(np.add.reduce(weighted * self.values))))
+        return figures
+
+    def histogram(self, binning: _Binning) -> np.ndarray:
+        counts = np.bincount(binning.index(self.values, "ia"), weights=self.weights, minlength=binning.bins)
+        return counts.astype(np.int64)  # float64 weights count exactly up to 2^53
 
 
 class _Binning:
@@ -218,10 +286,10 @@ class _Binning:
 
     def index(self, wide: np.ndarray, slot: str) -> np.ndarray:
         """Bin numbers of float64 values, computed in float64 like np.histogram's (in a reused buffer)."""
-        work = _buffer("wd", np.float64)[:wide.size]
+        work = _buffer("wd", np.float64, wide.size)
         np.subtract(wide, self.low, out=work)
         np.multiply(work, self.scale, out=work)
-        index = _buffer(slot, np.int32)[:wide.size]
+        index = _buffer(slot, np.int32, wide.size)
         np.copyto(index, work, casting="unsafe")  # truncation: values are >= 0
         return np.clip(index, 0, self.bins - 1, out=index)
 
@@ -239,17 +307,11 @@ def histogram(array: np.ndarray, low: float, high: float, bins: int = BINS) -> l
         return counts.tolist()
     binning = _Binning(low, high, bins)
     flat = _flat(array)
+    if _countable(flat.dtype):
+        return _Patterns(flat).histogram(binning).tolist()
     for start in _chunks(flat.size):
-        counts += binning.count(_wide(_finite(flat[start:start + CHUNK], "a").values, "wa"))
+        counts += binning.count(_wide(_finite(_values(flat[start:start + CHUNK], "a")).values, "wa"))
     return counts.tolist()
-
-
-def _finite_range(flat: np.ndarray, slot: str) -> tuple[float, float]:
-    low, high = math.inf, -math.inf
-    for start in _chunks(flat.size):
-        chunk = _finite(flat[start:start + CHUNK], slot)
-        low, high = min(low, chunk.low), max(high, chunk.high)
-    return low, high
 
 
 @dataclass
@@ -269,16 +331,23 @@ class _Error:
     def __init__(self) -> None:
         self.squares, self.max_abs, self.broken = SumOfSquares(), 0.0, False
 
-    def add(self, delta: np.ndarray) -> None:
-        """`delta` (float64 work buffer, overwritten) is b − a for one chunk."""
+    def add(self, delta: np.ndarray) -> bool:
+        """Add one chunk's b − a (float64 work buffer, overwritten); False, adding nothing,
+        when it holds NaN/Inf (the caller then separates what was not finite before)."""
         if not delta.size:
-            return
+            return True
         top = max(-float(delta.min()), float(delta.max()))
         if not math.isfinite(top):
-            self.broken = True
-            return
+            return False
         self.max_abs = max(self.max_abs, top)
         self.squares.add(delta, top)
+        return True
+
+    def add_masked(self, before: np.ndarray, after: np.ndarray) -> None:
+        """The slow path: b − a over the elements finite before; any other NaN/Inf breaks the error."""
+        keep = np.isfinite(before)
+        if not self.add(after[keep].astype(np.float64) - before[keep]):
+            self.broken = True
 
     def result(self, reference: float | None, numel: int) -> dict[str, float | None]:
         if self.broken:
@@ -292,48 +361,64 @@ class _Error:
 
 
 def compare(before: np.ndarray, after: np.ndarray, bins: int = BINS) -> Comparison:
-    """Statistics of both tensors, the error metrics and both histograms, in one pass over the pair.
+    """Statistics of both tensors, the error metrics and both histograms.
 
-    The histograms share the range of both tensors' finite values (found by a min/max scan
-    first) and are None when neither has a finite value or `bins` is 0. Shapes must match.
+    Narrow-float sides are counted by bit pattern; the error (and the statistics of other
+    sides) come from one chunked pass over the pair. The histograms share the range of both
+    tensors' finite values (for chunked sides a min/max scan finds it first) and are None
+    when neither has a finite value or `bins` is 0. Shapes must match.
     """
     a_flat, b_flat = _flat(before), _flat(after)
     if a_flat.size != b_flat.size:
         raise ValueError(f"compare: {a_flat.size} elements before, {b_flat.size} after")
-    same = a_flat.dtype == b_flat.dtype
-    low, high = math.inf, -math.inf
-    if bins:
-        (a_low, a_high), (b_low, b_high) = _finite_range(a_flat, "a"), _finite_range(b_flat, "b")
-        low, high = min(a_low, b_low), max(a_high, b_high)
-    binning = _Binning(low, high, bins) if bins and math.isfinite(low) and math.isfinite(high) else None
-    counts = np.zeros((2, bins), dtype=np.int64)
-    sides, error = (_Moments(a_flat.size), _Moments(b_flat.size)), _Error()
-    for start in _chunks(a_flat.size):
-        a_part, b_part = a_flat[start:start + CHUNK], b_flat[start:start + CHUNK]
-        same = same and _same_chunk(a_part, b_part)
-        a, b = sides[0].take(a_part, "a"), sides[1].take(b_part, "b")
-        a_wide, b_wide = _wide(a.values, "wa"), _wide(b.values, "wb")
-        if a.dropped or b.dropped:  # NaN/Inf on either side: the slow, masked path
-            error.add(_masked_delta(a_part, b_part))
-            if binning:
-                counts[0] += binning.count(a_wide)
-                counts[1] += binning.count(b_wide)
-        else:
-            delta = _buffer("wd", np.float64)[:a_wide.size]
-            error.add(np.subtract(b_wide, a_wide, out=delta))
-            if binning:  # one bincount for both sides: key = bin before · bins + bin after
-                key = binning.index(a_wide, "ia")
-                np.multiply(key, bins, out=key)
-                key += binning.index(b_wide, "ib")
-                joint = np.bincount(key, minlength=bins * bins).reshape(bins, bins)
-                counts[0] += joint.sum(axis=1)
-                counts[1] += joint.sum(axis=0)
-        sides[0].add(a_wide, a)
-        sides[1].add(b_wide, b)
+    flats = (a_flat, b_flat)
+    sides: list[_Patterns | _Moments] = [_Patterns(f) if _countable(f.dtype) else _Moments(f.size) for f in flats]
+    low, high = _shared_range(flats, sides) if bins else (math.inf, -math.inf)
+    binning = _Binning(low, high, bins) if math.isfinite(low) and math.isfinite(high) else None
+    counts = [np.zeros(bins, dtype=np.int64) for _ in flats]
+    same, error = a_flat.dtype == b_flat.dtype, _Error()
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, huge - -huge: sorted out by _Error
+        for start in _chunks(a_flat.size):
+            same = _compare_chunk(start, flats, sides, binning, counts, error) and same
+    for side, count in zip(sides, counts):
+        if binning and isinstance(side, _Patterns):
+            count += side.histogram(binning)
     before_stats, after_stats = sides[0].result(), sides[1].result()
-    histograms = None if binning is None else {"low": low, "high": high, "before": counts[0].tolist(),
-                                                "after": counts[1].tolist()}
+    histograms = None if binning is None else {"low": low, "high": high,
+                                                "before": counts[0].tolist(), "after": counts[1].tolist()}
     return Comparison(before_stats, after_stats, error.result(before_stats["l2"], a_flat.size), histograms, same)
+
+
+def _compare_chunk(start: int, flats: Sequence[np.ndarray], sides: Sequence[_Patterns | _Moments],
+                   binning: _Binning | None, counts: Sequence[np.ndarray], error: _Error) -> bool:
+    """One chunk of `compare`'s pass over the pair; whether its bytes are the same on both sides."""
+    parts = [f[start:start + CHUNK] for f in flats]
+    values = [_values(part, slot) for part, slot in zip(parts, "ab")]
+    wides = [_wide(v, slot) for v, slot in zip(values, ("wa", "wb"))]
+    if not error.add(np.subtract(wides[1], wides[0], out=_buffer("wd", np.float64, wides[0].size))):
+        error.add_masked(values[0], values[1])
+    for side, value, wide, count in zip(sides, values, wides, counts):
+        if isinstance(side, _Moments):
+            chunk = side.take(value)
+            if chunk.dropped:
+                wide = _wide(chunk.values, "wf")
+            if binning:
+                count += binning.count(wide)
+            side.add(wide, chunk)
+    return parts[0].dtype == parts[1].dtype and _same_chunk(*parts)
+
+
+def _shared_range(flats: Sequence[np.ndarray], sides: Sequence[_Patterns | _Moments]) -> tuple[float, float]:
+    """The range of both tensors' finite values (a min/max scan for chunked sides)."""
+    low, high = math.inf, -math.inf
+    for flat, side in zip(flats, sides):
+        if isinstance(side, _Patterns):
+            low, high = min(low, side.low), max(high, side.high)
+            continue
+        for start in _chunks(flat.size):
+            chunk = _finite(_values(flat[start:start + CHUNK], "a"))
+            low, high = min(low, chunk.low), max(high, chunk.high)
+    return low, high
 
 
 def _same_chunk(a_part: np.ndarray, b_part: np.ndarray) -> bool:
@@ -349,13 +434,6 @@ def same_bytes(before: np.ndarray, after: np.ndarray) -> bool:
         return False
     a_flat, b_flat = _flat(before), _flat(after)
     return all(_same_chunk(a_flat[i:i + CHUNK], b_flat[i:i + CHUNK]) for i in _chunks(a_flat.size))
-
-
-def _masked_delta(a_part: np.ndarray, b_part: np.ndarray) -> np.ndarray:
-    """b − a in float64 over the elements finite before (a fresh array: the rare NaN/Inf path)."""
-    reference = _values(a_part, "a")
-    keep = np.isfinite(reference)
-    return _values(b_part, "b")[keep].astype(np.float64) - reference[keep]
 
 
 def error_metrics(before: np.ndarray, after: np.ndarray) -> dict[str, float | None]:
