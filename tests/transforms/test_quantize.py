@@ -124,3 +124,19 @@ def test_blocks_of_rows_give_the_same_bytes_as_one_block(monkeypatch, scheme, gr
     blocked = step.apply(w, ctx(w))
     assert blocked.tobytes() == whole.tobytes()
     np.testing.assert_allclose(blocked, reference(w, 3, scheme, granularity, 16), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits, expected", [(2, "group"), (4, "group"), (5, "channel"), (8, "channel")])
+def test_default_granularity_is_group_128_at_4_bits_and_below(bits, expected):
+    """A per-channel 4-bit grid lets one outlier flatten its whole row; the default avoids it."""
+    rng = np.random.default_rng(bits)
+    w = rng.normal(size=(6, 300)).astype(np.float32)  # 300 = 2 groups of 128 + a tail of 44
+    w[2, 7] = 40.0
+    out = Transform.create("quantize", {"bits": bits}).apply(w, ctx(w))
+    np.testing.assert_allclose(out, reference(w, bits, "asym", expected, 128), rtol=2e-6, atol=1e-4)
+
+
+def test_explicit_group_granularity_still_refuses_a_tail():
+    w = np.ones((2, 300), np.float32)
+    with pytest.raises(InputError, match="remainder=ok"):
+        Transform.create("quantize", {"bits": 4, "granularity": "group"}).apply(w, ctx(w))
