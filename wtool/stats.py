@@ -89,9 +89,7 @@ def _finite(values: np.ndarray) -> _Finite:
 
 def _wide(values: np.ndarray, slot: str) -> np.ndarray:
     """A float64 copy of `values` in a reused buffer, free to be overwritten."""
-    out = _buffer(slot, np.float64, values.size)
-    np.copyto(out, values)
-    return out
+    return convert_into(values, _buffer(slot, np.float64, values.size))
 
 
 class SumOfSquares:
@@ -344,9 +342,10 @@ class _Error:
         return True
 
     def add_masked(self, before: np.ndarray, after: np.ndarray) -> None:
-        """The slow path: b − a over the elements finite before; any other NaN/Inf breaks the error."""
+        """The slow path (float64 chunks): b − a over the elements finite before; any other NaN/Inf
+        breaks the error."""
         keep = np.isfinite(before)
-        if not self.add(after[keep].astype(np.float64) - before[keep]):
+        if not self.add(after[keep] - before[keep]):
             self.broken = True
 
     def result(self, reference: float | None, numel: int) -> dict[str, float | None]:
@@ -379,7 +378,7 @@ def compare(before: np.ndarray, after: np.ndarray, bins: int = BINS) -> Comparis
     same, error = a_flat.dtype == b_flat.dtype, _Error()
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, huge - -huge: sorted out by _Error
         for start in _chunks(a_flat.size):
-            same = _compare_chunk(start, flats, sides, binning, counts, error) and same
+            same = _compare_chunk(start, flats, sides, binning, counts, error, same)
     for side, count in zip(sides, counts):
         if binning and isinstance(side, _Patterns):
             count += side.histogram(binning)
@@ -390,13 +389,14 @@ def compare(before: np.ndarray, after: np.ndarray, bins: int = BINS) -> Comparis
 
 
 def _compare_chunk(start: int, flats: Sequence[np.ndarray], sides: Sequence[_Patterns | _Moments],
-                   binning: _Binning | None, counts: Sequence[np.ndarray], error: _Error) -> bool:
-    """One chunk of `compare`'s pass over the pair; whether its bytes are the same on both sides."""
+                   binning: _Binning | None, counts: Sequence[np.ndarray], error: _Error, same: bool) -> bool:
+    """One chunk of `compare`'s pass over the pair; whether the bytes are still the same."""
     parts = [f[start:start + CHUNK] for f in flats]
-    values = [_values(part, slot) for part, slot in zip(parts, "ab")]
-    wides = [_wide(v, slot) for v, slot in zip(values, ("wa", "wb"))]
+    values = [part if isinstance(side, _Patterns) else _values(part, slot)  # counted sides go straight to float64
+              for part, side, slot in zip(parts, sides, "ab")]
+    wides = [_wide(value, slot) for value, slot in zip(values, ("wa", "wb"))]
     if not error.add(np.subtract(wides[1], wides[0], out=_buffer("wd", np.float64, wides[0].size))):
-        error.add_masked(values[0], values[1])
+        error.add_masked(wides[0], wides[1])
     for side, value, wide, count in zip(sides, values, wides, counts):
         if isinstance(side, _Moments):
             chunk = side.take(value)
@@ -405,7 +405,7 @@ def _compare_chunk(start: int, flats: Sequence[np.ndarray], sides: Sequence[_Pat
             if binning:
                 count += binning.count(wide)
             side.add(wide, chunk)
-    return parts[0].dtype == parts[1].dtype and _same_chunk(*parts)
+    return same and _same_chunk(*parts)
 
 
 def _shared_range(flats: Sequence[np.ndarray], sides: Sequence[_Patterns | _Moments]) -> tuple[float, float]:
