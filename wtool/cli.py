@@ -309,6 +309,8 @@ def apply(
                                                 "table, before/after histograms) to FILE.")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Tensors computed at once, in threads; "
                                       "peak memory grows with it.")] = 1,
+    stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Statistics, error metrics and histograms "
+                                        "per tensor; --no-stats reports only the steps and what changed.")] = True,
     quiet: Quiet = False,
     rows: Rows = report.SHOW_ROWS,
 ) -> None:
@@ -336,7 +338,7 @@ def apply(
         shard = parse_size(max_shard_size) if max_shard_size else None
         with _Bar("apply", not quiet and not dry_run) as bar:
             result = pipeline.run(pipe, source, output, force=force, max_shard_size=shard, dry_run=dry_run,
-                                  copy_model_files=model_files, jobs=jobs, progress=bar,
+                                  copy_model_files=model_files, jobs=jobs, stats=stats, progress=bar,
                                   reports=list(reports.values()), reads=[recipe] if recipe else [])
         stdout_taken = "-" in (report_path, markdown)
         console = _stderr() if stdout_taken else _stdout()
