@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,8 +78,9 @@ class _Outputs:
         self.mark = atomic.placements()
 
     def complete(self) -> list[str]:
+        """What is in place: the checkpoint once committed, then the reports written."""
         placed = self.checkpoint_absolute is not None and atomic.placed(self.checkpoint_absolute, self.mark)
-        return [str(self.checkpoint)] * placed + self.done
+        return ([str(self.checkpoint)] if placed else []) + self.done
 
     def finished(self, what: str) -> None:
         self.todo.remove(what)
@@ -223,12 +225,14 @@ def _debug(ctx: typer.Context) -> bool:
     return bool(ctx.obj and ctx.obj.get("debug"))
 
 
-def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: bool) -> list[Path]:
-    """Check report targets (option -> FILE or -) before any work; returns the files (absolute).
+def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: bool,
+                   inputs: list[Path] | None = None) -> dict[str, Path]:
+    """Check report targets (option -> FILE or -) before any work; returns each file as given -> absolute.
 
     At most one goes to stdout; no two outputs share a path; none goes inside a folder output
     (which is replaced whole); an existing one needs `--force` and must be a regular file.
-    Whether a report would touch an input is checked by the library, which knows the inputs.
+    `inputs` (commands without a pipeline) are protected here; `apply` leaves that to the
+    library, which knows every file the run reads.
     """
     taken = [option for option, target in reports.items() if target == "-"]
     if len(taken) > 1:
@@ -258,7 +262,11 @@ def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: boo
             raise UsageError(f"cannot write {target}: it is a folder")
         atomic.check_target(Path(target), force, "report")
         outputs.files[target] = atomic.absolute(Path(target))
-    return list(outputs.files.values())
+    if inputs and outputs.files:
+        protected = pipeline.protect(inputs)
+        for shown, target in outputs.files.items():
+            protected.refuse(target, "report", shown)
+    return outputs.files
 
 
 def _write_text(target: str, text: str, outputs: _Outputs, force: bool) -> None:
@@ -289,7 +297,8 @@ def apply(
     nonfinite: Annotated[str, typer.Option("--nonfinite", help="NaN/Inf met by a step that would spread them: "
                                            "error, skip (leave that tensor alone) or zero (replace by 0).")] = "error",
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan; read no data, write nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output, if it is a "
+                                        "checkpoint wtool may replace (see the README); never an input.")] = False,
     model_files: Annotated[bool, typer.Option("--model-files/--no-model-files", help="Folder to folder: copy "
                                               "config.json, tokenizer and model card beside the weights.")] = True,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
@@ -303,6 +312,8 @@ def apply(
     allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Read compressed weights (packed, "
                                                    "fp8, codebook) as dense floats so steps may change them; "
                                                    "without it such steps are refused.")] = False,
+    stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Statistics, error metrics and histograms "
+                                        "per tensor; --no-stats reports only the steps and what changed.")] = True,
     quiet: Quiet = False,
     rows: Rows = report.SHOW_ROWS,
 ) -> None:
@@ -330,8 +341,8 @@ def apply(
         shard = parse_size(max_shard_size) if max_shard_size else None
         with _Bar("apply", not quiet and not dry_run) as bar:
             result = pipeline.run(pipe, source, output, force=force, max_shard_size=shard, dry_run=dry_run,
-                                  copy_model_files=model_files, jobs=jobs, progress=bar, reports=reports,
-                                  reads=[recipe] if recipe else [])
+                                  copy_model_files=model_files, jobs=jobs, stats=stats, progress=bar,
+                                  reports=list(reports.values()), reads=[recipe] if recipe else [])
         stdout_taken = "-" in (report_path, markdown)
         console = _stderr() if stdout_taken else _stdout()
         if report_path:
@@ -417,8 +428,7 @@ def inspect(
     """
     outputs = _Outputs()
     with _guard(_debug(ctx), outputs):
-        for target in _check_reports(outputs, {"--json": json_out}, force):
-            pipeline.protect([path]).refuse(target, "report", json_out)
+        _check_reports(outputs, {"--json": json_out}, force, [path])
         with _Bar("inspect", not quiet) as bar:
             result = analyze.inspect(path, Selector(tuple(include), tuple(exclude)), allow_empty=allow_empty,
                                      progress=bar)
@@ -462,11 +472,7 @@ def diff(
     """
     outputs = _Outputs()
     with _guard(_debug(ctx), outputs):
-        reports = _check_reports(outputs, {"--json": json_out, "--markdown": markdown}, force)
-        if reports:
-            inputs = pipeline.protect([a, b])
-            for target, shown in zip(reports, filter(lambda t: t and t != "-", (json_out, markdown))):
-                inputs.refuse(target, "report", shown)
+        _check_reports(outputs, {"--json": json_out, "--markdown": markdown}, force, [a, b])
         above = analyze.parse_gates(fail_above, analyze.ABOVE_METRICS, "--fail-above")
         below = analyze.parse_gates(fail_below, analyze.BELOW_METRICS, "--fail-below")
         with _Bar("diff", not quiet) as bar:
@@ -506,6 +512,7 @@ def eval_command(
                                                   "exit 1 when the metric exceeds it; repeatable.")] = [],  # noqa: B006
     fail_below: Annotated[list[str], typer.Option("--fail-below", help="Gate METRIC=VALUE, e.g. cosine_min=0.99: "
                                                   "exit 1 when the metric falls below it; repeatable.")] = [],  # noqa: B006
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace existing report files.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Run two models on the same inputs and compare what they do (needs 'wtool[eval]').
@@ -519,8 +526,7 @@ def eval_command(
     with _guard(_debug(ctx), outputs):
         from wtool.evaluate import ALL_METRICS, evaluate_models, read_texts
 
-        for target in _check_reports(outputs, {"--json": json_out, "--markdown": markdown}, False):
-            pipeline.protect([base, candidate]).refuse(target, "report")
+        _check_reports(outputs, {"--json": json_out, "--markdown": markdown}, force, [base, candidate])
         above = analyze.parse_gates(fail_above, ALL_METRICS, "--fail-above")
         below = analyze.parse_gates(fail_below, ALL_METRICS, "--fail-below")
         texts = read_texts(text) if text else None
@@ -528,9 +534,9 @@ def eval_command(
                           device=device, seed=seed, fail_above=above, fail_below=below)
         console = _stderr() if "-" in (json_out, markdown) else _stdout()
         if json_out:
-            _write_text(json_out, report.dumps(result.to_json()), outputs, False)
+            _write_text(json_out, report.dumps(result.to_json()), outputs, force)
         if markdown:
-            _write_text(markdown, report.eval_markdown(result), outputs, False)
+            _write_text(markdown, report.eval_markdown(result), outputs, force)
         if not quiet:
             console.print(report.eval_table(result))
         if not result.passed:
@@ -612,5 +618,17 @@ def _range(low: float | None, high: float | None) -> str:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    After a stopping signal the process ends with `os._exit` once its output is flushed:
+    threads still computing abandoned tensors (`--jobs`) would otherwise hold the exit back.
+    """
+    try:
+        app()
+    except SystemExit as exc:
+        if isinstance(exc.code, int) and exc.code > 128 and threading.active_count() > 1:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(exc.code)
+        raise
