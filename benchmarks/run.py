@@ -46,6 +46,8 @@ HERE = Path(__file__).parent
 SHAPE = (4096, 8192)  # one bfloat16 tensor: 64 MiB stored, 128 MiB in float32
 KERNEL = (4096, 4096)  # float32, 64 MiB
 QUANTIZE = "quantize:bits=4,scheme=sym,granularity=group,group_size=128"
+# What llm-compressor's W4A16 writes: the same grid (absmax/7.5) stored as packed int4 with a config.json
+PACKED = QUANTIZE + ",sym_range=full,storage=packed"
 MIB = 2 ** 20
 
 
@@ -155,10 +157,11 @@ class Suite:
                                                              str(inspect_json), "-q"]), "cp", cp, 1.5)
         self.end_to_end("apply clip:c=0.05", self.wtool_apply("clip", "-t", "clip:c=0.05"), "cp", cp, 2.0)
         quantized = self.end_to_end(f"apply {QUANTIZE}", self.wtool_apply("q1", "-t", QUANTIZE), "cp", cp, 4.0)
+        packed = self.end_to_end(f"apply {PACKED}", self.wtool_apply("p1", "-t", PACKED), "cp", cp, 4.0)
         self.stats_overhead()
         self.jobs(quantized)
         self.rss(quantized)
-        self.llm_compressor(quantized)
+        self.llm_compressor(packed)
 
     def stats_overhead(self) -> None:
         bare = self.wtool_apply("bare", "-t", QUANTIZE, "--no-stats")
@@ -185,18 +188,19 @@ class Suite:
                                  target=f"≤ {jobs} × (3 × largest f32 + 200 MiB) = {jobs * bound / MIB:.0f} MiB",
                                  met=peak <= jobs * bound))
 
-    def llm_compressor(self, quantized: Row) -> None:
+    def llm_compressor(self, packed: Row) -> None:
+        """The peer against wtool writing the same layout (packed int4, group 128)."""
         case = "llm-compressor model_free_ptq W4A16 (peer)"
         if not self.peer_python:
             self.rows.append(Row(case, self.size, 0.0, note="skipped: llmcompressor not installed (make bench-env)"))
             return
         script = HERE / "peer_llm_compressor.py"
-        times, peak, base = alternate(lambda: self._peer(script), self.wtool_apply("q1", "-t", QUANTIZE),
+        times, peak, base = alternate(lambda: self._peer(script), self.wtool_apply("p1", "-t", PACKED),
                                       max(1, self.repeat // 2))
         median, base_median = statistics.median(times), statistics.median(base)
         seconds = json.loads((self.work / "peer.json").read_text())["seconds"]
-        faster, lighter = median / base_median, peak / max(quantized.peak_rss or 1, 1)
-        self.rows.append(Row(case, self.size, median, peak, "wtool quantize", base_median, faster,
+        faster, lighter = median / base_median, peak / max(packed.peak_rss or 1, 1)
+        self.rows.append(Row(case, self.size, median, peak, "wtool packed W4A16", base_median, faster,
                              "wtool ≥ 4× faster, ≤ 1/8 of its RSS", faster >= 4 and lighter >= 8,
                              f"wtool is {faster:.1f}× faster, peer RSS {lighter:.1f}× wtool's; "
                              f"peer's own timer (no import) {seconds:.1f} s", times))
