@@ -307,3 +307,32 @@ def test_codebook_file_round_trip(tmp_path):
     with open_checkpoint(tmp_path / "dense.safetensors") as reader:
         assert reader.read("m.weight").tolist() == np.array([[0.05, 0.05, 0.95], [0.95, 2.1, 2.1]],
                                                             dtype=np.float16).tolist()
+
+
+def test_nvfp4_golden():
+    """absmax 6 makes every scale 1: the values are E2M1 roundings (half to even), bit patterns as is."""
+    w = np.array([[0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.25, -0.75, 1.25, 2.5, 5, -6, 0.3, 3.5]], dtype=np.float32)
+    pieces = split({"type": "nvfp4"}, w)
+    assert pieces["m.weight_packed"].dtype == np.uint8
+    assert pieces["m.weight_packed"].tolist() == [[0x10, 0x32, 0x54, 0x76, 0xA8, 0x42, 0xF6, 0x61]]
+    assert pieces["m.weight_scale"].astype(np.float32).tolist() == [[448.0]]
+    assert pieces["m.weight_global_scale"].tolist() == [448.0]
+    fake = Transform.create("quantize", {"type": "nvfp4", "storage": "fake"}).apply(w, None)
+    assert fake.tolist() == [[0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -1, 1, 2, 4, -6, 0.5, 4]]
+
+
+def test_nvfp4_file_reads_back(tmp_path):
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(8, 64)).astype(ml_dtypes.bfloat16)
+    save_file({"m.weight": w}, tmp_path / "in.safetensors")
+    wtool.run(wtool.Pipeline.from_specs(["quantize:type=nvfp4"]), tmp_path / "in.safetensors", tmp_path / "q.safetensors")
+    wtool.run(wtool.Pipeline.from_specs(["quantize:type=nvfp4,storage=fake"]), tmp_path / "in.safetensors",
+              tmp_path / "fake.safetensors")
+    wtool.decompress(tmp_path / "q.safetensors", tmp_path / "dense.safetensors")
+    with open_checkpoint(tmp_path / "dense.safetensors") as dense, open_checkpoint(tmp_path / "fake.safetensors") as fake:
+        assert dense.info("m.weight").dtype == "BF16"
+        assert dense.read("m.weight").tobytes() == fake.read("m.weight").tobytes()
+    with open_checkpoint(tmp_path / "q.safetensors") as packed:
+        config = json.loads(packed.metadata["quantization_config"])
+    assert config["format"] == "nvfp4-pack-quantized"
+    assert next(iter(config["config_groups"].values()))["weights"]["group_size"] == 16

@@ -93,6 +93,19 @@ def test_compressed_tensors_decompresses_wtools_fp8_output(tmp_path, granularity
         assert torch.equal(theirs.to(torch.bfloat16), fake_tensors[module + ".weight"]), module
 
 
+def test_compressed_tensors_decompresses_wtools_nvfp4_output(tmp_path):
+    source = tmp_path / "in.safetensors"
+    write_weights(source, torch.bfloat16)
+    packed, fake = tmp_path / "nvfp4.safetensors", tmp_path / "fake.safetensors"
+    wtool.run(wtool.Pipeline.from_specs(["quantize:type=nvfp4"]), source, packed)
+    wtool.run(wtool.Pipeline.from_specs(["quantize:type=nvfp4,storage=fake"]), source, fake)
+    fake_tensors = load_file(str(fake))
+    for module in ("layer.fc1", "layer.fc2"):
+        theirs = ct_decompress(packed, module)
+        assert theirs.dtype == torch.bfloat16
+        assert torch.equal(theirs, fake_tensors[module + ".weight"]), module
+
+
 @pytest.mark.parametrize(("bits", "symmetric", "strategy"), [
     (4, True, "group"), (4, False, "group"), (8, True, "channel"), (8, False, "channel"), (4, False, "tensor"),
     (2, True, "group"),
@@ -127,6 +140,32 @@ def test_wtool_decompresses_what_compressed_tensors_compressed(tmp_path, bits, s
     assert sorted(ours) == ["layer.fc1.bias", "layer.fc1.weight", "layer.fc2.weight"]
     for name, weight in expected.items():
         assert ours[name].dtype == weight.dtype
+        assert torch.equal(ours[name], weight), name
+
+
+def test_wtool_decompresses_what_compressed_tensors_compressed_as_nvfp4(tmp_path):
+    from compressed_tensors.quantization.utils import generate_gparam
+
+    tensors = write_weights(tmp_path / "dense.safetensors", torch.bfloat16)
+    args = QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="tensor_group", group_size=16,
+                            scale_dtype=torch.float8_e4m3fn)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, format="nvfp4-pack-quantized")
+    compressor = BaseCompressor.get_value_from_registry("nvfp4-pack-quantized")
+    stored, expected = {}, {}
+    for module in ("layer.fc1", "layer.fc2"):
+        weight = tensors[module + ".weight"]
+        global_scale = generate_gparam(weight.min(), weight.max())
+        view = weight.unflatten(-1, (-1, 16))
+        scale, _ = calculate_qparams(view.amin(-1), view.amax(-1), args, global_scale=global_scale)
+        compressed = compressor.compress({"weight": weight, "weight_scale": scale,
+                                          "weight_global_scale": global_scale}, scheme)
+        stored.update({f"{module}.{k}": v for k, v in compressed.items()})
+        expected[module + ".weight"] = compressor.decompress(compressed, scheme)["weight"]
+    save_file(stored, str(tmp_path / "ct.safetensors"), metadata={"format": "pt"})
+    wtool.decompress(tmp_path / "ct.safetensors", tmp_path / "dense-again.safetensors")
+    ours = load_file(str(tmp_path / "dense-again.safetensors"))
+    for name, weight in expected.items():
+        assert ours[name].dtype == weight.dtype == torch.bfloat16
         assert torch.equal(ours[name], weight), name
 
 

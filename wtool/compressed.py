@@ -8,6 +8,9 @@ Three layouts, all keyed on a weight's name `P.weight`:
   the same way along dim 0, [ceil(out·b/32), groups]; a plain int for one scale per tensor);
   `P.weight_shape` I64 [out, in]. Weight = (q − zp)·scale.
 - **float-quantized**: `P.weight` F8_E4M3 and a float32 `P.weight_scale` (out, 1) or (1,).
+- **nvfp4-pack-quantized**: `P.weight_packed` U8 [out, in/2], two FP4 E2M1 values per byte (the
+  even column in the low nibble); `P.weight_scale` F8_E4M3 [out, in/16]; `P.weight_global_scale`
+  F32 (1,). Weight = fp4·(scale/global_scale).
 - **codebook** (wtool's own): `P.weight_indices` U8 (U16 when k > 256) and `P.weight_codebook`
   (k,) in the weight's dtype. Weight = codebook[indices].
 
@@ -34,6 +37,8 @@ from wtool.tensor import TensorInfo
 
 PACK_BITS = (2, 4, 8)
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+FP4_MAX = 6.0  # largest float4_e2m1fn
+NVFP4_GROUP = 16
 QUANTIZATION_CONFIG = "quantization_config"
 PIECES = ("_packed", "_scale", "_zero_point", "_shape", "_indices", "_codebook", "_global_scale")
 
@@ -176,6 +181,51 @@ def fp8_quantize(rows: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.clip(rows / scale[:, None], -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
 
 
+def nvfp4_encode(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FP4 values [out, in], FP8 scales [out, in/16] and the float32 global scale (1,) of NVFP4.
+
+    global = 448·6/absmax(tensor) puts the largest group scale at FP8's top; each group's scale
+    is fp8(absmax(group)/6·global) (0 becomes 0.125, E4M3's epsilon, as compressed-tensors does),
+    and values are w/(scale/global) rounded to E2M1, half to even, saturating at ±6.
+    """
+    out, cols = weight.shape
+    groups = weight.reshape(-1, NVFP4_GROUP)
+    absmax = np.maximum(groups.max(axis=1), -groups.min(axis=1))
+    top = float(absmax.max()) if absmax.size else 0.0
+    global_scale = np.array([FP8_MAX * FP4_MAX / top if top > 0 else 1.0], dtype=np.float32)
+    raw = np.minimum(absmax / np.float32(FP4_MAX) * global_scale[0], np.float32(FP8_MAX))
+    scale = raw.astype(ml_dtypes.float8_e4m3fn)
+    scale[scale.astype(np.float32) == 0] = 0.125
+    effective = scale.astype(np.float32) / global_scale[0]
+    values = np.empty(groups.shape, dtype=ml_dtypes.float4_e2m1fn)
+    for rows, _ in _blocks(groups.shape):
+        work = groups[rows] / effective[rows, None]
+        np.clip(work, -FP4_MAX, FP4_MAX, out=work)
+        values[rows] = work.astype(ml_dtypes.float4_e2m1fn)
+    return values.reshape(out, cols), scale.reshape(out, cols // NVFP4_GROUP), global_scale
+
+
+def nvfp4_decode(values: np.ndarray, scale: np.ndarray, global_scale: np.ndarray) -> np.ndarray:
+    """fp4·(scale/global) in float32, one scale per 16 values of a row."""
+    effective = scale.astype(np.float32).reshape(-1) / global_scale.astype(np.float32).reshape(())
+    groups = values.reshape(-1, NVFP4_GROUP)
+    return dequantize_int(groups, effective, None).reshape(values.shape)
+
+
+def pack_fp4(values: np.ndarray) -> np.ndarray:
+    """Two float4_e2m1fn values per byte, the even column in the low nibble (E2M1 bits as is)."""
+    nibbles = values.view(np.uint8) & np.uint8(0x0F)
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << np.uint8(4))
+
+
+def unpack_fp4(packed: np.ndarray) -> np.ndarray:
+    """The inverse of `pack_fp4`: float4_e2m1fn [rows, 2·bytes]."""
+    out = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.uint8)
+    out[:, 0::2] = packed & np.uint8(0x0F)
+    out[:, 1::2] = packed >> np.uint8(4)
+    return out.view(ml_dtypes.float4_e2m1fn)
+
+
 # ------------------------------------------------------------------ schemes and config.json
 
 @dataclass(frozen=True)
@@ -190,13 +240,18 @@ class Scheme:
     group_size: int | None = None
 
     def weights(self) -> dict[str, object]:
-        return {"num_bits": self.num_bits, "type": self.type, "symmetric": self.symmetric,
-                "strategy": self.strategy, "group_size": self.group_size, "dynamic": False,
-                "actorder": None, "block_structure": None, "observer": "minmax"}
+        weights = {"num_bits": self.num_bits, "type": self.type, "symmetric": self.symmetric,
+                   "strategy": self.strategy, "group_size": self.group_size, "dynamic": False,
+                   "actorder": None, "block_structure": None, "observer": "minmax"}
+        if self.format == "nvfp4-pack-quantized":
+            weights["scale_dtype"] = "torch.float8_e4m3fn"
+        return weights
 
     def label(self) -> str:
         if self.format == "codebook":
             return f"codebook, {self.num_bits}-bit indices"
+        if self.format == "nvfp4-pack-quantized":
+            return f"nvfp4 group {self.group_size}"
         kind = "fp8" if self.type == "float" else f"int{self.num_bits}"
         grain = f"group {self.group_size}" if self.strategy == "group" else self.strategy
         return f"{kind} {'sym' if self.symmetric else 'asym'} {grain}"
@@ -294,6 +349,8 @@ def find_layouts(reader: Reader) -> list[Layout]:
     for info in reader.tensors:
         if info.name.endswith("_packed") and info.dtype == "I32":
             layouts.append(_packed_layout(reader, infos, info.name[: -len("_packed")], config))
+        elif info.name.endswith("_packed") and info.dtype == "U8":
+            layouts.append(_nvfp4_layout(infos, info.name[: -len("_packed")]))
         elif info.dtype == "F8_E4M3" and by_code(infos.get(info.name + "_scale", info).dtype).is_float \
                 and info.name + "_scale" in infos:
             layouts.append(_fp8_layout(infos, info))
@@ -341,6 +398,19 @@ def _packed_layout(reader: Reader, infos: Mapping[str, TensorInfo], name: str,
                   (out, cols), scale.dtype, pieces)
 
 
+def _nvfp4_layout(infos: Mapping[str, TensorInfo], name: str) -> Layout:
+    packed = infos[name + "_packed"]
+    scale = _need(infos, name + "_scale", f"tensor {name + '_packed'!r}")
+    global_scale = _need(infos, name + "_global_scale", f"tensor {name + '_packed'!r}")
+    out, cols = packed.shape[0], packed.shape[1] * 2 if packed.ndim == 2 else 0
+    if packed.ndim != 2 or scale.dtype != "F8_E4M3" or scale.shape != (out, cols // NVFP4_GROUP) \
+            or cols % NVFP4_GROUP or global_scale.numel != 1:
+        raise InputError(f"tensor {name + '_packed'!r}: an nvfp4 weight needs U8 [out, in/2], an F8_E4M3 "
+                         f"scale [out, in/16] and a one-value global scale")
+    return Layout(name, Scheme("nvfp4-pack-quantized", 4, "float", True, "tensor_group", NVFP4_GROUP),
+                  (out, cols), "BF16", (packed, scale, global_scale))
+
+
 def _fp8_layout(infos: Mapping[str, TensorInfo], weight: TensorInfo) -> Layout:
     scale = infos[weight.name + "_scale"]
     strategy = "tensor" if scale.numel == 1 else "channel"
@@ -371,6 +441,8 @@ def dequantize(layout: Layout, read: callable) -> np.ndarray:
             raise InputError(f"tensor {name + '_indices'!r}: index {int(indices.max())} past the "
                              f"codebook of {codebook.size}")
         return codebook[indices]
+    if scheme.format == "nvfp4-pack-quantized":
+        return nvfp4_decode(unpack_fp4(read(name + "_packed")), read(name + "_scale"), read(name + "_global_scale"))
     scale = read(name + "_scale").astype(np.float32)
     if scheme.format == "float-quantized":
         weight = read(name).astype(np.float32)

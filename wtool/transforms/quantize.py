@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wtool.compressed import (
+    NVFP4_GROUP,
     PACK_BITS,
     IntGrid,
     Scheme,
@@ -20,6 +21,9 @@ from wtool.compressed import (
     fp8_params,
     fp8_quantize,
     module_of,
+    nvfp4_decode,
+    nvfp4_encode,
+    pack_fp4,
     pack_int32,
     packed_width,
 )
@@ -48,8 +52,9 @@ class QuantizeParams:
     sym_range: str = param("narrow", "sym grid: narrow (q in ±(2^(b-1)-1), scale absmax/(2^(b-1)-1)) or full "
                            "(q in [-2^(b-1), 2^(b-1)-1], scale absmax/(2^(b-1)-0.5), as compressed-tensors)",
                            choices=("narrow", "full"))
-    type: str = param("int", "int: a b-bit integer grid; fp8: float8_e4m3fn values times a float32 scale",
-                      choices=("int", "fp8"))
+    type: str = param("int", "int: a b-bit integer grid; fp8: float8_e4m3fn values times a float32 scale; "
+                      "nvfp4: float4_e2m1fn values, an fp8 scale per 16 and a float32 global scale",
+                      choices=("int", "fp8", "nvfp4"))
     storage: str | None = param(None, "fake: values stored in the tensor's dtype (default for int); packed: "
                                 "the compressed-tensors layout (pack-quantized for int, float-quantized, the "
                                 "default, for fp8)", choices=("fake", "packed"))
@@ -77,10 +82,16 @@ class Quantize(Transform, name="quantize"):
     @property
     def packed(self) -> bool:
         p = self.params
-        return p.storage == "packed" or (p.storage is None and p.type == "fp8")
+        return p.storage == "packed" or (p.storage is None and p.type != "int")
 
     def check(self) -> None:
         p = self.params
+        if p.type == "nvfp4":
+            if p.granularity != "auto" or p.group_size not in (16, 128) or p.bits != 8 or p.scheme != "asym" \
+                    or p.zero or p.sym_range != "narrow":
+                raise UsageError("quantize: type=nvfp4 is symmetric in groups of 16 (group_size=16 at most); "
+                                 "it takes no bits, scheme, zero, sym_range or granularity")
+            return
         if p.type == "fp8":
             if self.granularity() == "group" or p.bits != 8 or p.scheme != "asym" or p.zero or p.sym_range != "narrow":
                 raise UsageError("quantize: type=fp8 is symmetric with one float32 scale per tensor or channel; "
@@ -103,7 +114,7 @@ class Quantize(Transform, name="quantize"):
     def grid(self) -> IntGrid | None:
         """The integer grid, or None for the seed's float-offset formula."""
         p = self.params
-        if p.type == "fp8" or (p.zero != "int" and not self.packed and p.sym_range == "narrow"):
+        if p.type != "int" or (p.zero != "int" and not self.packed and p.sym_range == "narrow"):
             return None
         return IntGrid(p.bits, p.scheme == "sym", full=p.sym_range == "full")
 
@@ -120,6 +131,8 @@ class Quantize(Transform, name="quantize"):
 
     def scheme_for(self) -> Scheme:
         p = self.params
+        if p.type == "nvfp4":
+            return Scheme("nvfp4-pack-quantized", 4, "float", True, "tensor_group", NVFP4_GROUP)
         if p.type == "fp8":
             return Scheme("float-quantized", 8, "float", True, self.granularity())
         return Scheme("pack-quantized", p.bits, "int", p.scheme == "sym", self.granularity(),
@@ -130,6 +143,14 @@ class Quantize(Transform, name="quantize"):
             return None
         p = self.params
         name, (out, cols) = info.name, info.shape
+        if p.type == "nvfp4":
+            if cols % NVFP4_GROUP:
+                raise UsageError(f"quantize: tensor {name!r}: {cols} columns are not a multiple of 16 (nvfp4)")
+            outputs = (TensorInfo(name + "_packed", "U8", (out, cols // 2)),
+                       TensorInfo(name + "_scale", "F8_E4M3", (out, cols // NVFP4_GROUP)),
+                       TensorInfo(name + "_global_scale", "F32", (1,)))
+            return Group((name,), outputs, note=f"{name} stored as {self.scheme_for().label()}",
+                         data=self.scheme_for())
         if self.granularity() == "group" and cols % p.group_size:
             raise UsageError(f"quantize: tensor {name!r}: {cols} columns are not divisible by "
                              f"group_size={p.group_size}; packed groups must be whole (or use granularity=channel)")
@@ -151,6 +172,12 @@ class Quantize(Transform, name="quantize"):
     def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
         if array.size == 0:
             return array.copy()
+        if self.params.type == "nvfp4":  # one global scale: the tensor is quantized whole
+            if array.shape[-1] % NVFP4_GROUP:
+                raise InputError(f"tensor {ctx.name if ctx else '?'!r}: last axis {array.shape[-1]} is not a "
+                                 f"multiple of {NVFP4_GROUP} (nvfp4 groups)")
+            values = nvfp4_decode(*nvfp4_encode(array.reshape(-1, array.shape[-1])))
+            return values.reshape(array.shape).astype(array.dtype)
         scale_dtype = by_code(ctx.info.dtype).numpy if ctx else np.dtype(np.float32)
         out = np.empty_like(array)
         for index, groups in self._groups(array, ctx):
@@ -161,6 +188,9 @@ class Quantize(Transform, name="quantize"):
         """The pieces of the packed layout (see `split`), by name."""
         p = self.params
         name, (out, cols) = ctx.name, array.shape
+        if p.type == "nvfp4":
+            values, scale, global_scale = nvfp4_encode(array)
+            return {name + "_packed": pack_fp4(values), name + "_scale": scale, name + "_global_scale": global_scale}
         per_row = self._scales_per_row(cols)
         groups = array.reshape(out * per_row, -1) if per_row else array.reshape(1, -1)
         scale_shape = (out, per_row) if per_row else (1,)
