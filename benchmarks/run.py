@@ -154,7 +154,7 @@ class Suite:
         self.end_to_end("apply, no steps (copy)", self.wtool_apply("copy"), "cp", cp, 1.3)
         inspect_json = self.work / "inspect.json"
         self.end_to_end("inspect --json", lambda: run_child([*self.wtool, "inspect", str(self.source), "--json",
-                                                             str(inspect_json), "-q"]), "cp", cp, 1.5)
+                                                             str(inspect_json), "-q", "-f"]), "cp", cp, 1.5)
         self.end_to_end("apply clip:c=0.05", self.wtool_apply("clip", "-t", "clip:c=0.05"), "cp", cp, 2.0)
         quantized = self.end_to_end(f"apply {QUANTIZE}", self.wtool_apply("q1", "-t", QUANTIZE), "cp", cp, 4.0)
         packed = self.end_to_end(f"apply {PACKED}", self.wtool_apply("p1", "-t", PACKED), "cp", cp, 4.0)

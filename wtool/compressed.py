@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 
-from wtool.dtypes import by_code
 from wtool.errors import InputError
 from wtool.io.base import Reader
 from wtool.tensor import TensorInfo
@@ -40,7 +39,6 @@ FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 FP4_MAX = 6.0  # largest float4_e2m1fn
 NVFP4_GROUP = 16
 QUANTIZATION_CONFIG = "quantization_config"
-PIECES = ("_packed", "_scale", "_zero_point", "_shape", "_indices", "_codebook", "_global_scale")
 
 
 # ------------------------------------------------------------------ packing
@@ -144,7 +142,7 @@ class IntGrid:
 _BLOCK = 1 << 16  # values per block: the working copies stay in the CPU cache
 
 
-def _blocks(shape: tuple[int, int]):
+def _blocks(shape: tuple[int, int]) -> Iterator[tuple[slice, slice]]:
     """(row slice, column slice) blocks of about _BLOCK values covering a rows × values array."""
     rows, width = shape
     if width >= _BLOCK:
@@ -351,8 +349,8 @@ def find_layouts(reader: Reader) -> list[Layout]:
             layouts.append(_packed_layout(reader, infos, info.name[: -len("_packed")], config))
         elif info.name.endswith("_packed") and info.dtype == "U8":
             layouts.append(_nvfp4_layout(infos, info.name[: -len("_packed")]))
-        elif info.dtype == "F8_E4M3" and by_code(infos.get(info.name + "_scale", info).dtype).is_float \
-                and info.name + "_scale" in infos:
+        elif info.dtype == "F8_E4M3" and info.name + "_scale" in infos \
+                and infos[info.name + "_scale"].dtype_info.is_float:
             layouts.append(_fp8_layout(infos, info))
         elif info.name.endswith("_indices") and info.name[: -len("_indices")] + "_codebook" in infos:
             layouts.append(_codebook_layout(infos, info.name[: -len("_indices")]))
@@ -372,7 +370,7 @@ def _packed_layout(reader: Reader, infos: Mapping[str, TensorInfo], name: str,
     scale = _need(infos, name + "_scale", where)
     shape_info = _need(infos, name + "_shape", where)
     zero = infos.get(name + "_zero_point")
-    if packed.ndim != 2 or shape_info.numel != 2 or not shape_info.dtype_info.numpy.kind in "iu" \
+    if packed.ndim != 2 or shape_info.numel != 2 or shape_info.dtype_info.numpy.kind not in "iu" \
             or not scale.dtype_info.is_float:
         raise InputError(f"{where}: expected packed [out, words], a float scale and a 2-element weight_shape")
     out, cols = (int(v) for v in reader.read(shape_info.name).reshape(-1))
@@ -430,7 +428,7 @@ def _codebook_layout(infos: Mapping[str, TensorInfo], name: str) -> Layout:
                   (indices, codebook))
 
 
-def dequantize(layout: Layout, read: callable) -> np.ndarray:
+def dequantize(layout: Layout, read: Callable[[str], np.ndarray]) -> np.ndarray:
     """The weight a layout stores, in float32; `read(name)` returns a stored tensor."""
     scheme = layout.scheme
     name = layout.name
@@ -499,6 +497,7 @@ class DecompressedReader(Reader):
 
 
 def without_quantization_config(config: Mapping[str, object]) -> dict[str, object]:
+    """config.json's content minus its `quantization_config` (what decompress writes)."""
     return {k: v for k, v in config.items() if k != QUANTIZATION_CONFIG}
 
 
@@ -506,6 +505,3 @@ def config_json(config: Mapping[str, object]) -> bytes:
     """config.json as transformers writes it (indent 2, sorted keys), as bytes."""
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
-
-def stored_names(layouts: Sequence[Layout]) -> set[str]:
-    return {p.name for layout in layouts for p in layout.pieces}

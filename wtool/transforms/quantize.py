@@ -8,7 +8,9 @@ array([[0., 0., 1., 3.]])
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -214,7 +216,7 @@ class Quantize(Transform, name="quantize"):
         """Scales per output row of a packed weight: 0 for one per tensor."""
         return {"tensor": 0, "channel": 1, "group": cols // self.params.group_size}[self.granularity()]
 
-    def _groups(self, array: np.ndarray, ctx: Context | None):
+    def _groups(self, array: np.ndarray, ctx: Context | None) -> Iterator[tuple[Any, np.ndarray]]:
         """(index into the tensor, 2-D rows that each get one grid) pairs covering `array`."""
         p = self.params
         granularity = self.granularity()
