@@ -3,9 +3,12 @@
 The JSON keys are a public contract (scripts and CI jobs parse them); non-finite numbers
 are written as null, never as NaN tokens.
 
->>> report = wtool.run(pipeline, "in.safetensors", "out.safetensors")
->>> print(dumps(report.to_json()))          # the --report FILE.json contents
->>> print(apply_markdown(report))           # the --markdown summary
+>>> import json, wtool
+>>> report = wtool.run(wtool.Pipeline.from_specs(["clip:c=0.1"]), "fixtures/tiny-llama.safetensors", None)
+>>> json.loads(dumps(report.to_json()))["dry_run"]     # dumps: the --report FILE.json contents
+True
+>>> apply_markdown(report).startswith("### wtool apply")  # the --markdown summary
+True
 """
 
 from __future__ import annotations

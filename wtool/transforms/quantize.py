@@ -1,7 +1,8 @@
 """Min-max fake quantization: snap values to a b-bit grid, stored in the original dtype.
 
 >>> q = Transform.create("quantize", {"bits": "2", "granularity": "tensor"})
->>> q.apply(np.array([[0.0, 0.1, 0.9, 3.0]]), None)
+>>> w = np.array([[0.0, 0.1, 0.9, 3.0]])
+>>> q.apply(w, Context.of(w))
 array([[0., 0., 1., 3.]])
 """
 
@@ -36,7 +37,7 @@ class Quantize(Transform, name="quantize"):
     spreads_nonfinite = True
     example = "quantize:bits=4,granularity=group,group_size=128"
 
-    def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
+    def apply(self, array: np.ndarray, ctx: Context) -> np.ndarray:
         p = self.params
         if array.size == 0:
             return array.copy()
@@ -48,8 +49,7 @@ class Quantize(Transform, name="quantize"):
         width = rows.shape[1]
         full = width - width % p.group_size
         if full != width and p.remainder == "error":
-            name = ctx.name if ctx else "?"
-            raise InputError(f"tensor {name!r}: last axis {width} is not divisible by group_size={p.group_size}; "
+            raise InputError(f"tensor {ctx.name!r}: last axis {width} is not divisible by group_size={p.group_size}; "
                              f"pass remainder=ok to quantize the tail group of {width - full} on its own")
         out = np.empty_like(rows)
         if full:
