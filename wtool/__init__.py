@@ -13,7 +13,7 @@ The library is the tool; the CLI is a thin layer over these names.
 __version__ = "0.1.0"
 
 from wtool.analyze import diff, inspect
-from wtool.errors import GateFailed, InputError, OutputError, UsageError, WtoolError
+from wtool.errors import InputError, OutputError, UsageError, WtoolError
 from wtool.io import create_writer, open_checkpoint
 from wtool.new import new_checkpoint
 from wtool.pipeline import Pipeline, Step, plan, run
@@ -24,5 +24,5 @@ from wtool.transforms import Transform
 __all__ = [
     "__version__", "diff", "inspect", "open_checkpoint", "create_writer", "new_checkpoint", "Pipeline", "Step", "plan", "run",
     "Report", "InspectReport", "DiffReport", "Transform", "TRANSFORMS",
-    "WtoolError", "UsageError", "InputError", "OutputError", "GateFailed",
+    "WtoolError", "UsageError", "InputError", "OutputError",
 ]

@@ -35,7 +35,7 @@ from wtool.io import parse_size
 from wtool.new import new_checkpoint
 from wtool.selection import Selector
 from wtool.tensor import TensorInfo
-from wtool.transforms import REGISTRY, GroupTransform
+from wtool.transforms import REGISTRY
 
 app = typer.Typer(
     name="wtool",
@@ -198,7 +198,7 @@ def _refuse_overwriting(reports: list[str | None], checkpoints: list[Path | None
                 raise UsageError(f"{target} is the checkpoint {checkpoint}; write the report to another path")
 
 
-def _write_text(target: str, text: str, out: Console) -> None:
+def _write_text(target: str, text: str) -> None:
     """Write to a file, or to stdout for '-'."""
     if target == "-":
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -269,11 +269,11 @@ def apply(
         stdout_taken = "-" in (report_path, markdown)
         console = _stderr() if stdout_taken else _stdout()
         if report_path:
-            _write_text(report_path, report.dumps(result.to_json()), console)
+            _write_text(report_path, report.dumps(result.to_json()))
         if markdown:
-            _write_text(markdown, report.apply_markdown(result, rows), console)
+            _write_text(markdown, report.apply_markdown(result, rows))
         if html:
-            _write_text(html, report.apply_html(result), console)
+            _write_text(html, report.apply_html(result))
         if dry_run:
             _print_plan(result, console)
         elif not quiet:
@@ -319,7 +319,7 @@ def inspect(
                                      progress=bar)
         console = _stderr() if json_out == "-" else _stdout()
         if json_out:
-            _write_text(json_out, report.dumps(result.to_json()), console)
+            _write_text(json_out, report.dumps(result.to_json()))
         if not quiet:
             console.print(report.inspect_table(result))
             if result.metadata:
@@ -363,9 +363,9 @@ def diff(
                                   allow_missing=allow_missing, allow_empty=allow_empty, progress=bar)
         console = _stderr() if "-" in (json_out, markdown) else _stdout()
         if json_out:
-            _write_text(json_out, report.dumps(result.to_json()), console)
+            _write_text(json_out, report.dumps(result.to_json()))
         if markdown:
-            _write_text(markdown, report.diff_markdown(result, rows), console)
+            _write_text(markdown, report.diff_markdown(result, rows))
         if not quiet:
             console.print(report.diff_table(result, rows))
         if not result.passed:
@@ -402,6 +402,8 @@ def new(
 def transforms(
     ctx: typer.Context,
     name: Annotated[str | None, typer.Argument(help="Show one transform in detail.")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table of every transform as Markdown "
+                                           "(the README's table is this output).")] = False,
 ) -> None:
     """List every transform, or show one: parameters, defaults, applicability, formula.
 
@@ -409,6 +411,9 @@ def transforms(
     """
     with _guard(_debug(ctx)):
         console = _stdout()
+        if markdown:
+            sys.stdout.write(report.transforms_markdown(REGISTRY))
+            return
         if name is None:
             table = Table(title="transforms (wtool transforms NAME for details)", title_justify="left")
             table.add_column("name", style="bold")
@@ -426,8 +431,7 @@ def transforms(
         cls = REGISTRY[name]
         console.print(f"[bold]{name}[/]: {escape(cls.summary())}")
         console.print(f"formula: {escape(cls.formula)}")
-        applies = cls.applies_to if not issubclass(cls, GroupTransform) else "groups of related tensors found by name"
-        console.print(f"applies to: {escape(applies)}")
+        console.print(f"applies to: {escape(cls.applies_to)}")
         console.print(f"example: wtool apply in.safetensors out.safetensors -t {escape(cls.example)}")
         table = Table(title="parameters", title_justify="left")
         for column in ("name", "type", "default", "range / choices", "help"):

@@ -17,7 +17,6 @@ import numpy as np
 CHUNK = 1 << 20  # elements per float64 chunk (8 MiB)
 
 STAT_KEYS = ("numel", "min", "max", "mean", "std", "absmax", "l2", "sparsity", "nan", "inf")
-ERROR_KEYS = ("mse", "max_abs", "rel_l2", "sqnr_db")
 
 
 def _chunks(flat: np.ndarray):

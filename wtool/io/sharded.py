@@ -192,10 +192,6 @@ class ShardedWriter(Writer):
         self._handle: BinaryIO | None = None
         self._folder = AtomicFolder(path)
 
-    @property
-    def shard_names(self) -> list[str]:
-        return [name for name, _ in self._shards]
-
     def _write(self, info: TensorInfo, array: np.ndarray) -> None:
         number = self._shard_of[self._next]
         name, shard = self._shards[number]
