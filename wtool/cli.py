@@ -31,7 +31,7 @@ from rich.table import Table
 
 from wtool import __version__, analyze, pipeline, report
 from wtool.errors import UsageError, WtoolError
-from wtool.io import parse_size
+from wtool.io import model_folder, parse_size
 from wtool.new import new_checkpoint
 from wtool.selection import Selector
 from wtool.tensor import TensorInfo
@@ -191,7 +191,7 @@ def _refuse_overwriting(reports: list[str | None], checkpoints: list[Path | None
             raise UsageError(f"cannot write {target}: it is a folder")
         for checkpoint in filter(None, checkpoints):
             path = checkpoint.resolve()
-            folder = path.parent if path.name.endswith(".index.json") else path
+            folder = model_folder(path) or path
             inside = folder.is_dir() and resolved.parent == folder and resolved.exists() and \
                 resolved.name.endswith((".safetensors", ".index.json"))
             if resolved == path or inside:
@@ -216,7 +216,7 @@ def _write_text(target: str, text: str) -> None:
 def apply(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Input: .safetensors, .npz, or a sharded folder / its index.")],
-    output: Annotated[Path | None, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded). "
+    output: Annotated[str | None, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded). "
                                                      "Omit with --dry-run.")] = None,
     transform: Annotated[list[str], typer.Option("--transform", "-t", help="A step NAME or NAME:key=value,...; "
                                                  "repeatable, run in order.")] = [],  # noqa: B006
@@ -256,7 +256,7 @@ def apply(
                              "(put all steps in the recipe, or all on the command line)")
         if output is None and not dry_run:
             raise UsageError("missing OUTPUT (or pass --dry-run to only print the plan)")
-        _refuse_overwriting([report_path, markdown, html], [source, output])
+        _refuse_overwriting([report_path, markdown, html], [source, Path(output) if output else None])
         options = {"allow_empty": allow_empty, "nonfinite": nonfinite}
         if recipe:
             pipe = pipeline.Pipeline.from_recipe(recipe, include=include, exclude=exclude, **options)
@@ -379,7 +379,7 @@ def new(
     ctx: typer.Context,
     spec: Annotated[Path, typer.Argument(help="TOML (or .json) spec: [defaults], [metadata], [[tensors]] "
                                          "with name, shape, dtype and init options.")],
-    output: Annotated[Path, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded).")],
+    output: Annotated[str, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded).")],
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
                                                        "shards of at most this size, e.g. 5GB.")] = None,

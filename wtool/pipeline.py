@@ -34,7 +34,9 @@ from wtool.io import (
     create_writer,
     is_folder_output,
     model_files,
+    model_folder,
     open_checkpoint,
+    output_format,
 )
 from wtool.recipe import Pipeline, Step
 from wtool.report import GroupRecord, Report, SkipRecord, TensorRecord
@@ -128,6 +130,8 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
     """
     if jobs < 1:
         raise UsageError(f"jobs={jobs}: must be at least 1")
+    if output is not None:
+        output_format(output)  # an output suffix wtool cannot write is refused before any work
     started = time.perf_counter()
     with open_checkpoint(source) as reader:
         if output is not None:
@@ -188,8 +192,7 @@ def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes:
 
 def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: list[str]) -> list[Path]:
     """Config and tokenizer files of a folder input, for a folder output (with a note each)."""
-    source = Path(reader.path)
-    folder = source if source.is_dir() else source.parent if source.name.endswith(".index.json") else None
+    folder = model_folder(Path(reader.path))
     if folder is None or not is_folder_output(output):
         return []
     found = model_files(folder)
