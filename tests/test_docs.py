@@ -1,4 +1,4 @@
-"""Docs that cannot drift: the README's transforms table and JSON contract are checked here."""
+"""Docs that cannot drift (the README's transforms table and JSON contract), and a tidy suite."""
 
 from __future__ import annotations
 
@@ -81,3 +81,9 @@ def test_report_json_keys_are_exactly_the_documented_contract(tmp_path):
     written = written_paths(report.to_json())
     assert report.skipped and report.groups and report.dropped == []
     assert written == contract_paths()
+
+
+def test_no_two_tests_share_a_name():
+    names = [m.group(1) for path in sorted((ROOT / "tests").rglob("test_*.py"))
+             for m in re.finditer(r"^def (test_\w+)", path.read_text(encoding="utf-8"), re.MULTILINE)]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
