@@ -14,15 +14,16 @@ __version__ = "0.1.0"
 
 from wtool.analyze import diff, inspect
 from wtool.errors import InputError, OutputError, UsageError, WtoolError
+from wtool.evaluate import evaluate_models  # imports torch only when called
 from wtool.io import create_writer, open_checkpoint
 from wtool.new import new_checkpoint
 from wtool.pipeline import Pipeline, Step, plan, run
-from wtool.report import DiffReport, InspectReport, Report
+from wtool.report import DiffReport, EvalReport, InspectReport, Report
 from wtool.transforms import REGISTRY as TRANSFORMS
 from wtool.transforms import Transform
 
 __all__ = [
-    "__version__", "diff", "inspect", "open_checkpoint", "create_writer", "new_checkpoint", "Pipeline", "Step", "plan", "run",
-    "Report", "InspectReport", "DiffReport", "Transform", "TRANSFORMS",
-    "WtoolError", "UsageError", "InputError", "OutputError",
+    "__version__", "diff", "inspect", "evaluate_models", "open_checkpoint", "create_writer", "new_checkpoint",
+    "Pipeline", "Step", "plan", "run", "Report", "InspectReport", "DiffReport", "EvalReport", "Transform",
+    "TRANSFORMS", "WtoolError", "UsageError", "InputError", "OutputError",
 ]
