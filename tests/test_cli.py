@@ -264,7 +264,8 @@ def test_an_output_suffix_wtool_cannot_write_is_refused_with_a_hint(llama, tmp_p
 
 @pytest.mark.parametrize("name", ["out.bin/", "Qwen2.5-0.5B-q4", "plain"])
 def test_folder_outputs_need_no_suffix_or_a_trailing_slash(llama, tmp_path, name):
-    result = invoke("apply", llama, f"{tmp_path}/{name}", "-t", "clip:c=1")
+    result = invoke("apply", llama, f"{tmp_path}/{name}", "-t", "clip:c=1", "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     folder = tmp_path / name.rstrip("/")
     assert (folder / "model.safetensors.index.json").is_file()
+    assert json.loads((tmp_path / "r.json").read_text())["output"] == f"{tmp_path}/{name}"

@@ -68,12 +68,12 @@ EXIT_INCOMPLETE = 5
 class _Outputs:
     """What a command writes, in order, so that a message after a failure says truly what is in place."""
 
-    def __init__(self, checkpoint: Path | None = None) -> None:
+    def __init__(self, checkpoint: str | Path | None = None) -> None:
         self.checkpoint = checkpoint
         self.todo: list[str] = []
         self.done: list[str] = []
         self.files: dict[str, Path] = {}  # report as given -> absolute (the working folder may be replaced)
-        self.checkpoint_absolute = atomic.absolute(checkpoint) if checkpoint is not None else None
+        self.checkpoint_absolute = atomic.absolute(Path(checkpoint)) if checkpoint is not None else None
         self.mark = atomic.placements()
 
     def complete(self) -> list[str]:

@@ -52,7 +52,7 @@ class Format:
 
     suffix: str
     reader: Callable[[Path], Reader]
-    writer: type[Writer] | None
+    writer: Callable[..., Writer] | None
     folder: bool = False
 
 
