@@ -223,12 +223,14 @@ def _debug(ctx: typer.Context) -> bool:
     return bool(ctx.obj and ctx.obj.get("debug"))
 
 
-def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: bool) -> list[Path]:
+def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: bool,
+                   inputs: list[Path] | None = None) -> list[Path]:
     """Check report targets (option -> FILE or -) before any work; returns the files (absolute).
 
     At most one goes to stdout; no two outputs share a path; none goes inside a folder output
     (which is replaced whole); an existing one needs `--force` and must be a regular file.
-    Whether a report would touch an input is checked by the library, which knows the inputs.
+    `inputs` (commands without a pipeline) are protected here; `apply` leaves that to the
+    library, which knows every file the run reads.
     """
     taken = [option for option, target in reports.items() if target == "-"]
     if len(taken) > 1:
@@ -258,6 +260,10 @@ def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: boo
             raise UsageError(f"cannot write {target}: it is a folder")
         atomic.check_target(Path(target), force, "report")
         outputs.files[target] = atomic.absolute(Path(target))
+    if inputs and outputs.files:
+        protected = pipeline.protect(inputs)
+        for shown, target in outputs.files.items():
+            protected.refuse(target, "report", shown)
     return list(outputs.files.values())
 
 
@@ -378,8 +384,7 @@ def inspect(
     """
     outputs = _Outputs()
     with _guard(_debug(ctx), outputs):
-        for target in _check_reports(outputs, {"--json": json_out}, force):
-            pipeline.protect([path]).refuse(target, "report", json_out)
+        _check_reports(outputs, {"--json": json_out}, force, [path])
         with _Bar("inspect", not quiet) as bar:
             result = analyze.inspect(path, Selector(tuple(include), tuple(exclude)), allow_empty=allow_empty,
                                      progress=bar)
@@ -423,11 +428,7 @@ def diff(
     """
     outputs = _Outputs()
     with _guard(_debug(ctx), outputs):
-        reports = _check_reports(outputs, {"--json": json_out, "--markdown": markdown}, force)
-        if reports:
-            inputs = pipeline.protect([a, b])
-            for target, shown in zip(reports, filter(lambda t: t and t != "-", (json_out, markdown))):
-                inputs.refuse(target, "report", shown)
+        _check_reports(outputs, {"--json": json_out, "--markdown": markdown}, force, [a, b])
         above = analyze.parse_gates(fail_above, analyze.ABOVE_METRICS, "--fail-above")
         below = analyze.parse_gates(fail_below, analyze.BELOW_METRICS, "--fail-below")
         with _Bar("diff", not quiet) as bar:
@@ -467,6 +468,7 @@ def eval_command(
                                                   "exit 1 when the metric exceeds it; repeatable.")] = [],  # noqa: B006
     fail_below: Annotated[list[str], typer.Option("--fail-below", help="Gate METRIC=VALUE, e.g. cosine_min=0.99: "
                                                   "exit 1 when the metric falls below it; repeatable.")] = [],  # noqa: B006
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace existing report files.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Run two models on the same inputs and compare what they do (needs 'wtool[eval]').
@@ -480,7 +482,7 @@ def eval_command(
     with _guard(_debug(ctx), outputs):
         from wtool.evaluate import ALL_METRICS, evaluate_models, read_texts
 
-        _check_reports(outputs, {"--json": json_out, "--markdown": markdown}, force=False)
+        _check_reports(outputs, {"--json": json_out, "--markdown": markdown}, force, [base, candidate])
         above = analyze.parse_gates(fail_above, ALL_METRICS, "--fail-above")
         below = analyze.parse_gates(fail_below, ALL_METRICS, "--fail-below")
         texts = read_texts(text) if text else None
@@ -488,9 +490,9 @@ def eval_command(
                           device=device, seed=seed, fail_above=above, fail_below=below)
         console = _stderr() if "-" in (json_out, markdown) else _stdout()
         if json_out:
-            _write_text(json_out, report.dumps(result.to_json()), outputs, force=False)
+            _write_text(json_out, report.dumps(result.to_json()), outputs, force)
         if markdown:
-            _write_text(markdown, report.eval_markdown(result), outputs, force=False)
+            _write_text(markdown, report.eval_markdown(result), outputs, force)
         if not quiet:
             console.print(report.eval_table(result))
         if not result.passed:
