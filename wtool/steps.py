@@ -398,8 +398,8 @@ def _fit_value(run: StepRun, chain: Chain, upto: int, info: TensorInfo) -> np.nd
 
 
 class _FitCache:
-    """Values kept for the passes of one fit: in memory up to `budget` bytes, then as .npy
-    files in a temporary folder (memory-mapped back), removed when the fit ends."""
+    """Values kept for the passes of one fit, read-only: in memory up to `budget` bytes, then
+    as .npy files in a temporary folder (memory-mapped back), removed when the fit ends."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
@@ -413,6 +413,7 @@ class _FitCache:
         if kept is not None:
             return kept
         value = compute()
+        value.setflags(write=False)  # every pass must see the same values
         if value.nbytes <= self.budget:
             self.budget -= value.nbytes
             self.values[key] = value
