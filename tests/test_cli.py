@@ -188,6 +188,12 @@ def test_transforms_lists_every_registered_transform():
     assert invoke("transforms", "quantise").exit_code == 2
 
 
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_transforms_detail_shows_each_transforms_own_selection_rule(name):
+    shown = " ".join(invoke("transforms", name).output.split())
+    assert f"applies to: {' '.join(REGISTRY[name].applies_to.split())}" in shown
+
+
 def test_tensor_names_with_markup_are_printed_literally(tmp_path):
     path = tmp_path / "odd.safetensors"
     save_file({"[bold]w[/bold]": np.ones((2, 2), np.float32)}, path)
