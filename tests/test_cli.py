@@ -20,7 +20,7 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("command", ["apply", "inspect", "diff", "transforms", "new"])
+@pytest.mark.parametrize("command", ["apply", "batch", "inspect", "diff", "transforms", "new"])
 def test_every_command_has_help_with_an_example(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0

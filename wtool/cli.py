@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -29,7 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from wtool import __version__, analyze, pipeline, report
+from wtool import __version__, analyze, batch, pipeline, report
 from wtool.errors import UsageError, WtoolError
 from wtool.io import parse_size
 from wtool.new import new_checkpoint
@@ -111,12 +111,13 @@ def _guard(debug: bool) -> Iterator[None]:
 
 
 class _Bar:
-    """A rich progress bar over tensors and bytes, only when stderr is a terminal."""
+    """A rich progress bar over tensors (or inputs: `unit`) and bytes, only when stderr is a terminal."""
 
-    def __init__(self, label: str, enabled: bool) -> None:
+    def __init__(self, label: str, enabled: bool, unit: str = "tensors") -> None:
         console = _stderr()
         self.enabled = enabled and console.is_terminal
         self.label = label
+        self.unit = unit
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                  TextColumn("{task.fields[tensors]}"), TimeRemainingColumn(),
                                  console=console, transient=True)
@@ -139,8 +140,11 @@ class _Bar:
         self.task = self.progress.add_task(self.label, total=max(nbytes, 1), tensors=f"0/{tensors}")
 
     def advance(self, info: TensorInfo) -> None:
+        self.step(info.nbytes)
+
+    def step(self, nbytes: int) -> None:
         self.count += 1
-        self.progress.update(self.task, advance=info.nbytes, tensors=f"{self.count}/{self.total} tensors")
+        self.progress.update(self.task, advance=nbytes, tensors=f"{self.count}/{self.total} {self.unit}")
 
 
 def _version(value: bool) -> None:
@@ -212,29 +216,48 @@ def _write_text(target: str, text: str, out: Console) -> None:
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
 
 
+def _pipeline(transform: list[str], recipe: Path | None, include: list[str], exclude: list[str],
+              **options: Any) -> pipeline.Pipeline:
+    """The pipeline from `-t` steps or a recipe (not both), with the command line's patterns."""
+    if transform and recipe:
+        raise UsageError("give steps either with -t or in --recipe, not both "
+                         "(put all steps in the recipe, or all on the command line)")
+    if recipe:
+        return pipeline.Pipeline.from_recipe(recipe, include=include, exclude=exclude, **options)
+    return pipeline.Pipeline.from_specs(transform, selector=Selector(tuple(include), tuple(exclude)), **options)
+
+
+Transforms = Annotated[list[str], typer.Option("--transform", "-t", help="A step NAME or NAME:key=value,...; "
+                                               "repeatable, run in order.")]
+Recipe = Annotated[Path | None, typer.Option("--recipe", "-r", exists=True, dir_okay=False,
+                                             help="TOML recipe with [[steps]] (not together with -t).")]
+NonFinite = Annotated[str, typer.Option("--nonfinite", help="NaN/Inf met by a step that would spread them: "
+                                        "error, skip (leave that tensor alone) or zero (replace by 0).")]
+ModelFiles = Annotated[bool, typer.Option("--model-files/--no-model-files", help="Folder to folder: copy "
+                                          "config.json, tokenizer and model card beside the weights.")]
+ReportPath = Annotated[str | None, typer.Option("--report", help="Write the JSON report to FILE, or - for stdout.")]
+Markdown = Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")]
+
+
 @app.command()
 def apply(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Input: .safetensors, .npz, or a sharded folder / its index.")],
     output: Annotated[Path | None, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded). "
                                                      "Omit with --dry-run.")] = None,
-    transform: Annotated[list[str], typer.Option("--transform", "-t", help="A step NAME or NAME:key=value,...; "
-                                                 "repeatable, run in order.")] = [],  # noqa: B006
-    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", exists=True, dir_okay=False,
-                                                   help="TOML recipe with [[steps]] (not together with -t).")] = None,
+    transform: Transforms = [],  # noqa: B006
+    recipe: Recipe = None,
     include: Include = [],  # noqa: B006
     exclude: Exclude = [],  # noqa: B006
     allow_empty: AllowEmpty = False,
-    nonfinite: Annotated[str, typer.Option("--nonfinite", help="NaN/Inf met by a step that would spread them: "
-                                           "error, skip (leave that tensor alone) or zero (replace by 0).")] = "error",
+    nonfinite: NonFinite = "error",
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan; read no data, write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
-    model_files: Annotated[bool, typer.Option("--model-files/--no-model-files", help="Folder to folder: copy "
-                                              "config.json, tokenizer and model card beside the weights.")] = True,
+    model_files: ModelFiles = True,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
                                                           "shards of at most this size, e.g. 5GB.")] = None,
-    report_path: Annotated[str | None, typer.Option("--report", help="Write the JSON report to FILE, or - for stdout.")] = None,
-    markdown: Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
+    report_path: ReportPath = None,
+    markdown: Markdown = None,
     html: Annotated[str | None, typer.Option("--html", help="Write a self-contained HTML report (sortable "
                                                 "table, before/after histograms) to FILE.")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Tensors computed at once, in threads; "
@@ -251,17 +274,10 @@ def apply(
     -t quantize:bits=4,granularity=group,group_size=128 -t sparsify:fraction=0.5 --report report.json
     """
     with _guard(_debug(ctx)):
-        if transform and recipe:
-            raise UsageError("give steps either with -t or in --recipe, not both "
-                             "(put all steps in the recipe, or all on the command line)")
         if output is None and not dry_run:
             raise UsageError("missing OUTPUT (or pass --dry-run to only print the plan)")
         _refuse_overwriting([report_path, markdown, html], [source, output])
-        options = {"allow_empty": allow_empty, "nonfinite": nonfinite}
-        if recipe:
-            pipe = pipeline.Pipeline.from_recipe(recipe, include=include, exclude=exclude, **options)
-        else:
-            pipe = pipeline.Pipeline.from_specs(transform, selector=Selector(tuple(include), tuple(exclude)), **options)
+        pipe = _pipeline(transform, recipe, include, exclude, allow_empty=allow_empty, nonfinite=nonfinite)
         shard = parse_size(max_shard_size) if max_shard_size else None
         with _Bar("apply", not quiet and not dry_run) as bar:
             result = pipeline.run(pipe, source, output, force=force, max_shard_size=shard, dry_run=dry_run,
@@ -294,6 +310,67 @@ def _print_plan(result: report.Report, console: Console) -> None:
         console.print(line)
     console.print(f"[dim]dry run: nothing was written ({sum(bool(r.steps) for r in result.tensors)} of "
                   f"{len(result.tensors)} tensors would change)[/]")
+
+
+@app.command(name="batch")
+def batch_command(
+    ctx: typer.Context,
+    inputs: Annotated[list[str], typer.Argument(help="Checkpoint files, model folders, folders holding "
+                                                "checkpoints, or quoted globs.", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Outputs go here, named as their inputs.",
+                                          show_default=False)],
+    transform: Transforms = [],  # noqa: B006
+    recipe: Recipe = None,
+    include: Include = [],  # noqa: B006
+    exclude: Exclude = [],  # noqa: B006
+    allow_empty: AllowEmpty = False,
+    nonfinite: NonFinite = "error",
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Inputs converted at once.")] = 1,
+    executor: Annotated[str | None, typer.Option("--executor", "-e", help="serial, threads, processes or ray "
+                                                 "(pip install 'wtool[ray]'; RAY_ADDRESS picks a cluster). "
+                                                 "Default: serial, or processes with --jobs > 1.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip inputs whose output is complete and made by this "
+                                         "pipeline; redo those made by another.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace every existing output.")] = False,
+    model_files: ModelFiles = True,
+    report_path: ReportPath = None,
+    markdown: Markdown = None,
+    quiet: Quiet = False,
+) -> None:
+    """Run one pipeline over many checkpoints; a failing input never stops the others.
+
+    Exit 0 when every input succeeded (or was skipped by --resume), 1 when any failed.
+
+    Example: wtool batch 'runs/*/' --out-dir quantized/ -t quantize:bits=4 --jobs 2 --resume --report batch.json
+    """
+    with _guard(_debug(ctx)):
+        pipe = _pipeline(transform, recipe, include, exclude, allow_empty=allow_empty, nonfinite=nonfinite)
+        job = batch.Batch.plan(inputs, out_dir, pipe, force=force, resume=resume,
+                               executor=executor or ("serial" if jobs == 1 else "processes"), workers=jobs,
+                               copy_model_files=model_files)
+        _refuse_overwriting([report_path, markdown], [p for e in job.entries for p in (e.source, e.output)])
+        try:
+            with _Bar("batch", not quiet, unit="inputs") as bar:
+                if bar:
+                    bar.start(len(job.entries), sum(e.nbytes for e in job.entries))
+                result = job.run(on_done=(lambda entry, item: bar.step(entry.nbytes)) if bar else None)
+        except (KeyboardInterrupt, Interrupted) as exc:
+            _batch_results(job.report(), report_path, markdown, quiet)
+            _stderr().print("[yellow]interrupted[/]: finished outputs are complete; the ones in flight left nothing")
+            raise typer.Exit(exc.code if isinstance(exc, Interrupted) else 130) from None
+        _batch_results(result, report_path, markdown, quiet)
+        if result.summary["failed"]:
+            raise typer.Exit(1)
+
+
+def _batch_results(result: report.BatchReport, report_path: str | None, markdown: str | None, quiet: bool) -> None:
+    console = _stderr() if "-" in (report_path, markdown) else _stdout()
+    if report_path:
+        _write_text(report_path, report.dumps(result.to_json()), console)
+    if markdown:
+        _write_text(markdown, report.batch_markdown(result), console)
+    if not quiet:
+        console.print(report.batch_table(result))
 
 
 @app.command()
