@@ -103,6 +103,11 @@ def test_all_ok_exits_0_and_markdown_lists_every_input(zoo, tmp_path):
                     "-t", "clip:c=1", "--markdown", "-")
     assert result.exit_code == 0, result.output
     assert result.stdout.count("| ok |") == 2 and "### wtool batch" in result.stdout
+    again = invoke("batch", zoo / "one.safetensors", "--out-dir", tmp_path / "out", "-t", "clip:c=1", "--resume",
+                   "--report", "-", "--jobs", "3", "--executor", "serial")
+    assert again.exit_code == 0, again.output
+    data = json.loads(again.stdout)
+    assert (data["summary"]["skipped"], data["jobs"], data["inputs"][0]["report"]) == (1, 1, None)
 
 
 def test_resume_skips_exactly_the_finished_outputs_and_redoes_another_pipelines(zoo, tmp_path):

@@ -40,7 +40,6 @@ from wtool.pipeline import Pipeline, Progress, run
 from wtool.report import BatchItem, BatchReport
 from wtool.tensor import TensorInfo
 
-EXECUTORS = ("serial", "threads", "processes", "ray")
 CHECKPOINT_SUFFIXES = (".safetensors", ".npz")
 
 
@@ -124,6 +123,9 @@ class _StopSignal:
 
 class SerialExecutor:
     """Runs each task when it is submitted, in this thread: the plain loop."""
+
+    def __init__(self, workers: int) -> None:
+        """One at a time, whatever `workers` says."""
 
     def submit(self, task: Task) -> Future[BatchItem]:
         future: Future[BatchItem] = Future()
@@ -228,21 +230,20 @@ class RayExecutor:
             self.ray.shutdown()
 
 
-def make_executor(name: str, workers: int) -> Executor:
-    """One of EXECUTORS; UsageError for an unknown name or when Ray is not installed."""
+EXECUTORS: dict[str, Callable[[int], Executor]] = {
+    "serial": SerialExecutor, "threads": ThreadExecutor, "processes": ProcessExecutor, "ray": RayExecutor,
+}
+
+
+def check_executor(name: str) -> None:
+    """UsageError for an unknown executor, or `ray` when Ray is not installed."""
+    if name not in EXECUTORS:
+        raise UsageError(f"--executor {name!r}: expected one of {', '.join(EXECUTORS)}")
     if name == "ray":
         try:
             import ray  # noqa: F401
         except ImportError:
             raise UsageError("--executor ray needs Ray: pip install 'wtool[ray]'") from None
-        return RayExecutor(workers)
-    if name == "processes":
-        return ProcessExecutor(workers)
-    if name == "threads":
-        return ThreadExecutor(workers)
-    if name == "serial":
-        return SerialExecutor()
-    raise UsageError(f"--executor {name!r}: expected one of {', '.join(EXECUTORS)}")
 
 
 # ------------------------------------------------------------------ inputs and outputs
@@ -359,12 +360,12 @@ class Batch:
 
     def __init__(self, entries: list[Entry], pipe: Pipeline, out_dir: Path, *, executor: str = "serial",
                  workers: int = 1, copy_model_files: bool = True) -> None:
-        if executor not in EXECUTORS:
-            raise UsageError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+        check_executor(executor)
         if workers < 1:
             raise UsageError(f"jobs={workers}: must be at least 1")
         self.entries, self.pipeline, self.out_dir = entries, pipe, out_dir
-        self.executor, self.workers, self.copy_model_files = executor, workers, copy_model_files
+        self.executor, self.copy_model_files = executor, copy_model_files
+        self.workers = 1 if executor == "serial" else workers
         self.items: dict[int, BatchItem] = {}
         self.seconds = 0.0
 
@@ -417,7 +418,7 @@ class Batch:
                 todo.append(index)
         try:
             if todo:
-                self._drive(make_executor(self.executor, self.workers), todo, finish)
+                self._drive(EXECUTORS[self.executor](self.workers), todo, finish)
         finally:
             self.seconds = time.perf_counter() - started
         return self.report()
