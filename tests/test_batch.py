@@ -93,8 +93,20 @@ def test_outputs_equal_apply_byte_for_byte_and_failure_does_not_stop_others(zoo,
         assert item["report"]["totals"]["changed"] == applied.totals["changed"] > 0
         assert item["report"]["tensors"] == applied.to_json()["tensors"]
     assert "config.json" in files(out / "runs" / "three")
+    assert not (out / "hostile.safetensors").exists()
     summary = load(report)["summary"]
     assert (summary["inputs"], summary["ok"], summary["failed"], summary["not_run"]) == (4, 3, 1, 0)
+
+
+def test_folders_made_for_failed_inputs_only_are_removed(zoo, tmp_path):
+    out = tmp_path / "out"
+    (zoo / "runs" / "bad").mkdir()
+    (zoo / "runs" / "bad" / "model.safetensors").write_bytes(b"not a checkpoint")
+    result = invoke("batch", zoo / "runs", "--out-dir", out)
+    assert result.exit_code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["three"]
+    assert invoke("batch", zoo / "runs" / "bad", "--out-dir", tmp_path / "none" / "deeper").exit_code == 1
+    assert not (tmp_path / "none").exists()
 
 
 def test_all_ok_exits_0_and_markdown_lists_every_input(zoo, tmp_path):
@@ -189,12 +201,12 @@ def test_folder_expansion(tmp_path):
 def test_task_is_picklable_and_convert_is_pure(zoo, tmp_path):
     pipe = wtool.Pipeline.from_specs(STEPS + ["fold-bn", "sparsify:fraction=0.5,scope=global"], allow_empty=True,
                                      selector=Selector(("*.weight",)))
-    task = Task(zoo / "one.safetensors", pipe, tmp_path / "x" / "one.safetensors")
+    task = Task(zoo / "one.safetensors", pipe, tmp_path / "one.safetensors")
     copy = pickle.loads(pickle.dumps(task))
     assert copy.pipeline.provenance() == pipe.provenance()
-    first, second = convert(task), convert(Task(task.source, copy.pipeline, tmp_path / "y" / "one.safetensors"))
+    first, second = convert(task), convert(Task(task.source, copy.pipeline, tmp_path / "copy.safetensors"))
     assert first.status == second.status == "ok"
-    assert files(task.output) == files(Path(second.output))
+    assert task.output.read_bytes() == Path(second.output).read_bytes()
 
 
 def run_with(zoo: Path, out: Path, executor: str, jobs: int = 2) -> dict:
@@ -221,7 +233,7 @@ def test_ray_missing_is_a_usage_error(zoo, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "wtool[ray]" in result.output
 
 
-@pytest.mark.parametrize("executor", ["serial", "processes"])
+@pytest.mark.parametrize("executor", ["serial", "threads", "processes"])
 def test_ctrl_c_keeps_finished_outputs_and_leaves_nothing_partial(tmp_path, executor):
     inputs = [write(tmp_path / "in" / f"m{i}.safetensors", i, shape=(512, 512)) for i in range(5)]
     out, report = tmp_path / "out", tmp_path / "batch.json"

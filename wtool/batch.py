@@ -16,6 +16,7 @@ anything runs.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import multiprocessing
@@ -57,12 +58,11 @@ class Task:
 
 
 def convert(task: Task, progress: Progress | None = None) -> BatchItem:
-    """Apply the pipeline to one input exactly as `wtool apply` would; a failure is returned
-    as the item's error line, never raised, so it cannot stop the other inputs."""
+    """Apply the pipeline to one input exactly as `wtool apply` would (the output's folder
+    exists); a failure is returned as the item's error line, never raised, so it cannot stop
+    the other inputs."""
     started = time.perf_counter()
     try:
-        with as_output_error(task.output.parent):
-            task.output.parent.mkdir(parents=True, exist_ok=True)
         result = run(task.pipeline, task.source, task.output, force=task.force,
                      copy_model_files=task.copy_model_files, progress=progress)
     except WtoolError as exc:
@@ -326,6 +326,18 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else 0
 
 
+def _make_folders(outputs: Sequence[Path]) -> list[Path]:
+    """Create the missing folders the outputs go into, parents first, and list them. Made
+    here, before any task runs, so no task removes a folder another is writing into."""
+    created: list[Path] = []
+    for output in outputs:
+        for folder in reversed([p for p in (output.parent, *output.parent.parents) if not p.exists()]):
+            with as_output_error(folder):
+                folder.mkdir()
+            created.append(folder)
+    return created
+
+
 def made_by(output: Path, pipe: Pipeline) -> bool:
     """Whether `output` opens as a complete checkpoint whose recorded provenance (the `wtool`
     metadata entry: version, steps, patterns) is this pipeline's; timestamps play no part."""
@@ -416,10 +428,14 @@ class Batch:
                 finish(index, BatchItem(str(entry.source), str(entry.output), "skipped"))
             else:
                 todo.append(index)
+        created = _make_folders([self.entries[index].output for index in todo])
         try:
             if todo:
                 self._drive(EXECUTORS[self.executor](self.workers), todo, finish)
         finally:
+            for folder in reversed(created):  # those no output went into
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             self.seconds = time.perf_counter() - started
         return self.report()
 
