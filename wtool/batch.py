@@ -349,8 +349,9 @@ def made_by(output: Path, pipe: Pipeline) -> bool:
     return recorded == json.loads(json.dumps(pipe.provenance()))
 
 
-def _check_overlaps(pairs: Sequence[tuple[Path, Path]]) -> None:
-    """Outputs must not be, contain or sit inside an input: refuse before anything runs."""
+def _check_overlaps(pairs: Sequence[tuple[Path, Path]], reports: Sequence[Path]) -> None:
+    """Outputs and reports must not be, contain or sit inside an input, nor reports be or sit
+    inside an output: refuse before anything runs."""
     inputs = {source.resolve() for source, _ in pairs}
     outputs: dict[Path, Path] = {}
     for source, output in pairs:
@@ -363,6 +364,11 @@ def _check_overlaps(pairs: Sequence[tuple[Path, Path]]) -> None:
         target = output.resolve()
         if target in around or any(parent in inputs for parent in target.parents):
             raise UsageError(f"output {output} (for {source}) overlaps an input; choose another --out-dir")
+    targets = {output.resolve() for _, output in pairs}
+    for report in reports:
+        target = report.resolve()
+        if target in around or any(p in inputs or p in targets for p in (target, *target.parents)):
+            raise UsageError(f"report {report} overlaps an input or an output; write it elsewhere")
 
 
 # ------------------------------------------------------------------ the batch
@@ -383,15 +389,16 @@ class Batch:
 
     @classmethod
     def plan(cls, arguments: Sequence[str], out_dir: str | Path, pipe: Pipeline, *, force: bool = False,
-             resume: bool = False, **options: Any) -> Batch:
-        """Expand the inputs and decide each one's action; every refusal happens here."""
+             resume: bool = False, reports: Sequence[Path] = (), **options: Any) -> Batch:
+        """Expand the inputs and decide each one's action; every refusal happens here
+        (`reports`: files the caller will write, checked against inputs and outputs)."""
         if force and resume:
             raise UsageError("give --force (replace every output) or --resume (skip finished ones), not both")
         out_dir = Path(out_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise UsageError(f"--out-dir {out_dir} is not a folder")
         pairs = [(source, out_dir / relative) for source, relative in expand(arguments, out_dir)]
-        _check_overlaps(pairs)
+        _check_overlaps(pairs, reports)
         entries, existing = [], []
         for source, output in pairs:
             action, note = "run", None
