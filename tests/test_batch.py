@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 import wtool
-from wtool.batch import Batch, Task, convert, expand
+from wtool.batch import Batch, Task, convert, expand, task_memory
 from wtool.cli import app
 from wtool.errors import UsageError
 from wtool.io import create_writer
@@ -207,6 +207,12 @@ def test_task_is_picklable_and_convert_is_pure(zoo, tmp_path):
     first, second = convert(task), convert(Task(task.source, copy.pipeline, tmp_path / "copy.safetensors"))
     assert first.status == second.status == "ok"
     assert task.output.read_bytes() == Path(second.output).read_bytes()
+
+
+def test_task_memory_follows_the_largest_tensor(tmp_path):
+    path = write(tmp_path / "m.safetensors", 0, shape=(256, 64))  # largest: 256 × 64 float32
+    assert task_memory(path) == 8 * 256 * 64 * 4 + 100 * 2**20
+    assert task_memory(tmp_path / "missing.safetensors") == 100 * 2**20
 
 
 def run_with(zoo: Path, out: Path, executor: str, jobs: int = 2) -> dict:

@@ -160,11 +160,14 @@ _pool_stopping: Any = None  # in a worker process only: its pool's stop event
 
 
 def _start_worker(stopping: Any) -> None:
-    """In a worker process: Ctrl-C is the parent's to handle (it sets `stopping`); a SIGTERM
-    sent to the worker itself unwinds its task, so the writer removes the temp."""
+    """In a worker process: what the terminal sends the whole group (Ctrl-C, hang-up, quit) is
+    the parent's to handle (it sets `stopping`); a SIGTERM sent to the worker itself unwinds
+    its task, so the writer removes the temp."""
     global _pool_stopping
     _pool_stopping = stopping
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("SIGINT", "SIGHUP", "SIGQUIT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _unwind)
 
 
@@ -210,12 +213,24 @@ class RayExecutor:
         self.ray = ray
         self.owned = not ray.is_initialized()
         if self.owned:
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            try:
+                ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            except Exception as exc:  # an unreachable RAY_ADDRESS, a cluster of another Ray version
+                raise UsageError(f"cannot start or join a Ray cluster (RAY_ADDRESS="
+                                 f"{os.environ.get('RAY_ADDRESS', 'unset')}): {exc}") from None
         self.remote = ray.remote(convert)
         self.refs: list[Any] = []
+        self.largest_node = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]),
+                                default=0)
 
     def submit(self, task: Task) -> Future[BatchItem]:
-        ref = self.remote.options(num_cpus=1, memory=task_memory(task.source)).remote(task)
+        memory = task_memory(task.source)
+        if memory > self.largest_node:  # Ray would wait for such a node forever
+            future: Future[BatchItem] = Future()
+            future.set_result(_item(task, "failed", error=f"{task.source}: needs about {memory / 2**30:.1f} GiB; "
+                                    f"the largest Ray node has {self.largest_node / 2**30:.1f} GiB"))
+            return future
+        ref = self.remote.options(num_cpus=1, memory=memory).remote(task)
         self.refs.append(ref)
         return ref.future()
 
