@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := build/demo
 
-.PHONY: demo test test-ray explore stress bench fixtures reference clean
+.PHONY: demo test test-ray test-eval explore stress bench fixtures reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ test-ray:
 	test -x .venv-ray/bin/python || $(PYTHON) -m venv .venv-ray
 	.venv-ray/bin/python -m pip install --quiet -e '.[test,ray]'
 	.venv-ray/bin/python -m pytest -q tests/test_batch.py
+
+# `wtool eval` needs torch and transformers: their own venv (CPU torch first), never .venv.
+test-eval:
+	test -x .venv-eval/bin/python || $(PYTHON) -m venv .venv-eval
+	.venv-eval/bin/python -m pip install --quiet torch==2.13.0
+	.venv-eval/bin/python -m pip install --quiet -e '.[test,eval]'
+	.venv-eval/bin/python -m pytest -q tests/test_evaluate.py tests/test_cli.py
 
 # hypothesis with fresh random examples (make test repeats the same ones every run)
 explore: $(VENV)/.test
