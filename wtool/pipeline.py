@@ -165,6 +165,16 @@ class Pipeline:
             rows.append(row)
         return rows
 
+    def provenance(self) -> dict[str, Any]:
+        """What the output's `wtool` metadata records: version, steps, and the run-wide
+        patterns and NaN policy when they are not the defaults (`batch --resume` compares it)."""
+        recorded: dict[str, Any] = {"version": __version__, "steps": self.describe()}
+        if self.selector.include or self.selector.exclude:
+            recorded["include"], recorded["exclude"] = list(self.selector.include), list(self.selector.exclude)
+        if self.nonfinite != "error":
+            recorded["nonfinite"] = self.nonfinite
+        return recorded
+
 
 # ------------------------------------------------------------------ the node graph
 
@@ -698,14 +708,14 @@ def _planned_record(node: Node) -> TensorRecord:
 
 
 def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline) -> dict[str, str]:
-    """The input's metadata plus one `wtool` entry (version and pipeline run).
+    """The input's metadata plus one `wtool` entry (`Pipeline.provenance`).
 
     transformers refuses safetensors metadata without `format`, so `format: pt` is added
     when the input had none.
     """
     out = dict(metadata)
     out.setdefault("format", "pt")
-    out["wtool"] = json.dumps({"version": __version__, "steps": pipeline.describe()}, sort_keys=True)
+    out["wtool"] = json.dumps(pipeline.provenance(), sort_keys=True)
     return out
 
 
