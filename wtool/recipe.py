@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wtool import __version__
 from wtool.errors import InputError, UsageError
 from wtool.selection import Selector
 from wtool.transforms import Transform
@@ -137,3 +138,13 @@ class Pipeline:
                 row["include"], row["exclude"] = list(step.selector.include), list(step.selector.exclude)
             rows.append(row)
         return rows
+
+    def provenance(self) -> dict[str, Any]:
+        """What the output's `wtool` metadata records: version, steps, and the run-wide
+        patterns and NaN policy when they are not the defaults (`batch --resume` compares it)."""
+        recorded: dict[str, Any] = {"version": __version__, "steps": self.describe()}
+        if self.selector.include or self.selector.exclude:
+            recorded["include"], recorded["exclude"] = list(self.selector.include), list(self.selector.exclude)
+        if self.nonfinite != "error":
+            recorded["nonfinite"] = self.nonfinite
+        return recorded

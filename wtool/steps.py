@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from wtool.dtypes import convert
 from wtool.errors import InputError, UsageError
 from wtool.io import Reader, open_checkpoint
 from wtool.recipe import Step
@@ -212,7 +213,7 @@ class Chain:
         value = self.origin.take()
         extras: dict[str, Any] = {}
         for run in islice(self.runs, upto):
-            value, reported = run.apply(info, np.asarray(value, dtype=info.dtype_info.compute))
+            value, reported = run.apply(info, convert(value, info.dtype_info.compute))
             extras.update(reported)
             info = run.output_info(info)
         return value, extras
@@ -226,7 +227,7 @@ class Chain:
 
     def load(self, upto: int) -> np.ndarray:
         """The value after the first `upto` steps in compute dtype (float32, or float64 for F64)."""
-        return np.asarray(self.evaluate(upto)[0], dtype=self.info_at(upto).dtype_info.compute)
+        return convert(self.evaluate(upto)[0], self.info_at(upto).dtype_info.compute)
 
 
 def _prepare(origin: Source | GroupOutput) -> None:
@@ -277,8 +278,7 @@ class GroupEvaluation:
         arrays = {}
         for key, chain in self.inputs.items():
             value = chain.evaluate()[0]
-            arrays[key] = np.asarray(value, dtype=chain.info.dtype_info.compute) \
-                if chain.info.dtype_info.is_float else value
+            arrays[key] = convert(value, chain.info.dtype_info.compute) if chain.info.dtype_info.is_float else value
         return self.run.apply_group(self.group, arrays)
 
 
