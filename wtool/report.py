@@ -118,6 +118,8 @@ class DiffReport:
     mismatched: list[dict[str, Any]]
     gates: dict[str, float]
     failures: list[str]
+    #: weighted_rel_l2, weighted_sqnr_db, worst (over tensors whose values differ), bits_per_weight
+    totals: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -209,6 +211,24 @@ def _pair(before: dict[str, Any] | None, after: dict[str, Any] | None, key: str)
     return a if a == b else f"{a} → {b}"
 
 
+def totals_lines(totals: dict[str, Any]) -> list[str]:
+    """The honest totals in words: parameter-weighted error, worst tensors, bits per weight."""
+    if "weighted_rel_l2" not in totals:
+        return []
+    lines = []
+    if totals["worst"]:
+        sqnr = totals["weighted_sqnr_db"]
+        lines.append(f"parameter-weighted over changed tensors: rel_l2 {fmt(totals['weighted_rel_l2'])}, "
+                     f"SQNR {fmt(sqnr, 3) + ' dB' if sqnr is not None else 'inf'}; worst: "
+                     + ", ".join(f"{w['name']} ({fmt(w['rel_l2'])})" for w in totals["worst"]))
+    stored = totals["bits_per_weight"]
+    line = f"stored bits per weight: {fmt(stored['before'], 3)} → {fmt(stored['after'], 3)}"
+    if totals.get("quantized_bits_per_weight") is not None:
+        line += (f"; quantized tensors' grid: {fmt(totals['quantized_bits_per_weight'], 3)} bits per weight "
+                 "(scales and offsets counted)")
+    return [*lines, line]
+
+
 # ------------------------------------------------------------------ rich tables
 
 def apply_table(report: Report, limit: int = SHOW_ROWS, sparklines: bool = True) -> Table:
@@ -241,7 +261,7 @@ def apply_table(report: Report, limit: int = SHOW_ROWS, sparklines: bool = True)
     t = report.totals
     caption = [f"{t['tensors']} tensors, {t['changed']} changed, {fmt(t['params'])} params, "
                f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])}"
-               + (f", {t['seconds']:.2f} s" if not report.dry_run else "")]
+               + (f", {t['seconds']:.2f} s" if not report.dry_run else ""), *totals_lines(t)]
     if hidden:
         caption.append(f"{hidden} more tensors hidden (the {limit} with the largest error are shown; "
                        "--report FILE.json has all)")
@@ -303,7 +323,8 @@ def diff_table(report: DiffReport, limit: int = SHOW_ROWS) -> Table:
         table.add_row(escape(row["name"]), fmt(row["max_abs"]), fmt(row["mse"]), fmt(row["rel_l2"]),
                       fmt(row["cosine"], 6), fmt(row["sqnr_db"], 3))
     caption = [f"{len(report.tensors)} common tensors"
-               + (f" ({len(rows) - limit} with the smallest error hidden)" if len(rows) > limit else "")]
+               + (f" ({len(rows) - limit} with the smallest error hidden)" if len(rows) > limit else ""),
+               *totals_lines(report.totals)]
     if report.only_in_a:
         caption.append(f"only in A: {', '.join(report.only_in_a[:5])}{' …' if len(report.only_in_a) > 5 else ''}")
     if report.only_in_b:
@@ -333,7 +354,8 @@ def apply_markdown(report: Report, limit: int = SHOW_ROWS) -> str:
     steps = " → ".join(f"`{s['op']}`" for s in report.steps) or "copy (no steps)"
     out = [f"### wtool apply: `{_md(report.input)}` → `{_md(str(report.output))}`", "",
            f"Pipeline: {steps}  ", f"{t['tensors']} tensors, **{t['changed']} changed**, {fmt(t['params'])} params, "
-           f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])} in {t['seconds']:.2f} s", ""]
+           f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])} in {t['seconds']:.2f} s  ",
+           *(f"{_md(line)}  " for line in totals_lines(t)), ""]
     rows, hidden = report.worst(limit)
     out += ["| tensor | shape | dtype | steps | absmax | sparsity | rel_l2 | sqnr dB |",
             "|---|---:|---|---|---:|---:|---:|---:|"]
@@ -352,6 +374,7 @@ def apply_markdown(report: Report, limit: int = SHOW_ROWS) -> str:
 def diff_markdown(report: DiffReport, limit: int = SHOW_ROWS) -> str:
     status = "passed" if report.passed else "**FAILED**"
     out = [f"### wtool diff: `{_md(report.a)}` ↔ `{_md(report.b)}` — {status}", "",
+           *(f"{_md(line)}  " for line in totals_lines(report.totals)), "",
            "| tensor | max_abs | mse | rel_l2 | cosine | sqnr dB |", "|---|---:|---:|---:|---:|---:|"]
     rows = sorted(report.tensors, key=lambda r: -(r["rel_l2"] if r["rel_l2"] is not None else math.inf))
     for row in rows[:limit]:
