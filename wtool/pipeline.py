@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from wtool import __version__
+from wtool.advice import data_free_warnings
 from wtool.dtypes import by_code, to_storage
 from wtool.errors import InputError, UsageError
 from wtool.io import (
@@ -683,6 +684,6 @@ def _report(the_plan: Plan, records: list[TensorRecord], output: str | Path | No
         wtool_version=__version__, input=str(reader.path), output=None if output is None else str(output),
         steps=the_plan.pipeline.describe(), tensors=records, totals=totals, dropped=dropped,
         skipped=the_plan.skipped, groups=the_plan.groups, notes=the_plan.notes, dry_run=dry_run,
-        nonfinite_policy=the_plan.pipeline.nonfinite,
+        nonfinite_policy=the_plan.pipeline.nonfinite, warnings=data_free_warnings(records),
     )
 

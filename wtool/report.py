@@ -78,6 +78,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     dry_run: bool = False
     nonfinite_policy: str = "error"
+    #: Data-free warnings ({"tensor", "kind", "message"}), see `wtool.advice`.
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return _clean(asdict(self))
@@ -294,6 +296,20 @@ def plan_details(report: Report) -> list[Text]:
             lines.append(Text(f"  • skipped by {', '.join(ops)} ({reason}): {len(names)} tensor(s): {shown}",
                               style="dim"))
     lines.extend(Text(f"  • {note}", style="yellow") for note in report.notes)
+    lines.extend(Text(f"  ⚠ {line}", style="bold yellow") for line in warning_lines(report.warnings))
+    return lines
+
+
+def warning_lines(warnings: list[dict[str, Any]], per_kind: int = 5) -> list[str]:
+    """'tensor (kind): message', at most `per_kind` of each kind, then how many more there are."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for w in warnings:
+        by_kind.setdefault(w["kind"], []).append(w)
+    lines = []
+    for kind, found in by_kind.items():
+        lines.extend(f"{w['tensor']} ({kind}): {w['message']}" for w in found[:per_kind])
+        if len(found) > per_kind:
+            lines.append(f"… and {len(found) - per_kind} more {kind} warnings (the JSON report lists all)")
     return lines
 
 
@@ -368,6 +384,9 @@ def apply_markdown(report: Report, limit: int = SHOW_ROWS) -> str:
         out += ["", f"_{hidden} more tensors hidden; the JSON report has all._"]
     if report.groups or report.dropped:
         out += ["", f"Merged groups: {len(report.groups)}; dropped tensors: {len(report.dropped)}"]
+    if report.warnings:
+        out += ["", f"**Warnings** ({len(report.warnings)}):", ""]
+        out += [f"- {_md(line)}" for line in warning_lines(report.warnings)]
     return "\n".join(out) + "\n"
 
 
@@ -472,6 +491,7 @@ def apply_html(report: Report) -> str:
     extra = [f"<li>{esc(g.op)}: {esc(g.note)}</li>" for g in report.groups]
     extra += [f"<li>{esc(n)}</li>" for n in report.notes]
     extra += [f"<li>dropped {esc(n)}</li>" for n in report.dropped]
+    extra += [f"<li><b>warning</b> {esc(w['tensor'])}: {esc(w['message'])}</li>" for w in report.warnings]
     return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>wtool report</title>"
             f"<style>{_CSS}</style></head><body><h1>wtool apply: {esc(report.input)} → {esc(str(report.output))}</h1>"
             f'<div class="sub">pipeline: {esc(steps)} · {t["tensors"]} tensors, {t["changed"]} changed · '

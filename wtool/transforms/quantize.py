@@ -108,10 +108,12 @@ class Quantize(Transform, name="quantize"):
             ctx.extras["bits_per_weight"] = self.bits_per_weight(array.shape)
         if array.size == 0:
             return array.copy()
-        if granularity == "tensor" or (granularity == "channel" and array.ndim < 2):
-            return self._snap(array.reshape(1, -1)).reshape(array.shape)
-        if granularity == "channel":
-            return self._snap(array.reshape(array.shape[0], -1)).reshape(array.shape)
+        if granularity in ("tensor", "channel"):
+            whole = granularity == "tensor" or array.ndim < 2
+            grids = array.reshape(1, -1) if whole else array.reshape(array.shape[0], -1)
+            if ctx is not None and p.bits <= 4:
+                ctx.extras.update(crowding(grids, p.bits, p.scheme))
+            return self._snap(grids).reshape(array.shape)
         rows = array.reshape(-1, array.shape[-1])
         width = rows.shape[1]
         full = width - width % p.group_size
@@ -154,3 +156,24 @@ class Quantize(Transform, name="quantize"):
         rows = constant.reshape(-1)
         work[rows] = groups[rows]
         return work
+
+
+def crowding(grids: np.ndarray, bits: int, scheme: str) -> dict[str, float]:
+    """How few levels the bulk of a grid's values get when outliers set its range: for the row
+    of `grids` where ±3σ spans the fewest grid steps, that count (`bulk_levels`) and its
+    absmax/σ (`outlier_ratio`), σ = 1.4826·MAD so that the outliers do not inflate it. A
+    Gaussian row of 4-bit asym keeps ~13 of 16 levels; a row whose range a 175σ outlier sets
+    keeps 1, and the rest of the row is flattened."""
+    centre = np.median(grids, axis=1, keepdims=True)
+    sigma = 1.4826 * np.median(np.abs(grids - centre), axis=1).astype(np.float64)
+    top = np.abs(grids).max(axis=1).astype(np.float64)
+    if scheme == "sym":
+        step = top / (2 ** (bits - 1) - 1)
+    else:
+        step = (grids.max(axis=1).astype(np.float64) - grids.min(axis=1)) / (2 ** bits - 1)
+    live = (sigma > 0) & (step > 0)
+    if not live.any():
+        return {}
+    levels = np.minimum(np.ceil(6 * sigma[live] / step[live]), 2 ** bits)
+    worst = int(levels.argmin())
+    return {"bulk_levels": int(levels[worst]), "outlier_ratio": float(top[live][worst] / sigma[live][worst])}
