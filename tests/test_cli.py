@@ -136,7 +136,10 @@ def test_existing_output_refused_without_force(llama, tmp_path):
     result = invoke("apply", llama, out, "-t", "clip:c=1")
     assert result.exit_code == 2 and "--force" in result.output
     assert out.read_bytes() == b"precious"
-    assert invoke("apply", llama, out, "-t", "clip:c=1", "--force").exit_code == 0
+    result = invoke("apply", llama, out, "-t", "clip:c=1", "--force")  # not a checkpoint: never replaced
+    assert result.exit_code == 2 and "is not a checkpoint" in result.output and out.read_bytes() == b"precious"
+    assert invoke("apply", llama, tmp_path / "ok.safetensors").exit_code == 0
+    assert invoke("apply", llama, tmp_path / "ok.safetensors", "-t", "clip:c=1", "--force").exit_code == 0
 
 
 def test_diff_gates(llama, tmp_path):

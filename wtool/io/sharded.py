@@ -13,7 +13,7 @@ order, and always an index, even for a single shard.
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -22,7 +22,7 @@ from typing import BinaryIO
 import numpy as np
 
 from wtool.errors import InputError
-from wtool.io.atomic import AtomicFolder, as_output_error, create_file, finish_file
+from wtool.io.atomic import AtomicFolder, as_output_error, copy_file, create_file, finish_file
 from wtool.io.base import (
     MAX_HEADER_BYTES,
     Reader,
@@ -37,6 +37,7 @@ from wtool.io.safetensors import (
     check_with_reference,
     write_data,
 )
+from wtool.io.protect import Inputs, Stamp
 from wtool.tensor import TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -70,7 +71,7 @@ class ShardedReader(Reader):
     format = "sharded"
 
     def __init__(self, path: Path, index: Path):
-        weight_map = _read_index(index)
+        weight_map, self._index_stamp = _read_index(index)
         folder = index.parent
         self._shards: dict[str, SafetensorsReader] = {}
         try:
@@ -108,7 +109,8 @@ class ShardedReader(Reader):
         first = next(iter(self._shards.values()), None)
         metadata = dict(first.metadata) if first else {}
         files = [index] + [reader.file for reader in self._shards.values()]
-        super().__init__(path, tensors, metadata, files)
+        stamps = [self._index_stamp] + [stamp for reader in self._shards.values() for stamp in reader.stamps]
+        super().__init__(path, tensors, metadata, files, stamps)
         self._location = location
 
     def _read(self, info: TensorInfo) -> np.ndarray:
@@ -119,9 +121,10 @@ class ShardedReader(Reader):
             reader.close()
 
 
-def _read_index(index: Path) -> dict[str, str]:
+def _read_index(index: Path) -> tuple[dict[str, str], Stamp]:
     with open_regular(index) as handle:
         try:
+            stamp = Stamp.of(index, os.fstat(handle.fileno()))
             raw = handle.read(MAX_HEADER_BYTES + 1)
         except OSError as exc:
             raise InputError(f"{index}: cannot read: {exc.strerror or exc}") from None
@@ -142,7 +145,7 @@ def _read_index(index: Path) -> dict[str, str]:
             shown = shard if isinstance(shard, str) else json.dumps(shard)
             raise InputError(f"{index}: tensor {show(name)}: shard {show(shown)} {problem}")
         normalized[name] = str(PurePosixPath(shard))  # `./a` and `a` are the same shard
-    return normalized
+    return normalized, stamp
 
 
 def plan_shards(tensors: Sequence[TensorInfo], max_shard_size: int | None) -> list[list[TensorInfo]]:
@@ -180,7 +183,8 @@ class ShardedWriter(Writer):
     """Writes shards one after another into a hidden folder, then the index, then renames the folder."""
 
     def __init__(self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str],
-                 max_shard_size: int | None, extra_files: Sequence[Path] = ()):
+                 max_shard_size: int | None, extra_files: Sequence[Path] = (), *, force: bool = False,
+                 inputs: Inputs | None = None):
         super().__init__(path, tensors, metadata)
         self._extra_files = list(extra_files)
         plan = plan_shards(self.tensors, max_shard_size)
@@ -190,7 +194,11 @@ class ShardedWriter(Writer):
         self._ends_shard = {position for position, number in enumerate(self._shard_of)
                             if position + 1 == len(self._shard_of) or self._shard_of[position + 1] != number}
         self._handle: BinaryIO | None = None
-        self._folder = AtomicFolder(path)
+        self._folder = AtomicFolder(path, force=force, inputs=inputs)
+
+    @property
+    def placed(self) -> bool:
+        return self._folder.placed
 
     @property
     def shard_names(self) -> list[str]:
@@ -221,7 +229,7 @@ class ShardedWriter(Writer):
             finish_file(handle)
         for extra in self._extra_files:
             with as_output_error(self.path / extra.name):
-                shutil.copyfile(extra, self._folder.temp / extra.name)
+                copy_file(extra, self._folder.temp / extra.name)
         self._folder.commit()
 
     def _abort(self) -> None:
