@@ -119,3 +119,10 @@ def test_diff_totals_match_apply_and_gate(mixed, tmp_path):
     assert result.failures == [f"totals: weighted_rel_l2 = {report.totals['weighted_rel_l2']:.6g} > 0.01"]
     assert diff(mixed, mixed, fail_above={"weighted_rel_l2": 0}).passed
     assert "parameter-weighted" in diff_markdown(result)
+
+
+def test_without_statistics_the_totals_claim_no_error(mixed, tmp_path):
+    report = run(Pipeline.from_specs(["quantize:bits=4"]), mixed, tmp_path / "out.safetensors", stats=False)
+    assert "weighted_rel_l2" not in report.totals and "worst" not in report.totals
+    assert report.totals["quantized_bits_per_weight"] == pytest.approx(4.5)
+    assert "stored bits per weight: 32 → 32" in apply_markdown(report)

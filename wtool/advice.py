@@ -15,6 +15,7 @@ and needs no data and no model run:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from wtool.report import TensorRecord
@@ -48,7 +49,7 @@ def _rules(record: TensorRecord) -> list[tuple[str, float, str]]:
                     f"sparsity {sparsity:.2f} is past {knee:.2f}, where this tensor's energy drops sharply "
                     f"(each further zero removes more than the mean w²): {gone:.0%} of its energy is gone"))
     lost = extras.get("cast.flushed_to_zero", 0) + extras.get("cast.subnormal", 0)
-    numel = (record.before or {}).get("numel") or 0
+    numel = math.prod(record.shape)
     if numel and lost > FLUSH_SHARE * numel:
         out.append(("flush", lost / numel,
                     f"cast to {record.dtype} turns {lost / numel:.1%} of the values into zeros "

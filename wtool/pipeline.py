@@ -724,13 +724,14 @@ def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline) -> dict[st
 def _quality_totals(records: list[TensorRecord], reader: Reader, totals: Mapping[str, Any]) -> dict[str, Any]:
     """Parameter-weighted error and the worst tensors (see `weighted_error`), stored bits per
     weight before and after, and the grid bits of quantized tensors, scales and offsets counted."""
-    changed = [{"name": r.name, "numel": r.after["numel"], "rel_l2": r.error["rel_l2"],
+    changed = [{"name": r.name, "numel": math.prod(r.shape), "rel_l2": r.error["rel_l2"],
                 "sqnr_db": r.error["sqnr_db"]} for r in records if r.changed and r.error is not None]
+    measured = any(r.after is not None for r in records) or not records  # stats=False measures no error
     params_in = sum(t.numel for t in reader.tensors)
-    quantized = [(r.after["numel"], r.extras["quantize.bits_per_weight"]) for r in records
+    quantized = [(math.prod(r.shape), r.extras["quantize.bits_per_weight"]) for r in records
                  if "quantize.bits_per_weight" in r.extras]
     grid = math.fsum(n * b for n, b in quantized) / sum(n for n, _ in quantized) if quantized else None
-    return weighted_error(changed) | {
+    return (weighted_error(changed) if measured else {}) | {
         "bits_per_weight": {"before": 8 * totals["bytes_in"] / params_in if params_in else None,
                             "after": 8 * totals["bytes_out"] / totals["params"] if totals["params"] else None},
         "quantized_bits_per_weight": grid,

@@ -215,10 +215,10 @@ def _pair(before: dict[str, Any] | None, after: dict[str, Any] | None, key: str)
 
 def totals_lines(totals: dict[str, Any]) -> list[str]:
     """The honest totals in words: parameter-weighted error, worst tensors, bits per weight."""
-    if "weighted_rel_l2" not in totals:
+    if "bits_per_weight" not in totals:
         return []
     lines = []
-    if totals["worst"]:
+    if totals.get("worst"):
         sqnr = totals["weighted_sqnr_db"]
         lines.append(f"parameter-weighted over changed tensors: rel_l2 {fmt(totals['weighted_rel_l2'])}, "
                      f"SQNR {fmt(sqnr, 3) + ' dB' if sqnr is not None else 'inf'}; worst: "
@@ -491,6 +491,7 @@ def apply_html(report: Report) -> str:
     extra = [f"<li>{esc(g.op)}: {esc(g.note)}</li>" for g in report.groups]
     extra += [f"<li>{esc(n)}</li>" for n in report.notes]
     extra += [f"<li>dropped {esc(n)}</li>" for n in report.dropped]
+    extra += [f"<li>{esc(line)}</li>" for line in totals_lines(t)]
     extra += [f"<li><b>warning</b> {esc(w['tensor'])}: {esc(w['message'])}</li>" for w in report.warnings]
     return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>wtool report</title>"
             f"<style>{_CSS}</style></head><body><h1>wtool apply: {esc(report.input)} → {esc(str(report.output))}</h1>"
