@@ -501,10 +501,12 @@ def diff(
     b: Annotated[Path, typer.Argument(help="Checkpoint to compare with it.")],
     json_out: Annotated[str | None, typer.Option("--json", help="Write the JSON report to FILE, or - for stdout.")] = None,
     markdown: Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
-    fail_above: Annotated[list[str], typer.Option("--fail-above", help="Gate METRIC=VALUE (max_abs, mse, rel_l2): "
-                                                  "exit 1 when any tensor exceeds it; repeatable.")] = [],  # noqa: B006
-    fail_below: Annotated[list[str], typer.Option("--fail-below", help="Gate METRIC=VALUE (cosine, sqnr_db): "
-                                                  "exit 1 when any tensor falls below it; repeatable.")] = [],  # noqa: B006
+    fail_above: Annotated[list[str], typer.Option("--fail-above", help="Gate METRIC=VALUE (max_abs, mse, rel_l2: "
+                                                  "exit 1 when any tensor exceeds it; weighted_rel_l2: when the "
+                                                  "parameter-weighted total does); repeatable.")] = [],  # noqa: B006
+    fail_below: Annotated[list[str], typer.Option("--fail-below", help="Gate METRIC=VALUE (cosine, sqnr_db: "
+                                                  "exit 1 when any tensor falls below it; weighted_sqnr_db: when the "
+                                                  "parameter-weighted total does); repeatable.")] = [],  # noqa: B006
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Tensors present on one side only do not fail.")] = False,
     include: Include = [],  # noqa: B006
     exclude: Exclude = [],  # noqa: B006
