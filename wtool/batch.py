@@ -239,7 +239,8 @@ class RayExecutor:
         """Cancel every task (a KeyboardInterrupt inside it, so its writer removes the temp)."""
         for ref in self.refs:
             self.ray.cancel(ref)
-        self.ray.wait(self.refs, num_returns=len(self.refs), timeout=10)
+        if self.refs:
+            self.ray.wait(self.refs, num_returns=len(self.refs), timeout=10)
 
     def close(self) -> None:
         if self.owned:
