@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,8 +78,9 @@ class _Outputs:
         self.mark = atomic.placements()
 
     def complete(self) -> list[str]:
+        """What is in place: the checkpoint once committed, then the reports written."""
         placed = self.checkpoint_absolute is not None and atomic.placed(self.checkpoint_absolute, self.mark)
-        return [str(self.checkpoint)] * placed + self.done
+        return ([str(self.checkpoint)] if placed else []) + self.done
 
     def finished(self, what: str) -> None:
         self.todo.remove(what)
@@ -235,8 +237,8 @@ def _debug(ctx: typer.Context) -> bool:
 
 
 def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: bool,
-                   inputs: list[Path] | None = None) -> list[Path]:
-    """Check report targets (option -> FILE or -) before any work; returns the files (absolute).
+                   inputs: list[Path] | None = None) -> dict[str, Path]:
+    """Check report targets (option -> FILE or -) before any work; returns each file as given -> absolute.
 
     At most one goes to stdout; no two outputs share a path; none goes inside a folder output
     (which is replaced whole); an existing one needs `--force` and must be a regular file.
@@ -275,7 +277,7 @@ def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: boo
         protected = pipeline.protect(inputs)
         for shown, target in outputs.files.items():
             protected.refuse(target, "report", shown)
-    return list(outputs.files.values())
+    return outputs.files
 
 
 def _write_text(target: str, text: str, outputs: _Outputs, force: bool) -> None:
@@ -326,7 +328,8 @@ def apply(
     allow_empty: AllowEmpty = False,
     nonfinite: NonFinite = "error",
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan; read no data, write nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output, if it is a "
+                                        "checkpoint wtool may replace (see the README); never an input.")] = False,
     model_files: ModelFiles = True,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
                                                           "shards of at most this size, e.g. 5GB.")] = None,
@@ -336,6 +339,8 @@ def apply(
                                                 "table, before/after histograms) to FILE.")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Tensors computed at once, in threads; "
                                       "peak memory grows with it.")] = 1,
+    stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Statistics, error metrics and histograms "
+                                        "per tensor; --no-stats reports only the steps and what changed.")] = True,
     quiet: Quiet = False,
     rows: Rows = report.SHOW_ROWS,
 ) -> None:
@@ -356,8 +361,8 @@ def apply(
         shard = parse_size(max_shard_size) if max_shard_size else None
         with _Bar("apply", not quiet and not dry_run) as bar:
             result = pipeline.run(pipe, source, output, force=force, max_shard_size=shard, dry_run=dry_run,
-                                  copy_model_files=model_files, jobs=jobs, progress=bar, reports=reports,
-                                  reads=[recipe] if recipe else [])
+                                  copy_model_files=model_files, jobs=jobs, stats=stats, progress=bar,
+                                  reports=list(reports.values()), reads=[recipe] if recipe else [])
         stdout_taken = "-" in (report_path, markdown)
         console = _stderr() if stdout_taken else _stdout()
         if report_path:
@@ -424,7 +429,7 @@ def batch_command(
         replace = force or resume  # a report of the previous run is replaced too
         reports = _check_reports(outputs, {"--report": report_path, "--markdown": markdown}, replace)
         pipe = _pipeline(transform, recipe, include, exclude, allow_empty=allow_empty, nonfinite=nonfinite)
-        job = batch.Batch.plan(inputs, out_dir, pipe, force=force, resume=resume, reports=reports,
+        job = batch.Batch.plan(inputs, out_dir, pipe, force=force, resume=resume, reports=list(reports.values()),
                                executor=executor or ("serial" if jobs == 1 else "processes"), workers=jobs,
                                copy_model_files=model_files)
         try:
@@ -663,5 +668,17 @@ def _range(low: float | None, high: float | None) -> str:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    After a stopping signal the process ends with `os._exit` once its output is flushed:
+    threads still computing abandoned tensors (`--jobs`) would otherwise hold the exit back.
+    """
+    try:
+        app()
+    except SystemExit as exc:
+        if isinstance(exc.code, int) and exc.code > 128 and threading.active_count() > 1:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(exc.code)
+        raise
