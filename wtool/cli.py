@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,8 +78,9 @@ class _Outputs:
         self.mark = atomic.placements()
 
     def complete(self) -> list[str]:
+        """What is in place: the checkpoint once committed, then the reports written."""
         placed = self.checkpoint_absolute is not None and atomic.placed(self.checkpoint_absolute, self.mark)
-        return [str(self.checkpoint)] * placed + self.done
+        return ([str(self.checkpoint)] if placed else []) + self.done
 
     def finished(self, what: str) -> None:
         self.todo.remove(what)
@@ -224,8 +226,8 @@ def _debug(ctx: typer.Context) -> bool:
 
 
 def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: bool,
-                   inputs: list[Path] | None = None) -> list[Path]:
-    """Check report targets (option -> FILE or -) before any work; returns the files (absolute).
+                   inputs: list[Path] | None = None) -> dict[str, Path]:
+    """Check report targets (option -> FILE or -) before any work; returns each file as given -> absolute.
 
     At most one goes to stdout; no two outputs share a path; none goes inside a folder output
     (which is replaced whole); an existing one needs `--force` and must be a regular file.
@@ -264,7 +266,7 @@ def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: boo
         protected = pipeline.protect(inputs)
         for shown, target in outputs.files.items():
             protected.refuse(target, "report", shown)
-    return list(outputs.files.values())
+    return outputs.files
 
 
 def _write_text(target: str, text: str, outputs: _Outputs, force: bool) -> None:
@@ -295,7 +297,8 @@ def apply(
     nonfinite: Annotated[str, typer.Option("--nonfinite", help="NaN/Inf met by a step that would spread them: "
                                            "error, skip (leave that tensor alone) or zero (replace by 0).")] = "error",
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan; read no data, write nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output, if it is a "
+                                        "checkpoint wtool may replace (see the README); never an input.")] = False,
     model_files: Annotated[bool, typer.Option("--model-files/--no-model-files", help="Folder to folder: copy "
                                               "config.json, tokenizer and model card beside the weights.")] = True,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
@@ -336,7 +339,7 @@ def apply(
         with _Bar("apply", not quiet and not dry_run) as bar:
             result = pipeline.run(pipe, source, output, force=force, max_shard_size=shard, dry_run=dry_run,
                                   copy_model_files=model_files, jobs=jobs, stats=stats, progress=bar,
-                                  reports=reports, reads=[recipe] if recipe else [])
+                                  reports=list(reports.values()), reads=[recipe] if recipe else [])
         stdout_taken = "-" in (report_path, markdown)
         console = _stderr() if stdout_taken else _stdout()
         if report_path:
@@ -576,5 +579,17 @@ def _range(low: float | None, high: float | None) -> str:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    After a stopping signal the process ends with `os._exit` once its output is flushed:
+    threads still computing abandoned tensors (`--jobs`) would otherwise hold the exit back.
+    """
+    try:
+        app()
+    except SystemExit as exc:
+        if isinstance(exc.code, int) and exc.code > 128 and threading.active_count() > 1:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(exc.code)
+        raise
