@@ -408,7 +408,7 @@ def batch_command(
     nonfinite: NonFinite = "error",
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Inputs converted at once.")] = 1,
     executor: Annotated[str | None, typer.Option("--executor", "-e", help="serial, threads, processes or ray "
-                                                 "(pip install 'wtool[ray]'; RAY_ADDRESS picks a cluster). "
+                                                 "(pip install 'wtool\\[ray]'; RAY_ADDRESS picks a cluster). "
                                                  "Default: serial, or processes with --jobs > 1.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip inputs whose output is complete and made by this "
                                          "pipeline; redo those made by another.")] = False,
@@ -501,10 +501,12 @@ def diff(
     b: Annotated[Path, typer.Argument(help="Checkpoint to compare with it.")],
     json_out: Annotated[str | None, typer.Option("--json", help="Write the JSON report to FILE, or - for stdout.")] = None,
     markdown: Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
-    fail_above: Annotated[list[str], typer.Option("--fail-above", help="Gate METRIC=VALUE (max_abs, mse, rel_l2): "
-                                                  "exit 1 when any tensor exceeds it; repeatable.")] = [],  # noqa: B006
-    fail_below: Annotated[list[str], typer.Option("--fail-below", help="Gate METRIC=VALUE (cosine, sqnr_db): "
-                                                  "exit 1 when any tensor falls below it; repeatable.")] = [],  # noqa: B006
+    fail_above: Annotated[list[str], typer.Option("--fail-above", help="Gate METRIC=VALUE (max_abs, mse, rel_l2: "
+                                                  "exit 1 when any tensor exceeds it; weighted_rel_l2: when the "
+                                                  "parameter-weighted total does); repeatable.")] = [],  # noqa: B006
+    fail_below: Annotated[list[str], typer.Option("--fail-below", help="Gate METRIC=VALUE (cosine, sqnr_db: "
+                                                  "exit 1 when any tensor falls below it; weighted_sqnr_db: when the "
+                                                  "parameter-weighted total does); repeatable.")] = [],  # noqa: B006
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Tensors present on one side only do not fail.")] = False,
     include: Include = [],  # noqa: B006
     exclude: Exclude = [],  # noqa: B006

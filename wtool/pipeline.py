@@ -16,6 +16,7 @@ True
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import deque
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from wtool import __version__
+from wtool.advice import data_free_warnings
 from wtool.dtypes import by_code, to_storage
 from wtool.errors import InputError, UsageError
 from wtool.io import (
@@ -43,7 +45,7 @@ from wtool.io import (
 )
 from wtool.recipe import Pipeline, Step
 from wtool.report import GroupRecord, Report, SkipRecord, TensorRecord
-from wtool.stats import compare, histogram, same_bytes, tensor_stats
+from wtool.stats import compare, histogram, same_bytes, tensor_stats, weighted_error
 from wtool.steps import Chain, Source, StepPlan, StepRun, fit_step, plan_step
 from wtool.tensor import TensorInfo
 from wtool.transforms import GroupTransform
@@ -209,16 +211,14 @@ def protect(sources: Sequence[str | Path]) -> Inputs:
 def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes: Sequence[Chain],
                        jobs: int, stats: bool) -> Iterator[tuple[Chain, tuple[np.ndarray, TensorRecord]]]:
     """Materialise the output tensors in order, up to `jobs` of them at once in threads
-    (numpy releases the GIL in its kernels); memory grows with `jobs`.
+    (numpy releases the GIL in its kernels); memory grows with `jobs`. The next tensor is
+    computed while the caller writes the previous one, so even one job overlaps the
+    statistics with the writing.
 
     The threads are daemons and nothing waits for them when the run stops early: Ctrl-C or
     SIGTERM takes effect at once, not after every tensor in flight.
     """
     work = partial(_materialise, reader, stats=stats)
-    if jobs <= 1:
-        for node in nodes:
-            yield node, work(sources.get(node.info.name), node)
-        return
     pending: deque[tuple[Chain, Future]] = deque()
     upcoming = iter(nodes)
     for node in upcoming:
@@ -360,6 +360,23 @@ def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline) -> dict[st
     return out
 
 
+def _quality_totals(records: list[TensorRecord], reader: Reader, totals: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameter-weighted error and the worst tensors (see `weighted_error`), stored bits per
+    weight before and after, and the grid bits of quantized tensors, scales and offsets counted."""
+    changed = [{"name": r.name, "numel": math.prod(r.shape), "rel_l2": r.error["rel_l2"],
+                "sqnr_db": r.error["sqnr_db"]} for r in records if r.changed and r.error is not None]
+    measured = any(r.after is not None for r in records) or not records  # stats=False measures no error
+    params_in = sum(t.numel for t in reader.tensors)
+    quantized = [(math.prod(r.shape), r.extras["quantize.bits_per_weight"]) for r in records
+                 if "quantize.bits_per_weight" in r.extras]
+    grid = math.fsum(n * b for n, b in quantized) / sum(n for n, _ in quantized) if quantized else None
+    return (weighted_error(changed) if measured else {}) | {
+        "bits_per_weight": {"before": 8 * totals["bytes_in"] / params_in if params_in else None,
+                            "after": 8 * totals["bytes_out"] / totals["params"] if totals["params"] else None},
+        "quantized_bits_per_weight": grid,
+    }
+
+
 def _report(the_plan: Plan, records: list[TensorRecord], output: str | Path | None, seconds: float,
             *, dry_run: bool) -> Report:
     reader = the_plan.reader
@@ -374,10 +391,12 @@ def _report(the_plan: Plan, records: list[TensorRecord], output: str | Path | No
         "bytes_out": bytes_out,
         "seconds": round(seconds, 3),
     }
+    if not dry_run:
+        totals |= _quality_totals(records, reader, totals)
     return Report(
         wtool_version=__version__, input=str(reader.path), output=None if output is None else str(output),
         steps=the_plan.pipeline.describe(), tensors=records, totals=totals, dropped=dropped,
         skipped=the_plan.skipped, groups=the_plan.groups, notes=the_plan.notes, dry_run=dry_run,
-        nonfinite_policy=the_plan.pipeline.nonfinite,
+        nonfinite_policy=the_plan.pipeline.nonfinite, warnings=data_free_warnings(records),
     )
 
