@@ -408,7 +408,7 @@ def batch_command(
     nonfinite: NonFinite = "error",
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Inputs converted at once.")] = 1,
     executor: Annotated[str | None, typer.Option("--executor", "-e", help="serial, threads, processes or ray "
-                                                 "(pip install 'wtool[ray]'; RAY_ADDRESS picks a cluster). "
+                                                 "(pip install 'wtool\\[ray]'; RAY_ADDRESS picks a cluster). "
                                                  "Default: serial, or processes with --jobs > 1.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip inputs whose output is complete and made by this "
                                          "pipeline; redo those made by another.")] = False,

@@ -544,16 +544,14 @@ def protect(sources: Sequence[str | Path]) -> Inputs:
 def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes: Sequence[Node],
                        jobs: int, stats: bool) -> Iterator[tuple[Node, tuple[np.ndarray, TensorRecord]]]:
     """Materialise the output tensors in order, up to `jobs` of them at once in threads
-    (numpy releases the GIL in its kernels); memory grows with `jobs`.
+    (numpy releases the GIL in its kernels); memory grows with `jobs`. The next tensor is
+    computed while the caller writes the previous one, so even one job overlaps the
+    statistics with the writing.
 
     The threads are daemons and nothing waits for them when the run stops early: Ctrl-C or
     SIGTERM takes effect at once, not after every tensor in flight.
     """
     work = partial(_materialise, reader, stats=stats)
-    if jobs <= 1:
-        for node in nodes:
-            yield node, work(sources.get(node.info.name), node)
-        return
     pending: deque[tuple[Node, Future]] = deque()
     upcoming = iter(nodes)
     for node in upcoming:
