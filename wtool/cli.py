@@ -225,12 +225,14 @@ def _debug(ctx: typer.Context) -> bool:
     return bool(ctx.obj and ctx.obj.get("debug"))
 
 
-def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: bool) -> dict[str, Path]:
-    """Check report targets (option -> FILE or -) before any work; returns each file as given -> absolute.
+def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: bool,
+                   inputs: list[Path] | None = None) -> list[Path]:
+    """Check report targets (option -> FILE or -) before any work; returns the files (absolute).
 
     At most one goes to stdout; no two outputs share a path; none goes inside a folder output
     (which is replaced whole); an existing one needs `--force` and must be a regular file.
-    Whether a report would touch an input is checked by the library, which knows the inputs.
+    `inputs` (commands without a pipeline) are protected here; `apply` leaves that to the
+    library, which knows every file the run reads.
     """
     taken = [option for option, target in reports.items() if target == "-"]
     if len(taken) > 1:
@@ -260,7 +262,11 @@ def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: boo
             raise UsageError(f"cannot write {target}: it is a folder")
         atomic.check_target(Path(target), force, "report")
         outputs.files[target] = atomic.absolute(Path(target))
-    return outputs.files
+    if inputs and outputs.files:
+        protected = pipeline.protect(inputs)
+        for shown, target in outputs.files.items():
+            protected.refuse(target, "report", shown)
+    return list(outputs.files.values())
 
 
 def _write_text(target: str, text: str, outputs: _Outputs, force: bool) -> None:
@@ -330,8 +336,8 @@ def apply(
         shard = parse_size(max_shard_size) if max_shard_size else None
         with _Bar("apply", not quiet and not dry_run) as bar:
             result = pipeline.run(pipe, source, output, force=force, max_shard_size=shard, dry_run=dry_run,
-                                  copy_model_files=model_files, jobs=jobs, progress=bar,
-                                  reports=list(reports.values()), reads=[recipe] if recipe else [])
+                                  copy_model_files=model_files, jobs=jobs, progress=bar, reports=reports,
+                                  reads=[recipe] if recipe else [])
         stdout_taken = "-" in (report_path, markdown)
         console = _stderr() if stdout_taken else _stdout()
         if report_path:
@@ -381,8 +387,7 @@ def inspect(
     """
     outputs = _Outputs()
     with _guard(_debug(ctx), outputs):
-        for shown, target in _check_reports(outputs, {"--json": json_out}, force).items():
-            pipeline.protect([path]).refuse(target, "report", shown)
+        _check_reports(outputs, {"--json": json_out}, force, [path])
         with _Bar("inspect", not quiet) as bar:
             result = analyze.inspect(path, Selector(tuple(include), tuple(exclude)), allow_empty=allow_empty,
                                      progress=bar)
@@ -426,11 +431,7 @@ def diff(
     """
     outputs = _Outputs()
     with _guard(_debug(ctx), outputs):
-        reports = _check_reports(outputs, {"--json": json_out, "--markdown": markdown}, force)
-        if reports:
-            inputs = pipeline.protect([a, b])
-            for shown, target in reports.items():
-                inputs.refuse(target, "report", shown)
+        _check_reports(outputs, {"--json": json_out, "--markdown": markdown}, force, [a, b])
         above = analyze.parse_gates(fail_above, analyze.ABOVE_METRICS, "--fail-above")
         below = analyze.parse_gates(fail_below, analyze.BELOW_METRICS, "--fail-below")
         with _Bar("diff", not quiet) as bar:
@@ -446,6 +447,61 @@ def diff(
         if not result.passed:
             _stderr().print(f"[bold red]diff failed[/]: {len(result.failures)} problem(s); first: "
                             f"{escape(result.failures[0])}", soft_wrap=True)
+            raise typer.Exit(1)
+
+
+@app.command("eval")
+def eval_command(
+    ctx: typer.Context,
+    base: Annotated[Path, typer.Argument(help="Reference model folder: config.json, tokenizer, weights.")],
+    candidate: Annotated[Path, typer.Argument(help="Model folder to compare with it, or a checkpoint file "
+                                              "holding weights for BASE's architecture.")],
+    task: Annotated[str | None, typer.Option("--task", help="encoder, causal-lm or hidden "
+                                             "(default: from BASE's config.json).")] = None,
+    text: Annotated[Path | None, typer.Option("--text", exists=True, dir_okay=False,
+                                              help="Inputs, one per line (default: a built-in sample of "
+                                                   "40 varied sentences).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=2, help="Tokens per input at most.")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Inputs per forward pass.")] = 8,
+    device: Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda.")] = "cpu",
+    seed: Annotated[int, typer.Option("--seed", help="torch's random seed.")] = 0,
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the JSON report to FILE, or - for stdout.")] = None,
+    markdown: Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
+    fail_above: Annotated[list[str], typer.Option("--fail-above", help="Gate METRIC=VALUE, e.g. kl_mean=0.05: "
+                                                  "exit 1 when the metric exceeds it; repeatable.")] = [],  # noqa: B006
+    fail_below: Annotated[list[str], typer.Option("--fail-below", help="Gate METRIC=VALUE, e.g. cosine_min=0.99: "
+                                                  "exit 1 when the metric falls below it; repeatable.")] = [],  # noqa: B006
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace existing report files.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Run two models on the same inputs and compare what they do (needs 'wtool[eval]').
+
+    Encoders: cosine_min, cosine_mean of mean-pooled final hidden states. Causal LMs: kl_mean,
+    top1, ppl_base, ppl_candidate, ppl_ratio. All: hidden_rel_l2. Exit 1 when a gate fails.
+
+    Example: wtool eval model/ quantized/ --fail-below cosine_min=0.99 --markdown - >> "$GITHUB_STEP_SUMMARY"
+    """
+    outputs = _Outputs()
+    with _guard(_debug(ctx), outputs):
+        from wtool.evaluate import ALL_METRICS, evaluate_models, read_texts
+
+        _check_reports(outputs, {"--json": json_out, "--markdown": markdown}, force, [base, candidate])
+        above = analyze.parse_gates(fail_above, ALL_METRICS, "--fail-above")
+        below = analyze.parse_gates(fail_below, ALL_METRICS, "--fail-below")
+        texts = read_texts(text) if text else None
+        result = evaluate_models(base, candidate, task=task, texts=texts, max_tokens=max_tokens, batch_size=batch_size,
+                          device=device, seed=seed, fail_above=above, fail_below=below)
+        console = _stderr() if "-" in (json_out, markdown) else _stdout()
+        if json_out:
+            _write_text(json_out, report.dumps(result.to_json()), outputs, force)
+        if markdown:
+            _write_text(markdown, report.eval_markdown(result), outputs, force)
+        if not quiet:
+            console.print(report.eval_table(result))
+        if not result.passed:
+            first = result.failures[0]
+            _stderr().print(f"[bold red]eval failed[/]: {len(result.failures)} gate(s); first: "
+                            f"{first['metric']} = {first['value']:.6g} against {first['limit']:g}", soft_wrap=True)
             raise typer.Exit(1)
 
 
