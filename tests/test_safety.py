@@ -510,9 +510,12 @@ import os, sys
 import wtool.io.safetensors as st
 from wtool.cli import main
 real = st.SafetensorsReader._read
+calls = []
 def shrink_after_read(self, info):
     array = real(self, info)
-    os.truncate(self.file, 64)  # the input shrinks while the tensor is held
+    calls.append(info.name)
+    if len(calls) == 2:  # the step's own read: the input shrinks while the tensor is held
+        os.truncate(self.file, 64)
     return array
 st.SafetensorsReader._read = shrink_after_read
 sys.argv = ["wtool", "apply", sys.argv[1], sys.argv[2], "-t", "clip:c=0.5"]
@@ -742,3 +745,15 @@ def test_a_1gib_input_truncated_during_a_run_is_exit_3_not_sigbus(tmp_path, jobs
     assert process.returncode == 3, stderr
     assert re.fullmatch(rf"error: {re.escape(str(source))}: (tensor 't\d+': )?changed during the run.*\n", stderr)
     assert leftovers(tmp_path) == [] and not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("target", ["out.safetensors", "out"])
+def test_without_renameat2_creating_stays_exclusive_and_force_leaves_no_copy(small, tmp_path, monkeypatch, target):
+    """Where the system has no renameat2: link (file) or mkdir + rename (folder) still refuse a taken name."""
+    monkeypatch.setattr(wtool.io.atomic, "_renameat2", lambda source, target, flags: False)
+    out = tmp_path / target
+    with pytest.raises(UsageError, match="was created by another process during the run"):
+        run(Pipeline(), small, out, progress=Hook(lambda: save(out, ARRAYS)))
+    run(Pipeline.from_specs(["clip:c=0.5"]), small, out, force=True)
+    assert load(out)[0]["a.weight"].max() == np.float32(0.5)
+    assert leftovers(tmp_path) == []
