@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from wtool import __version__
-from wtool.dtypes import by_code, to_storage
+from wtool.dtypes import by_code, convert, to_storage
 from wtool.errors import InputError, UsageError
 from wtool.io import (
     Inputs,
@@ -40,7 +40,7 @@ from wtool.io import (
 )
 from wtool.report import GroupRecord, Report, SkipRecord, TensorRecord
 from wtool.selection import Selector
-from wtool.stats import error_metrics, histogram, tensor_stats
+from wtool.stats import compare, histogram, same_bytes, tensor_stats
 from wtool.tensor import TensorInfo
 from wtool.transforms import Context, Group, GroupTransform, Transform
 
@@ -165,6 +165,16 @@ class Pipeline:
             rows.append(row)
         return rows
 
+    def provenance(self) -> dict[str, Any]:
+        """What the output's `wtool` metadata records: version, steps, and the run-wide
+        patterns and NaN policy when they are not the defaults (`batch --resume` compares it)."""
+        recorded: dict[str, Any] = {"version": __version__, "steps": self.describe()}
+        if self.selector.include or self.selector.exclude:
+            recorded["include"], recorded["exclude"] = list(self.selector.include), list(self.selector.exclude)
+        if self.nonfinite != "error":
+            recorded["nonfinite"] = self.nonfinite
+        return recorded
+
 
 # ------------------------------------------------------------------ the node graph
 
@@ -180,7 +190,7 @@ class Node:
 
     def load(self) -> np.ndarray:
         """The value in compute dtype (float32, or float64 for F64 tensors)."""
-        return np.asarray(self.compute(), dtype=self.info.dtype_info.compute)
+        return convert(self.compute(), self.info.dtype_info.compute)
 
 
 class SourceNode(Node):
@@ -448,7 +458,7 @@ class Progress(Protocol):
 
 def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, force: bool = False,
         max_shard_size: int | None = None, dry_run: bool = False, copy_model_files: bool = True,
-        jobs: int = 1, progress: Progress | None = None, reports: Sequence[str | Path] = (),
+        jobs: int = 1, stats: bool = True, progress: Progress | None = None, reports: Sequence[str | Path] = (),
         reads: Sequence[str | Path] = ()) -> Report:
     """Stream `source` through the pipeline into `output` and report what changed.
 
@@ -456,7 +466,8 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
     report then holds the plan (tensors and their steps) without statistics. When both input
     and output are model folders, the config and tokenizer files travel along
     (`copy_model_files`), so the output loads with `from_pretrained`. `jobs` tensors are
-    computed at once (peak memory grows with it).
+    computed at once (peak memory grows with it). Without `stats` the report lists tensors,
+    steps and whether their bytes changed, without statistics, error metrics or histograms.
 
     Everything the run reads (the input, companions such as `decay`'s `grads=`, model files
     and the files in `reads`, e.g. the recipe) is protected: the output and the files in
@@ -487,7 +498,7 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
                 _fit(the_plan)
                 if progress:
                     progress.start(len(infos), sum(i.nbytes for i in infos))
-                for node, (array, record) in _evaluate_in_order(reader, sources, the_plan.nodes, jobs):
+                for node, (array, record) in _evaluate_in_order(reader, sources, the_plan.nodes, jobs, stats):
                     writer.write(node.info.name, array)
                     records.append(record)
                     del array
@@ -529,29 +540,29 @@ def protect(sources: Sequence[str | Path]) -> Inputs:
 
 
 def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes: Sequence[Node],
-                       jobs: int) -> Iterator[tuple[Node, tuple[np.ndarray, TensorRecord]]]:
+                       jobs: int, stats: bool) -> Iterator[tuple[Node, tuple[np.ndarray, TensorRecord]]]:
     """Materialise the output tensors in order, up to `jobs` of them at once in threads
     (numpy releases the GIL in its kernels); memory grows with `jobs`.
 
     The threads are daemons and nothing waits for them when the run stops early: Ctrl-C or
     SIGTERM takes effect at once, not after every tensor in flight.
     """
+    work = partial(_materialise, reader, stats=stats)
     if jobs <= 1:
         for node in nodes:
-            yield node, _materialise(reader, sources.get(node.info.name), node)
+            yield node, work(sources.get(node.info.name), node)
         return
     pending: deque[tuple[Node, Future]] = deque()
     upcoming = iter(nodes)
     for node in upcoming:
-        pending.append((node, _in_thread(_materialise, reader, sources.get(node.info.name), node)))
+        pending.append((node, _in_thread(work, sources.get(node.info.name), node)))
         if len(pending) >= jobs:
             break
     while pending:
         node, future = pending.popleft()
         following = next(upcoming, None)
         if following is not None:
-            pending.append((following, _in_thread(_materialise, reader, sources.get(following.info.name),
-                                                  following)))
+            pending.append((following, _in_thread(work, sources.get(following.info.name), following)))
         yield node, future.result()
 
 
@@ -613,16 +624,18 @@ def _all_nodes(nodes: Sequence[Node]) -> Iterator[Node]:
             stack.extend(node.evaluation.inputs.values())
 
 
-def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple[np.ndarray, TensorRecord]:
+def _materialise(reader: Reader, source: TensorInfo | None, node: Node, *,
+                 stats: bool = True) -> tuple[np.ndarray, TensorRecord]:
     """Evaluate one output tensor in its storage dtype, with its before/after statistics.
 
-    `source` is the input tensor of the same name, if any: the "before" of the report.
+    `source` is the input tensor of the same name, if any: the "before" of the report. A
+    tensor of the same shape is compared in one pass over the pair (`stats.compare`).
     """
     info = node.info
     before = reader.read(info.name) if source is not None else None
     if isinstance(node, SourceNode):
         stored = before
-        after_stats = before_stats = tensor_stats(before)
+        after_stats = before_stats = tensor_stats(before) if stats else None
         return stored, TensorRecord(info.name, info.dtype, list(info.shape), [], False,
                                     before_stats, after_stats, None, {})
     value = node.compute()
@@ -630,20 +643,31 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple
         stored = _to_storage(value, info)
     except InputError as exc:
         raise InputError(f"{reader.path}: {exc}") from None
-    before_stats = tensor_stats(before) if before is not None else None
-    after_stats = tensor_stats(stored)
+    del value
     comparable = source is not None and source.shape == info.shape
-    changed = not comparable or source.dtype != info.dtype or not _same_bytes(before, stored)
-    error = error_metrics(before, stored) if comparable else None
+    if not stats:
+        changed = not comparable or source.dtype != info.dtype or not same_bytes(before, stored)
+        return stored, TensorRecord(info.name, info.dtype, list(info.shape), list(node.steps), changed,
+                                    None, None, None, dict(node.extras),
+                                    dtype_before=source.dtype if source else None)
+    if comparable:
+        pair = compare(before, stored)
+        changed = source.dtype != info.dtype or not pair.same_bytes
+        before_stats, after_stats, error = pair.before, pair.after, pair.error
+        histograms = pair.histogram if changed else None
+    else:
+        before_stats = tensor_stats(before) if before is not None else None
+        after_stats, error, changed = tensor_stats(stored), None, True
+        histograms = _histograms(before, before_stats, stored, after_stats)
     return stored, TensorRecord(info.name, info.dtype, list(info.shape), list(node.steps), changed,
                                 before_stats, after_stats, error, dict(node.extras),
-                                dtype_before=source.dtype if source else None,
-                                histogram=_histograms(before, before_stats, stored, after_stats) if changed else None)
+                                dtype_before=source.dtype if source else None, histogram=histograms)
 
 
 def _histograms(before: np.ndarray | None, before_stats: dict[str, Any] | None,
                 after: np.ndarray, after_stats: dict[str, Any]) -> dict[str, Any] | None:
-    """Before/after value histograms on one shared range (for sparklines and the HTML report)."""
+    """Before/after value histograms on one shared range, for tensors `compare` cannot pair
+    (created, or reshaped by a group transform)."""
     ends = [v for s in (before_stats, after_stats) if s for v in (s["min"], s["max"]) if v is not None]
     if not ends:
         return None
@@ -658,8 +682,8 @@ def _to_storage(value: np.ndarray, info: TensorInfo) -> np.ndarray:
     dtype = by_code(info.dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         stored = to_storage(value, dtype)
-    narrower = dtype.is_float and dtype.itemsize < np.asarray(value).dtype.itemsize
-    if narrower:
+    value = np.asarray(value)
+    if dtype.is_float and dtype.itemsize < value.dtype.itemsize and _may_overflow(value, dtype.numpy):
         overflow = int(np.count_nonzero(~np.isfinite(stored))) - int(np.count_nonzero(~np.isfinite(value)))
         if overflow > 0:
             raise InputError(f"tensor {info.name!r}: {overflow} value(s) overflow {dtype.user_name} after the "
@@ -667,12 +691,14 @@ def _to_storage(value: np.ndarray, info: TensorInfo) -> np.ndarray:
     return stored
 
 
-def _same_bytes(before: np.ndarray, after: np.ndarray, chunk: int = 1 << 24) -> bool:
-    """Bitwise equality, compared in chunks so no tensor-sized temporary is made."""
-    if before.dtype != after.dtype or before.shape != after.shape:
+def _may_overflow(value: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether casting `value` to `dtype` may create NaN/Inf: rounding is monotonic, so only
+    the extremes can overflow (two fast reductions instead of counting every element)."""
+    if not value.size:
         return False
-    a, b = before.reshape(-1).view(np.uint8), np.ascontiguousarray(after).reshape(-1).view(np.uint8)
-    return all(np.array_equal(a[i:i + chunk], b[i:i + chunk]) for i in range(0, a.size, chunk))
+    extremes = np.array([value.min(), value.max()])
+    with np.errstate(over="ignore", invalid="ignore"):
+        return not (np.isfinite(extremes).all() and np.isfinite(extremes.astype(dtype)).all())
 
 
 def _planned_record(node: Node) -> TensorRecord:
@@ -682,14 +708,14 @@ def _planned_record(node: Node) -> TensorRecord:
 
 
 def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline) -> dict[str, str]:
-    """The input's metadata plus one `wtool` entry (version and pipeline run).
+    """The input's metadata plus one `wtool` entry (`Pipeline.provenance`).
 
     transformers refuses safetensors metadata without `format`, so `format: pt` is added
     when the input had none.
     """
     out = dict(metadata)
     out.setdefault("format", "pt")
-    out["wtool"] = json.dumps({"version": __version__, "steps": pipeline.describe()}, sort_keys=True)
+    out["wtool"] = json.dumps(pipeline.provenance(), sort_keys=True)
     return out
 
 

@@ -73,26 +73,71 @@ class Quantize(Transform, name="quantize"):
         """Quantize each row of a 2-D array on its own grid."""
         levels = 2 ** self.params.bits - 1
         # One working array, updated in place: peak memory is one extra copy of the tensor.
+        out = np.empty_like(groups)
+        step = max(1, _BLOCK // max(groups.shape[1], 1))
+        spread = np.empty_like(groups[:step])
+        for start in range(0, groups.shape[0], step):  # blocks of rows small enough to stay in cache
+            block = groups[start:start + step]
+            self._snap_block(block, out[start:start + step], spread[:block.shape[0]], levels)
+        return out
+
+    def _snap_block(self, groups: np.ndarray, work: np.ndarray, spread: np.ndarray, levels: int) -> None:
+        """Quantize rows of `groups` into `work`. Per-row figures are spread to the block's
+        shape first (`spread`): whole-block arithmetic is several times faster than broadcasting."""
         if self.params.scheme == "sym":
             half = 2 ** (self.params.bits - 1) - 1
-            scale = np.abs(groups).max(axis=1, keepdims=True) / half
+            scale = _row_absmax(groups, work) / half
             constant = scale == 0
             scale[constant] = 1
-            work = groups / scale
+            np.copyto(spread, scale)
+            np.divide(groups, spread, out=work)
             np.round(work, out=work)
-            work *= scale
+            work *= spread
         else:
-            low = groups.min(axis=1, keepdims=True)
-            span = groups.max(axis=1, keepdims=True) - low
+            low, high = _row_extremes(groups, work)
+            span = high - low
             constant = span == 0
             span[constant] = 1
-            work = groups - low
-            work /= span
+            np.copyto(spread, low)
+            np.subtract(groups, spread, out=work)
+            np.copyto(spread, span)
+            work /= spread
             work *= levels
             np.round(work, out=work)
-            work *= span
+            work *= spread
             work /= levels
-            work += low
+            np.copyto(spread, low)
+            work += spread
         rows = constant.reshape(-1)
-        work[rows] = groups[rows]
-        return work
+        if rows.any():
+            work[rows] = groups[rows]
+
+
+def _row_absmax(rows: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """max |w| of each row, as a column. Without the sign bit, float bits order like the
+    magnitudes (NaN above inf), and numpy reduces integer rows several times faster than float ones."""
+    bits, _ = _int_types(rows.dtype)
+    magnitudes = np.bitwise_and(rows.view(bits), np.iinfo(bits).max >> 1, out=scratch.view(bits))
+    return magnitudes.max(axis=1, keepdims=True).view(rows.dtype)
+
+
+def _row_extremes(rows: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """min and max of each row, as columns, through integer keys ordered like the floats
+    (negative values get their magnitude bits flipped; the map is its own inverse)."""
+    _, signed = _int_types(rows.dtype)
+    keys = _order_keys(rows.view(signed), scratch.view(signed))
+    low, high = keys.min(axis=1, keepdims=True), keys.max(axis=1, keepdims=True)
+    return _order_keys(low, low).view(rows.dtype), _order_keys(high, high).view(rows.dtype)
+
+
+def _order_keys(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    flip = np.right_shift(bits, bits.dtype.itemsize * 8 - 1)  # -1 for negative values, 0 otherwise
+    np.bitwise_and(flip, np.iinfo(bits.dtype).max, out=flip)
+    return np.bitwise_xor(bits, flip, out=out)
+
+
+def _int_types(dtype: np.dtype) -> tuple[type, type]:
+    return (np.uint64, np.int64) if dtype.itemsize == 8 else (np.uint32, np.int32)
+
+
+_BLOCK = 1 << 16  # values per block of rows in `_snap`

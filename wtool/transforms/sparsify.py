@@ -16,6 +16,7 @@ from wtool.tensor import TensorInfo
 from wtool.transforms.base import Context, Transform, param
 
 DIGIT = 16  # bits resolved per pass of the global radix select
+CHUNK = 1 << 16  # elements per chunk of the threshold mask
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class Sparsify(Transform, name="sparsify"):
         if array.size == 0:
             return array.copy()
         if p.threshold is not None:
-            return np.where(np.abs(array) >= p.threshold, array, np.zeros((), array.dtype))
+            return _keep_at_least(array, p.threshold)
         if p.nm is not None:
             return self._nm(array, ctx)
         if p.scope == "global":
@@ -140,6 +141,21 @@ class Sparsify(Transform, name="sparsify"):
         drop = np.zeros(rows.shape, dtype=bool)
         np.put_along_axis(drop, order[:, keep:], True, axis=1)
         return np.where(drop, np.zeros((), array.dtype), rows).reshape(array.shape)
+
+
+def _keep_at_least(array: np.ndarray, threshold: float) -> np.ndarray:
+    """w·[|w| >= τ], NaN and dropped values as +0.0: the bits times the mask (0 or 1), chunk by
+    chunk so the masks stay in cache; several times faster than np.where or a masked copy."""
+    bits = np.dtype(f"u{array.dtype.itemsize}")
+    flat = np.ascontiguousarray(array).reshape(-1)
+    out = np.empty_like(flat)
+    keep, low = np.empty(min(flat.size, CHUNK), bool), np.empty(min(flat.size, CHUNK), bool)
+    for start in range(0, flat.size, CHUNK):
+        part = flat[start:start + CHUNK]
+        mask = np.greater_equal(part, threshold, out=keep[:part.size])
+        mask |= np.less_equal(part, -threshold, out=low[:part.size])
+        np.multiply(part.view(bits), mask, out=out[start:start + CHUNK].view(bits), dtype=bits)
+    return out.reshape(array.shape)
 
 
 def _magnitude_keys(array: np.ndarray, wide: bool) -> np.ndarray:
