@@ -2,7 +2,7 @@
 
 Both stream tensor by tensor, like `apply`.
 
->>> report = diff("a.safetensors", "b.safetensors", fail_above={"rel_l2": 0.05})
+>>> report = diff("fixtures/tiny-llama.safetensors", "fixtures/tiny-llama.safetensors", fail_above={"rel_l2": 0.05})
 >>> report.passed
 True
 """

@@ -12,8 +12,8 @@ base and the candidate with transformers on the same token ids and compares thei
 torch and transformers are an optional extra (`pip install 'wtool[eval]'`); they are imported
 only when an evaluation runs, never by the rest of wtool.
 
->>> report = evaluate_models("model/", "quantized/", fail_below={"cosine_min": 0.99})
->>> report.metrics["cosine_min"], report.passed
+>>> report = evaluate_models("model/", "quantized/", fail_below={"cosine_min": 0.99})  # doctest: +SKIP
+>>> report.metrics["cosine_min"], report.passed  # doctest: +SKIP
 (0.9987, True)
 """
 
