@@ -153,14 +153,12 @@ def _stored_bits(reader: Reader, names: list[str]) -> float | None:
 def _total_failures(totals: Mapping[str, Any], above: Mapping[str, float], below: Mapping[str, float]) -> list[str]:
     """Gates on the weighted totals; None is an infinite error (above) or no error at all (below)."""
     failures = []
-    for metric, limit in above.items():
-        value = totals[metric] if metric in TOTAL_METRICS else 0.0
-        if value is None or value > limit:
-            failures.append(f"totals: {metric} = {'inf' if value is None else f'{value:.6g}'} > {limit:g}")
-    for metric, limit in below.items():
-        value = totals[metric] if metric in TOTAL_METRICS else None
-        if value is not None and value < limit:
-            failures.append(f"totals: {metric} = {value:.6g} < {limit:g}")
+    for metric in TOTAL_METRICS:
+        value = totals[metric]
+        if metric in above and (value is None or value > above[metric]):
+            failures.append(f"totals: {metric} = {'inf' if value is None else f'{value:.6g}'} > {above[metric]:g}")
+        if metric in below and value is not None and value < below[metric]:
+            failures.append(f"totals: {metric} = {value:.6g} < {below[metric]:g}")
     return failures
 
 

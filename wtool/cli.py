@@ -34,7 +34,7 @@ from rich.table import Table
 
 from wtool import __version__, analyze, batch, pipeline, report
 from wtool.errors import UsageError, WtoolError
-from wtool.io import atomic, is_folder_output, parse_size
+from wtool.io import Inputs, atomic, is_folder_output, parse_size
 from wtool.new import new_checkpoint
 from wtool.selection import Selector
 from wtool.tensor import TensorInfo
@@ -76,6 +76,7 @@ class _Outputs:
         self.files: dict[str, Path] = {}  # report as given -> absolute (the working folder may be replaced)
         self.checkpoint_absolute = atomic.absolute(Path(checkpoint)) if checkpoint is not None else None
         self.mark = atomic.placements()
+        self.inputs: Inputs | None = None  # what a report describes, checked unchanged before it is written
 
     def complete(self) -> list[str]:
         """What is in place: the checkpoint once committed, then the reports written."""
@@ -273,16 +274,18 @@ def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: boo
             raise UsageError(f"cannot write {target}: it is a folder")
         atomic.check_target(Path(target), force, "report")
         outputs.files[target] = atomic.absolute(Path(target))
-    if inputs and outputs.files:
-        protected = pipeline.protect(inputs)
+    if inputs and outputs.todo:
+        outputs.inputs = pipeline.protect(inputs)
         for shown, target in outputs.files.items():
-            protected.refuse(target, "report", shown)
+            outputs.inputs.refuse(target, "report", shown)
     return outputs.files
 
 
 def _write_text(target: str, text: str, outputs: _Outputs, force: bool) -> None:
     """Write a report to stdout ('-') or, atomically, to a file; then count it as done."""
     text = text if text.endswith("\n") else text + "\n"
+    if outputs.inputs is not None:  # figures from a file that changed meanwhile would be a blend
+        outputs.inputs.check_unchanged()
     if target == "-":
         sys.stdout.write(text)
         sys.stdout.flush()

@@ -114,7 +114,9 @@ def test_allocation_is_near_the_brute_force_optimum():
 @pytest.mark.parametrize("spec, message", [
     ("quantize:bits=auto", "go together"),
     ("quantize:bits=4,avg_bits=4", "go together"),
-    ("quantize:bits=auto,avg_bits=4,granularity=channel", "leave granularity out"),
+    ("quantize:bits=auto,avg_bits=4,granularity=channel", "leave them out"),
+    ("quantize:bits=auto,avg_bits=4,scheme=sym", "leave them out"),
+    ("quantize:bits=auto,avg_bits=4,group_size=32", "leave them out"),
     ("quantize:bits=many", r"parameter bits=.many.: expected an int in \[2, 8\] or auto"),
 ])
 def test_bad_auto_specs(spec, message):

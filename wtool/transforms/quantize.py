@@ -59,8 +59,10 @@ class Quantize(Transform, name="quantize"):
             raise UsageError(f"quantize: parameter bits={p.bits!r}: expected an int in [2, 8] or auto")
         if (p.bits == "auto") != (p.avg_bits is not None):
             raise UsageError("quantize: bits=auto and avg_bits=B go together (e.g. bits=auto,avg_bits=4.3)")
-        if p.bits == "auto" and p.granularity != "auto":
-            raise UsageError("quantize: bits=auto chooses the granularity per tensor; leave granularity out")
+        defaults = QuantizeParams()
+        if p.bits == "auto" and (p.granularity, p.scheme, p.group_size) != \
+                (defaults.granularity, defaults.scheme, defaults.group_size):
+            raise UsageError("quantize: bits=auto chooses granularity, scheme and group size per tensor; leave them out")
 
     def fit(self, tensors: Iterable[tuple[TensorInfo, Callable[[], np.ndarray]]]) -> dict[str, Quantize]:
         """bits=auto: each tensor's grid, chosen among `AUTO_CHOICES` (see `_mixed.allocate`)."""
