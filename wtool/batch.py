@@ -2,8 +2,8 @@
 
 The unit of work is `convert(task)`: a pure function of one input, the pipeline, the output
 path and the options (a picklable `Task`), returning that input's `BatchItem` with its full
-apply report, or its one-line error. It touches no global state, so any executor can run
-it: `serial`, `threads` and `processes` are concurrent.futures pools, `ray` sends the same
+apply report, or its one-line error. It depends on no global state, so any executor can
+run it: `serial`, `threads` and `processes` are concurrent.futures pools, `ray` sends the same
 function to a Ray cluster. Everything that can be refused (existing outputs, two inputs
 landing on one output, outputs overlapping inputs) is refused by `Batch.plan`, before
 anything runs.
@@ -101,7 +101,8 @@ class Executor(Protocol):
 
 
 class Stopped(BaseException):
-    """Raised inside a thread's conversion when the batch stops; the writer removes its temp."""
+    """Raised inside a conversion (in a thread or a worker process) when the batch stops, so
+    that its writer removes the temp."""
 
 
 class _StopSignal:
@@ -238,7 +239,8 @@ class RayExecutor:
         """Cancel every task (a KeyboardInterrupt inside it, so its writer removes the temp)."""
         for ref in self.refs:
             self.ray.cancel(ref)
-        self.ray.wait(self.refs, num_returns=len(self.refs), timeout=10)
+        if self.refs:
+            self.ray.wait(self.refs, num_returns=len(self.refs), timeout=10)
 
     def close(self) -> None:
         if self.owned:

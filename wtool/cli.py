@@ -38,7 +38,7 @@ from wtool.io import Inputs, atomic, is_folder_output, parse_size
 from wtool.new import new_checkpoint
 from wtool.selection import Selector
 from wtool.tensor import TensorInfo
-from wtool.transforms import REGISTRY, GroupTransform
+from wtool.transforms import REGISTRY
 
 app = typer.Typer(
     name="wtool",
@@ -69,12 +69,12 @@ EXIT_INCOMPLETE = 5
 class _Outputs:
     """What a command writes, in order, so that a message after a failure says truly what is in place."""
 
-    def __init__(self, checkpoint: Path | None = None) -> None:
+    def __init__(self, checkpoint: str | Path | None = None) -> None:
         self.checkpoint = checkpoint
         self.todo: list[str] = []
         self.done: list[str] = []
         self.files: dict[str, Path] = {}  # report as given -> absolute (the working folder may be replaced)
-        self.checkpoint_absolute = atomic.absolute(checkpoint) if checkpoint is not None else None
+        self.checkpoint_absolute = atomic.absolute(Path(checkpoint)) if checkpoint is not None else None
         self.mark = atomic.placements()
         self.inputs: Inputs | None = None  # what a report describes, checked unchanged before it is written
 
@@ -322,7 +322,7 @@ Markdown = Annotated[str | None, typer.Option("--markdown", help="Write a Markdo
 def apply(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Input: .safetensors, .npz, or a sharded folder / its index.")],
-    output: Annotated[Path | None, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded). "
+    output: Annotated[str | None, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded). "
                                                      "Omit with --dry-run.")] = None,
     transform: Transforms = [],  # noqa: B006
     recipe: Recipe = None,
@@ -411,7 +411,7 @@ def batch_command(
     nonfinite: NonFinite = "error",
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Inputs converted at once.")] = 1,
     executor: Annotated[str | None, typer.Option("--executor", "-e", help="serial, threads, processes or ray "
-                                                 "(pip install 'wtool[ray]'; RAY_ADDRESS picks a cluster). "
+                                                 "(pip install 'wtool\\[ray]'; RAY_ADDRESS picks a cluster). "
                                                  "Default: serial, or processes with --jobs > 1.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip inputs whose output is complete and made by this "
                                          "pipeline; redo those made by another.")] = False,
@@ -504,10 +504,12 @@ def diff(
     b: Annotated[Path, typer.Argument(help="Checkpoint to compare with it.")],
     json_out: Annotated[str | None, typer.Option("--json", help="Write the JSON report to FILE, or - for stdout.")] = None,
     markdown: Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
-    fail_above: Annotated[list[str], typer.Option("--fail-above", help="Gate METRIC=VALUE (max_abs, mse, rel_l2): "
-                                                  "exit 1 when any tensor exceeds it; repeatable.")] = [],  # noqa: B006
-    fail_below: Annotated[list[str], typer.Option("--fail-below", help="Gate METRIC=VALUE (cosine, sqnr_db): "
-                                                  "exit 1 when any tensor falls below it; repeatable.")] = [],  # noqa: B006
+    fail_above: Annotated[list[str], typer.Option("--fail-above", help="Gate METRIC=VALUE (max_abs, mse, rel_l2: "
+                                                  "exit 1 when any tensor exceeds it; weighted_rel_l2: when the "
+                                                  "parameter-weighted total does); repeatable.")] = [],  # noqa: B006
+    fail_below: Annotated[list[str], typer.Option("--fail-below", help="Gate METRIC=VALUE (cosine, sqnr_db: "
+                                                  "exit 1 when any tensor falls below it; weighted_sqnr_db: when the "
+                                                  "parameter-weighted total does); repeatable.")] = [],  # noqa: B006
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Tensors present on one side only do not fail.")] = False,
     include: Include = [],  # noqa: B006
     exclude: Exclude = [],  # noqa: B006
@@ -604,7 +606,7 @@ def new(
     ctx: typer.Context,
     spec: Annotated[Path, typer.Argument(help="TOML (or .json) spec: [defaults], [metadata], [[tensors]] "
                                          "with name, shape, dtype and init options.")],
-    output: Annotated[Path, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded).")],
+    output: Annotated[str, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded).")],
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
                                                        "shards of at most this size, e.g. 5GB.")] = None,
@@ -627,6 +629,8 @@ def new(
 def transforms(
     ctx: typer.Context,
     name: Annotated[str | None, typer.Argument(help="Show one transform in detail.")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table of every transform as Markdown "
+                                           "(the README's table is this output).")] = False,
 ) -> None:
     """List every transform, or show one: parameters, defaults, applicability, formula.
 
@@ -634,6 +638,9 @@ def transforms(
     """
     with _guard(_debug(ctx)):
         console = _stdout()
+        if markdown:
+            sys.stdout.write(report.transforms_markdown(REGISTRY))
+            return
         if name is None:
             table = Table(title="transforms (wtool transforms NAME for details)", title_justify="left")
             table.add_column("name", style="bold")
@@ -651,8 +658,7 @@ def transforms(
         cls = REGISTRY[name]
         console.print(f"[bold]{name}[/]: {escape(cls.summary())}")
         console.print(f"formula: {escape(cls.formula)}")
-        applies = cls.applies_to if not issubclass(cls, GroupTransform) else "groups of related tensors found by name"
-        console.print(f"applies to: {escape(applies)}")
+        console.print(f"applies to: {escape(cls.applies_to)}")
         console.print(f"example: wtool apply in.safetensors out.safetensors -t {escape(cls.example)}")
         table = Table(title="parameters", title_justify="left")
         for column in ("name", "type", "default", "range / choices", "help"):
