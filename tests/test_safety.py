@@ -645,44 +645,43 @@ def test_sigterm_with_jobs_does_not_wait_for_tensors_in_flight(small, tmp_path, 
 
 
 AFTER_COMMIT = """
-import os, signal, sys
+import os, sys
 import wtool.io.atomic as atomic
 import wtool.report as report
 from wtool.cli import main
-where = sys.argv[1]
-if where == "report":  # SIGTERM while the report is built, after the checkpoint was committed
+where, signum = sys.argv[1], int(sys.argv[2])
+if where == "report":  # a signal while the report is built, after the checkpoint was committed
     real = report.dumps
     def dumps(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
     report.dumps = dumps
-else:  # SIGTERM while the old folder is deleted
+else:  # a signal while the old folder is deleted
     real = atomic.remove_tree
     def remove_tree(path):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
         real(path)
     atomic.remove_tree = remove_tree
-sys.argv = ["wtool", *sys.argv[2:]]
+sys.argv = ["wtool", *sys.argv[3:]]
 main()
 """
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("where", ["report", "old-folder"])
-def test_a_signal_after_the_commit_says_the_checkpoint_is_complete(small, tmp_path, where):
-    """SIGTERM after the commit printed "no output written" although the output was in place."""
+def test_a_signal_after_the_commit_says_the_checkpoint_is_complete(small, tmp_path, where, signum):
+    """SIGTERM or Ctrl-C after the commit printed "no output written" although the output was in
+    place, and one during the deletion of the old folder left it half deleted."""
     out = tmp_path / "out"
     save(out, ARRAYS, max_shard_size=9000)
     report = tmp_path / "r.json"
-    done = subprocess.run([sys.executable, "-c", AFTER_COMMIT, where, "apply", str(small), str(out), "--force",
-                           "-t", "clip:c=0.5", "--report", str(report), "-q"],
+    done = subprocess.run([sys.executable, "-c", AFTER_COMMIT, where, str(int(signum)), "apply", str(small), str(out),
+                           "--force", "-t", "clip:c=0.5", "--report", str(report), "-q"],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"})
     assert done.returncode == 5, done.stderr
-    missing = f"{report}" if where == "report" else "nothing"
-    if where == "report":
-        assert done.stderr == f"terminated: {out} is complete, but not {missing}\n"
-        assert not report.exists()
-    else:  # the signal waits until the old folder is gone; then only the report is missing
-        assert done.stderr == f"terminated: {out} is complete, but not {report}\n"
+    # the signal waits until the old folder is gone, then stops the run before the report
+    assert done.stderr == f"{WORDS[signum]}: {out} is complete, but not {report}\n"
+    assert not report.exists()
     assert load(out)[0]["a.weight"].max() == np.float32(0.5)
     assert leftovers(tmp_path) == []
 
