@@ -258,20 +258,22 @@ def layers(path: Path, seed: int, count: int = 8) -> Path:
 def test_ctrl_c_keeps_finished_outputs_and_leaves_nothing_partial(tmp_path, executor):
     if executor == "ray":
         pytest.importorskip("ray")
-    inputs = [layers(tmp_path / "in" / f"m{i}.safetensors", i) for i in range(3)]
+    # the signal comes when the last input (started only after another ended, so never in lockstep
+    # with one about to finish) has 2 of its 12 tensors written: ~10 to go when the stop reaches it
+    inputs = [layers(tmp_path / "in" / f"m{i}.safetensors", i, count=12) for i in range(3)]
     out, report = tmp_path / "out", tmp_path / "batch.json"
     process = subprocess.Popen([sys.executable, "-m", "wtool", "batch", *map(str, inputs), "--out-dir", str(out),
                                 "-t", "share:bits=5", "--executor", executor, "--jobs", "2", "--report", str(report)],
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # interrupt once the last input, started after another ended, is
-        names = os.listdir(out) if out.is_dir() else []  # 2 tensors of 8 into its output
+    while time.monotonic() < deadline:
+        names = os.listdir(out) if out.is_dir() else []
         if any(n.startswith(".m2.safetensors.wtool-tmp-") and _size(out / n) > 2**20 for n in names):
             break
         time.sleep(0.01)
     else:
         process.kill()
-        pytest.fail("the last input never got half-way")
+        pytest.fail("the last input never got 2 tensors written")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr

@@ -465,7 +465,7 @@ def test_an_input_changed_during_the_run_is_exit_3_and_nothing_is_committed(smal
     assert not os.path.lexists(out) and leftovers(tmp_path) == []
 
 
-def test_a_companion_or_model_file_changed_during_the_run_is_detected(tmp_path):
+def test_a_companion_model_file_or_recipe_changed_during_the_run_is_detected(tmp_path):
     source = model_folder(tmp_path / "hf")
     grads = save(tmp_path / "grads.safetensors", ARRAYS)
     with pytest.raises(InputError, match=rf"^{re.escape(str(grads))}: changed during the run"):
@@ -474,7 +474,35 @@ def test_a_companion_or_model_file_changed_during_the_run_is_detected(tmp_path):
     config = source / "config.json"
     with pytest.raises(InputError, match=rf"^{re.escape(str(config))}: changed during the run"):
         run(Pipeline(), source, tmp_path / "o2", progress=Hook(lambda: config.write_text('{"model_type": "x"}')))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["grads.safetensors", "hf"]
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[[steps]]\nop = "clip"\nc = 0.5\n')
+    with pytest.raises(InputError, match=rf"^{re.escape(str(recipe))}: changed during the run"):
+        run(Pipeline.from_recipe(recipe), source, tmp_path / "o3", reads=[recipe],
+            progress=Hook(lambda: recipe.write_text('[[steps]]\nop = "clip"\nc = 0.25\n')))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grads.safetensors", "hf", "recipe.toml"]
+
+
+def test_inspect_and_diff_reports_of_a_changed_input_are_not_written(tmp_path, monkeypatch):
+    import wtool.analyze
+
+    source = save(tmp_path / "m.safetensors", ARRAYS)
+    other = save(tmp_path / "o.safetensors", ARRAYS)
+    for name in ("inspect", "diff"):
+        real = getattr(wtool.analyze, name)
+
+        def changing(*args, real=real, **kwargs):
+            result = real(*args, **kwargs)
+            _rewrite_in_place(source)  # after the figures were taken, before the report is written
+            return result
+
+        monkeypatch.setattr(wtool.analyze, name, changing)
+    for args in (["inspect", source, "--json", tmp_path / "r.json"], ["inspect", source, "--json", "-"],
+                 ["diff", source, other, "--markdown", tmp_path / "r.md"]):
+        result = invoke(*args, "-q")
+        assert result.exit_code == 3, result.output
+        assert re.fullmatch(rf"error: {re.escape(str(source))}: changed during the run \(it was rewritten\); "
+                            r"nothing was written", error_line(result))
+        assert result.stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "o.safetensors"]
 
 
 SHRINK = """
@@ -482,9 +510,12 @@ import os, sys
 import wtool.io.safetensors as st
 from wtool.cli import main
 real = st.SafetensorsReader._read
+calls = []
 def shrink_after_read(self, info):
     array = real(self, info)
-    os.truncate(self.file, 64)  # the input shrinks while the tensor is held
+    calls.append(info.name)
+    if len(calls) == 2:  # the step's own read: the input shrinks while the tensor is held
+        os.truncate(self.file, 64)
     return array
 st.SafetensorsReader._read = shrink_after_read
 sys.argv = ["wtool", "apply", sys.argv[1], sys.argv[2], "-t", "clip:c=0.5"]
@@ -696,3 +727,33 @@ def test_dot_is_an_ordinary_folder_output(small, tmp_path, monkeypatch):
     result = invoke("apply", small, ".", "--force")
     assert result.exit_code == 0, result.output
     assert load(here)[0].keys() == ARRAYS.keys() and leftovers(tmp_path) == []
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_1gib_input_truncated_during_a_run_is_exit_3_not_sigbus(tmp_path, jobs):
+    (tmp_path / "in").mkdir()
+    source = save(tmp_path / "in" / "big.safetensors", {f"t{i}": np.full((4096, 4096), i, np.float32)
+                                                        for i in range(16)})
+    process = _start("apply", source, tmp_path / "out.safetensors", "-t", "clip:c=0.5", "--jobs", jobs)
+    try:
+        _wait_for_temp(process, tmp_path, size=100 << 20)
+        os.truncate(source, source.stat().st_size // 2)
+        stdout, stderr = process.communicate(timeout=600)
+    finally:
+        process.kill()
+    assert process.returncode == 3, stderr
+    assert re.fullmatch(rf"error: {re.escape(str(source))}: (tensor 't\d+': )?changed during the run.*\n", stderr)
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("target", ["out.safetensors", "out"])
+def test_without_renameat2_creating_stays_exclusive_and_force_leaves_no_copy(small, tmp_path, monkeypatch, target):
+    """Where the system has no renameat2: link (file) or mkdir + rename (folder) still refuse a taken name."""
+    monkeypatch.setattr(wtool.io.atomic, "_renameat2", lambda source, target, flags: False)
+    out = tmp_path / target
+    with pytest.raises(UsageError, match="was created by another process during the run"):
+        run(Pipeline(), small, out, progress=Hook(lambda: save(out, ARRAYS)))
+    run(Pipeline.from_specs(["clip:c=0.5"]), small, out, force=True)
+    assert load(out)[0]["a.weight"].max() == np.float32(0.5)
+    assert leftovers(tmp_path) == []

@@ -34,11 +34,11 @@ from rich.table import Table
 
 from wtool import __version__, analyze, batch, pipeline, report
 from wtool.errors import UsageError, WtoolError
-from wtool.io import atomic, is_folder_output, parse_size
+from wtool.io import Inputs, atomic, is_folder_output, parse_size
 from wtool.new import new_checkpoint
 from wtool.selection import Selector
 from wtool.tensor import TensorInfo
-from wtool.transforms import REGISTRY, GroupTransform
+from wtool.transforms import REGISTRY
 
 app = typer.Typer(
     name="wtool",
@@ -69,13 +69,14 @@ EXIT_INCOMPLETE = 5
 class _Outputs:
     """What a command writes, in order, so that a message after a failure says truly what is in place."""
 
-    def __init__(self, checkpoint: Path | None = None) -> None:
+    def __init__(self, checkpoint: str | Path | None = None) -> None:
         self.checkpoint = checkpoint
         self.todo: list[str] = []
         self.done: list[str] = []
         self.files: dict[str, Path] = {}  # report as given -> absolute (the working folder may be replaced)
-        self.checkpoint_absolute = atomic.absolute(checkpoint) if checkpoint is not None else None
+        self.checkpoint_absolute = atomic.absolute(Path(checkpoint)) if checkpoint is not None else None
         self.mark = atomic.placements()
+        self.inputs: Inputs | None = None  # what a report describes, checked unchanged before it is written
 
     def complete(self) -> list[str]:
         """What is in place: the checkpoint once committed, then the reports written."""
@@ -273,16 +274,18 @@ def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: boo
             raise UsageError(f"cannot write {target}: it is a folder")
         atomic.check_target(Path(target), force, "report")
         outputs.files[target] = atomic.absolute(Path(target))
-    if inputs and outputs.files:
-        protected = pipeline.protect(inputs)
+    if inputs and outputs.todo:
+        outputs.inputs = pipeline.protect(inputs)
         for shown, target in outputs.files.items():
-            protected.refuse(target, "report", shown)
+            outputs.inputs.refuse(target, "report", shown)
     return outputs.files
 
 
 def _write_text(target: str, text: str, outputs: _Outputs, force: bool) -> None:
     """Write a report to stdout ('-') or, atomically, to a file; then count it as done."""
     text = text if text.endswith("\n") else text + "\n"
+    if outputs.inputs is not None:  # figures from a file that changed meanwhile would be a blend
+        outputs.inputs.check_unchanged()
     if target == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -319,7 +322,7 @@ Markdown = Annotated[str | None, typer.Option("--markdown", help="Write a Markdo
 def apply(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Input: .safetensors, .npz, or a sharded folder / its index.")],
-    output: Annotated[Path | None, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded). "
+    output: Annotated[str | None, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded). "
                                                      "Omit with --dry-run.")] = None,
     transform: Transforms = [],  # noqa: B006
     recipe: Recipe = None,
@@ -501,10 +504,12 @@ def diff(
     b: Annotated[Path, typer.Argument(help="Checkpoint to compare with it.")],
     json_out: Annotated[str | None, typer.Option("--json", help="Write the JSON report to FILE, or - for stdout.")] = None,
     markdown: Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
-    fail_above: Annotated[list[str], typer.Option("--fail-above", help="Gate METRIC=VALUE (max_abs, mse, rel_l2): "
-                                                  "exit 1 when any tensor exceeds it; repeatable.")] = [],  # noqa: B006
-    fail_below: Annotated[list[str], typer.Option("--fail-below", help="Gate METRIC=VALUE (cosine, sqnr_db): "
-                                                  "exit 1 when any tensor falls below it; repeatable.")] = [],  # noqa: B006
+    fail_above: Annotated[list[str], typer.Option("--fail-above", help="Gate METRIC=VALUE (max_abs, mse, rel_l2: "
+                                                  "exit 1 when any tensor exceeds it; weighted_rel_l2: when the "
+                                                  "parameter-weighted total does); repeatable.")] = [],  # noqa: B006
+    fail_below: Annotated[list[str], typer.Option("--fail-below", help="Gate METRIC=VALUE (cosine, sqnr_db: "
+                                                  "exit 1 when any tensor falls below it; weighted_sqnr_db: when the "
+                                                  "parameter-weighted total does); repeatable.")] = [],  # noqa: B006
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Tensors present on one side only do not fail.")] = False,
     include: Include = [],  # noqa: B006
     exclude: Exclude = [],  # noqa: B006
@@ -601,7 +606,7 @@ def new(
     ctx: typer.Context,
     spec: Annotated[Path, typer.Argument(help="TOML (or .json) spec: [defaults], [metadata], [[tensors]] "
                                          "with name, shape, dtype and init options.")],
-    output: Annotated[Path, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded).")],
+    output: Annotated[str, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded).")],
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
                                                        "shards of at most this size, e.g. 5GB.")] = None,
@@ -624,6 +629,8 @@ def new(
 def transforms(
     ctx: typer.Context,
     name: Annotated[str | None, typer.Argument(help="Show one transform in detail.")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table of every transform as Markdown "
+                                           "(the README's table is this output).")] = False,
 ) -> None:
     """List every transform, or show one: parameters, defaults, applicability, formula.
 
@@ -631,6 +638,9 @@ def transforms(
     """
     with _guard(_debug(ctx)):
         console = _stdout()
+        if markdown:
+            sys.stdout.write(report.transforms_markdown(REGISTRY))
+            return
         if name is None:
             table = Table(title="transforms (wtool transforms NAME for details)", title_justify="left")
             table.add_column("name", style="bold")
@@ -648,8 +658,7 @@ def transforms(
         cls = REGISTRY[name]
         console.print(f"[bold]{name}[/]: {escape(cls.summary())}")
         console.print(f"formula: {escape(cls.formula)}")
-        applies = cls.applies_to if not issubclass(cls, GroupTransform) else "groups of related tensors found by name"
-        console.print(f"applies to: {escape(applies)}")
+        console.print(f"applies to: {escape(cls.applies_to)}")
         console.print(f"example: wtool apply in.safetensors out.safetensors -t {escape(cls.example)}")
         table = Table(title="parameters", title_justify="left")
         for column in ("name", "type", "default", "range / choices", "help"):
