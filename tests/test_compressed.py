@@ -84,7 +84,7 @@ def test_asym_int_zero_golden():
     # zero points -5 and -8, stored +8 = 3 and 0, packed down dim 0 into one word
     assert pieces["m.weight_zero_point"].tolist() == [[3]]
     assert unpack_int32(pieces["m.weight_packed"], 4, 4).tolist() == [[-8, -5, 0, 7], [-6, -4, -2, 7]]
-    out = Transform.create("quantize", {"bits": 4, "granularity": "channel", "zero": "int"}).apply(w, None)
+    out = Transform.create("quantize", {"bits": 4, "granularity": "channel", "zero": "int"}).apply(w, Context.of(w))
     assert out.tolist() == [[-1.5, 0.0, 2.5, 6.0], [1.0, 2.0, 3.0, 7.5]]
 
 
@@ -317,7 +317,7 @@ def test_nvfp4_golden():
     assert pieces["m.weight_packed"].tolist() == [[0x10, 0x32, 0x54, 0x76, 0xA8, 0x42, 0xF6, 0x61]]
     assert pieces["m.weight_scale"].astype(np.float32).tolist() == [[448.0]]
     assert pieces["m.weight_global_scale"].tolist() == [448.0]
-    fake = Transform.create("quantize", {"type": "nvfp4", "storage": "fake"}).apply(w, None)
+    fake = Transform.create("quantize", {"type": "nvfp4", "storage": "fake"}).apply(w, Context.of(w))
     assert fake.tolist() == [[0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -1, 1, 2, 4, -6, 0.5, 4]]
 
 
