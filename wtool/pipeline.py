@@ -199,8 +199,8 @@ def _protect_reader(inputs: Inputs, reader: Reader) -> None:
 
 
 def protect(sources: Sequence[str | Path]) -> Inputs:
-    """The protected set of a command that only reads `sources` (inspect, diff): what its
-    reports may not touch. Only headers are read."""
+    """The protected set of a command that only reads `sources` (inspect, diff, eval): what its
+    reports may not touch, and what must not change before they are written. Only headers are read."""
     inputs = Inputs()
     for source in sources:
         with open_checkpoint(source) as reader:
