@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := build/demo
 
-.PHONY: demo test test-eval explore stress bench bench-env fixtures reference clean
+.PHONY: demo test test-eval test-ray explore stress bench bench-env fixtures reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,14 @@ demo: $(VENV)/.core
 	$(BIN)/wtool diff fixtures/tiny-llama.safetensors $(DEMO)/tiny-llama-q4.safetensors --rows 5 --fail-below cosine=0.9
 
 test: $(VENV)/.test
+	$(BIN)/ruff check --quiet wtool tests benchmarks fixtures
 	$(BIN)/python -m pytest -q
+
+# the batch tests with Ray installed (its own .venv-ray: the core and `make test` never need it)
+test-ray:
+	test -x .venv-ray/bin/python || $(PYTHON) -m venv .venv-ray
+	.venv-ray/bin/python -m pip install --quiet -e '.[test,ray]'
+	.venv-ray/bin/python -m pytest -q tests/test_batch.py
 
 # `wtool eval` needs torch and transformers: their own venv (CPU torch first), never .venv.
 test-eval:

@@ -252,7 +252,7 @@ class Suite:
                              note="its blocks of 32 (wtool: groups of 128); quantize only, no dequantize"))
 
     def statistics_rows(self, x: np.ndarray, repeat: int) -> None:
-        changed = Transform.create("quantize", {"bits": "4", "scheme": "sym", "granularity": "group"}).apply(x, None)
+        changed = Transform.create("quantize", {"bits": "4", "scheme": "sym", "granularity": "group"}).apply(x, Context.of(x))
         narrow = x.astype(ml_dtypes.bfloat16)
         narrow_changed = changed.astype(ml_dtypes.bfloat16)
         cases = [(f"statistics: every STATS field, {label}", lambda a=array: stats.tensor_stats(a), array.nbytes, "")

@@ -12,8 +12,8 @@ base and the candidate with transformers on the same token ids and compares thei
 torch and transformers are an optional extra (`pip install 'wtool[eval]'`); they are imported
 only when an evaluation runs, never by the rest of wtool.
 
->>> report = evaluate_models("model/", "quantized/", fail_below={"cosine_min": 0.99})
->>> report.metrics["cosine_min"], report.passed
+>>> report = evaluate_models("model/", "quantized/", fail_below={"cosine_min": 0.99})  # doctest: +SKIP
+>>> report.metrics["cosine_min"], report.passed  # doctest: +SKIP
 (0.9987, True)
 """
 
@@ -114,9 +114,9 @@ def read_texts(path: str | Path) -> list[str]:
 
 
 def evaluate_models(base: str | Path, candidate: str | Path, *, task: str | None = None,
-             texts: Sequence[str] | None = None, max_tokens: int = 128, batch_size: int = 8,
-             device: str = "cpu", seed: int = 0, fail_above: Mapping[str, float] | None = None,
-             fail_below: Mapping[str, float] | None = None) -> EvalReport:
+                    texts: Sequence[str] | None = None, max_tokens: int = 128, batch_size: int = 8,
+                    device: str = "cpu", seed: int = 0, fail_above: Mapping[str, float] | None = None,
+                    fail_below: Mapping[str, float] | None = None) -> EvalReport:
     """Run BASE (a model folder: config.json, tokenizer, weights) and CANDIDATE on the same
     token ids and compare their outputs.
 
@@ -137,6 +137,8 @@ def evaluate_models(base: str | Path, candidate: str | Path, *, task: str | None
     if max_tokens < 2 or batch_size < 1:
         raise UsageError("--max-tokens must be at least 2 and --batch-size at least 1")
     texts = list(texts) if texts is not None else list(SAMPLE_TEXT)
+    if not texts:
+        raise UsageError("no inputs to evaluate on")
     torch.manual_seed(seed)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(base)
@@ -203,10 +205,23 @@ def _load(path: Path, base: Path, task: str, device: str) -> Any:
             model = auto.from_pretrained(path, dtype=torch.float32)
         else:
             model = auto.from_config(transformers.AutoConfig.from_pretrained(base), dtype=torch.float32)
-            model.load_state_dict(_state_dict(path, model), strict=True)
+            _load_weights(model, path)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise InputError(f"{path}: cannot load the model: {_first_line(exc)}") from None
     return model.to(device).eval()
+
+
+def _load_weights(model: Any, path: Path) -> None:
+    """Every parameter and buffer from the checkpoint, except those tied to one it has (an LM
+    head tied to the embeddings is saved once); anything else missing or left over is an error."""
+    loaded = model.load_state_dict(_state_dict(path, model), strict=False)
+    model.tie_weights()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    given = {p.data_ptr() for k, p in params.items() if k not in loaded.missing_keys}
+    untied = [k for k in loaded.missing_keys if k not in params or params[k].data_ptr() not in given]
+    if untied or loaded.unexpected_keys:
+        problem = f"no tensor for {untied[0]!r}" if untied else f"unexpected tensor {loaded.unexpected_keys[0]!r}"
+        raise InputError(f"{path}: does not fit {type(model).__name__}: {problem}")
 
 
 def _state_dict(path: Path, model: Any) -> dict[str, Any]:

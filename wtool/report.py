@@ -3,9 +3,12 @@
 The JSON keys are a public contract (scripts and CI jobs parse them); non-finite numbers
 are written as null, never as NaN tokens.
 
->>> report = wtool.run(pipeline, "in.safetensors", "out.safetensors")
->>> print(dumps(report.to_json()))          # the --report FILE.json contents
->>> print(apply_markdown(report))           # the --markdown summary
+>>> import json, wtool
+>>> report = wtool.run(wtool.Pipeline.from_specs(["clip:c=0.1"]), "fixtures/tiny-llama.safetensors", None)
+>>> json.loads(dumps(report.to_json()))["dry_run"]     # dumps: the --report FILE.json contents
+True
+>>> apply_markdown(report).startswith("### wtool apply")  # the --markdown summary
+True
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import html
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
@@ -78,6 +82,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     dry_run: bool = False
     nonfinite_policy: str = "error"
+    #: Data-free warnings ({"tensor", "kind", "message"}), see `wtool.advice`.
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return _clean(asdict(self))
@@ -118,6 +124,8 @@ class DiffReport:
     mismatched: list[dict[str, Any]]
     gates: dict[str, float]
     failures: list[str]
+    #: weighted_rel_l2, weighted_sqnr_db, worst (over tensors whose values differ), bits_per_weight
+    totals: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -171,11 +179,11 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 def human_bytes(count: int) -> str:
     size = float(count)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
         size /= 1000
-    return f"{count} B"  # pragma: no cover
+    return f"{size:.2f} TB"
 
 
 SPARKS = " ▁▂▃▄▅▆▇█"
@@ -207,6 +215,24 @@ def _pair(before: dict[str, Any] | None, after: dict[str, Any] | None, key: str)
     a = fmt(before.get(key)) if before else "-"
     b = fmt(after.get(key)) if after else "-"
     return a if a == b else f"{a} → {b}"
+
+
+def totals_lines(totals: dict[str, Any]) -> list[str]:
+    """The honest totals in words: parameter-weighted error, worst tensors, bits per weight."""
+    if "bits_per_weight" not in totals:
+        return []
+    lines = []
+    if totals.get("worst"):
+        sqnr = totals["weighted_sqnr_db"]
+        lines.append(f"parameter-weighted over changed tensors: rel_l2 {fmt(totals['weighted_rel_l2'])}, "
+                     f"SQNR {fmt(sqnr, 3) + ' dB' if sqnr is not None else 'inf'}; worst: "
+                     + ", ".join(f"{w['name']} ({fmt(w['rel_l2'])})" for w in totals["worst"]))
+    stored = totals["bits_per_weight"]
+    line = f"stored bits per weight: {fmt(stored['before'], 3)} → {fmt(stored['after'], 3)}"
+    if totals.get("quantized_bits_per_weight") is not None:
+        line += (f"; quantized tensors' grid: {fmt(totals['quantized_bits_per_weight'], 3)} bits per weight "
+                 "(scales and offsets counted)")
+    return [*lines, line]
 
 
 # ------------------------------------------------------------------ rich tables
@@ -241,7 +267,7 @@ def apply_table(report: Report, limit: int = SHOW_ROWS, sparklines: bool = True)
     t = report.totals
     caption = [f"{t['tensors']} tensors, {t['changed']} changed, {fmt(t['params'])} params, "
                f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])}"
-               + (f", {t['seconds']:.2f} s" if not report.dry_run else "")]
+               + (f", {t['seconds']:.2f} s" if not report.dry_run else ""), *totals_lines(t)]
     if hidden:
         caption.append(f"{hidden} more tensors hidden (the {limit} with the largest error are shown; "
                        "--report FILE.json has all)")
@@ -274,6 +300,20 @@ def plan_details(report: Report) -> list[Text]:
             lines.append(Text(f"  • skipped by {', '.join(ops)} ({reason}): {len(names)} tensor(s): {shown}",
                               style="dim"))
     lines.extend(Text(f"  • {note}", style="yellow") for note in report.notes)
+    lines.extend(Text(f"  ⚠ {line}", style="bold yellow") for line in warning_lines(report.warnings))
+    return lines
+
+
+def warning_lines(warnings: list[dict[str, Any]], per_kind: int = 5) -> list[str]:
+    """'tensor (kind): message', at most `per_kind` of each kind, then how many more there are."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for w in warnings:
+        by_kind.setdefault(w["kind"], []).append(w)
+    lines = []
+    for kind, found in by_kind.items():
+        lines.extend(f"{w['tensor']} ({kind}): {w['message']}" for w in found[:per_kind])
+        if len(found) > per_kind:
+            lines.append(f"… and {len(found) - per_kind} more {kind} warnings (the JSON report lists all)")
     return lines
 
 
@@ -303,7 +343,8 @@ def diff_table(report: DiffReport, limit: int = SHOW_ROWS) -> Table:
         table.add_row(escape(row["name"]), fmt(row["max_abs"]), fmt(row["mse"]), fmt(row["rel_l2"]),
                       fmt(row["cosine"], 6), fmt(row["sqnr_db"], 3))
     caption = [f"{len(report.tensors)} common tensors"
-               + (f" ({len(rows) - limit} with the smallest error hidden)" if len(rows) > limit else "")]
+               + (f" ({len(rows) - limit} with the smallest error hidden)" if len(rows) > limit else ""),
+               *totals_lines(report.totals)]
     if report.only_in_a:
         caption.append(f"only in A: {', '.join(report.only_in_a[:5])}{' …' if len(report.only_in_a) > 5 else ''}")
     if report.only_in_b:
@@ -333,7 +374,8 @@ def apply_markdown(report: Report, limit: int = SHOW_ROWS) -> str:
     steps = " → ".join(f"`{s['op']}`" for s in report.steps) or "copy (no steps)"
     out = [f"### wtool apply: `{_md(report.input)}` → `{_md(str(report.output))}`", "",
            f"Pipeline: {steps}  ", f"{t['tensors']} tensors, **{t['changed']} changed**, {fmt(t['params'])} params, "
-           f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])} in {t['seconds']:.2f} s", ""]
+           f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])} in {t['seconds']:.2f} s  ",
+           *(f"{_md(line)}  " for line in totals_lines(t)), ""]
     rows, hidden = report.worst(limit)
     out += ["| tensor | shape | dtype | steps | absmax | sparsity | rel_l2 | sqnr dB |",
             "|---|---:|---|---|---:|---:|---:|---:|"]
@@ -346,12 +388,16 @@ def apply_markdown(report: Report, limit: int = SHOW_ROWS) -> str:
         out += ["", f"_{hidden} more tensors hidden; the JSON report has all._"]
     if report.groups or report.dropped:
         out += ["", f"Merged groups: {len(report.groups)}; dropped tensors: {len(report.dropped)}"]
+    if report.warnings:
+        out += ["", f"**Warnings** ({len(report.warnings)}):", ""]
+        out += [f"- {_md(line)}" for line in warning_lines(report.warnings)]
     return "\n".join(out) + "\n"
 
 
 def diff_markdown(report: DiffReport, limit: int = SHOW_ROWS) -> str:
     status = "passed" if report.passed else "**FAILED**"
     out = [f"### wtool diff: `{_md(report.a)}` ↔ `{_md(report.b)}` — {status}", "",
+           *(f"{_md(line)}  " for line in totals_lines(report.totals)), "",
            "| tensor | max_abs | mse | rel_l2 | cosine | sqnr dB |", "|---|---:|---:|---:|---:|---:|"]
     rows = sorted(report.tensors, key=lambda r: -(r["rel_l2"] if r["rel_l2"] is not None else math.inf))
     for row in rows[:limit]:
@@ -449,6 +495,8 @@ def apply_html(report: Report) -> str:
     extra = [f"<li>{esc(g.op)}: {esc(g.note)}</li>" for g in report.groups]
     extra += [f"<li>{esc(n)}</li>" for n in report.notes]
     extra += [f"<li>dropped {esc(n)}</li>" for n in report.dropped]
+    extra += [f"<li>{esc(line)}</li>" for line in totals_lines(t)]
+    extra += [f"<li><b>warning</b> {esc(w['tensor'])}: {esc(w['message'])}</li>" for w in report.warnings]
     return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>wtool report</title>"
             f"<style>{_CSS}</style></head><body><h1>wtool apply: {esc(report.input)} → {esc(str(report.output))}</h1>"
             f'<div class="sub">pipeline: {esc(steps)} · {t["tensors"]} tensors, {t["changed"]} changed · '
@@ -458,6 +506,26 @@ def apply_html(report: Report) -> str:
             + "<table><thead><tr>" + "".join(f'<th class="{"name" if h in ("tensor", "dtype", "steps") else ""}">{esc(h)}</th>'
                                              for h in head)
             + f"</tr></thead><tbody>{''.join(rows)}</tbody></table><script>{_JS}</script></body></html>\n")
+
+
+# ------------------------------------------------------------------ the transforms table
+
+def transforms_markdown(registry: Mapping[str, Any]) -> str:
+    """Every transform as one Markdown table row, from its own declarations (the README's table).
+
+    >>> from wtool.transforms import REGISTRY
+    >>> transforms_markdown(REGISTRY).splitlines()[0]
+    '| transform | what it does | applies to | formula | parameters | example |'
+    """
+    rows = ["| transform | what it does | applies to | formula | parameters | example |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name in sorted(registry):
+        cls = registry[name]
+        params = ", ".join(f"`{p['name']}`" + (f" ({' / '.join(p['choices'])})" if p["choices"] else "")
+                           for p in cls.describe_params())
+        cells = [f"`{name}`", cls.summary(), cls.applies_to, cls.formula, params or "-", f"`-t {cls.example}`"]
+        rows.append("| " + " | ".join(_md(cell) for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
 
 
 # ------------------------------------------------------------------ eval
@@ -513,4 +581,106 @@ def eval_markdown(report: EvalReport) -> str:
     for metric, value in report.metrics.items():
         limits, status = report.gate_status(metric)
         out.append(f"| {metric} | {fmt(value, 6)} | {limits} | {'**FAILED**' if status == 'FAILED' else status} |")
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------ batch
+
+BATCH_STATUSES = ("ok", "failed", "skipped", "interrupted", "not run")
+
+
+@dataclass
+class BatchItem:
+    """One input of `wtool batch`: its status (one of BATCH_STATUSES), the error line of a
+    failure, and its full apply report when it ran."""
+
+    input: str
+    output: str
+    status: str
+    seconds: float = 0.0
+    error: str | None = None
+    note: str | None = None
+    report: Report | None = None
+
+
+@dataclass
+class BatchReport:
+    """The result of `wtool batch`: every input in order, and a summary."""
+
+    wtool_version: str
+    steps: list[dict[str, Any]]
+    out_dir: str
+    executor: str
+    jobs: int
+    inputs: list[BatchItem]
+    seconds: float
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """Counts per status (`not run` as `not_run`), changed tensors, bytes and seconds."""
+        ran = [item.report.totals for item in self.inputs if item.report]
+        counts = {_key(status): sum(item.status == status for item in self.inputs) for status in BATCH_STATUSES}
+        return {"inputs": len(self.inputs), **counts, "changed": sum(t["changed"] for t in ran),
+                "bytes_in": sum(t["bytes_in"] for t in ran), "bytes_out": sum(t["bytes_out"] for t in ran),
+                "seconds": self.seconds}
+
+    def to_json(self) -> dict[str, Any]:
+        data = _clean(asdict(self))
+        data["summary"] = self.summary
+        return data
+
+
+def _key(status: str) -> str:
+    return status.replace(" ", "_")
+
+
+def batch_summary(report: BatchReport) -> str:
+    """`5 inputs: 3 ok, 1 failed, 1 skipped; 1.2 MB → 1.2 MB in 3.4 s (processes, 2 at once)`."""
+    s = report.summary
+    counts = ", ".join(f"{s[_key(status)]} {status}" for status in BATCH_STATUSES if s[_key(status)])
+    return (f"{s['inputs']} inputs: {counts}; {human_bytes(s['bytes_in'])} → {human_bytes(s['bytes_out'])} "
+            f"in {s['seconds']:.2f} s ({report.executor}, {report.jobs} at once)")
+
+
+def _batch_cells(item: BatchItem) -> tuple[str, str, str]:
+    """changed tensors, bytes in → out, and the error (or note) of one input."""
+    if item.report is None:
+        return "-", "-", item.error or item.note or ""
+    t = item.report.totals
+    return f"{t['changed']}/{t['tensors']}", f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])}", \
+        item.note or ""
+
+
+def _seconds(item: BatchItem) -> str:
+    return f"{item.seconds:.2f}" if item.status in ("ok", "failed") else "-"
+
+
+_STATUS_STYLE = {"ok": "green", "failed": "bold red", "skipped": "dim", "interrupted": "yellow", "not run": "dim"}
+
+
+def batch_table(report: BatchReport) -> Table:
+    """One row per input: status, tensors changed, bytes in → out, seconds, the error line."""
+    table = Table(title=f"wtool batch → {escape(report.out_dir)}", title_justify="left")
+    for column, justify in (("input", "left"), ("status", "left"), ("changed", "right"),
+                            ("bytes in → out", "right"), ("seconds", "right"), ("error", "left")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for item in report.inputs:
+        changed, sizes, message = _batch_cells(item)
+        table.add_row(escape(item.input), f"[{_STATUS_STYLE[item.status]}]{item.status}[/]", changed, sizes,
+                      _seconds(item), escape(message))
+    table.caption = escape(batch_summary(report))
+    table.caption_justify = "left"
+    return table
+
+
+def batch_markdown(report: BatchReport) -> str:
+    """The batch summary for `$GITHUB_STEP_SUMMARY`: one row per input."""
+    steps = " → ".join(f"`{s['op']}`" for s in report.steps) or "copy (no steps)"
+    out = [f"### wtool batch → `{_md(report.out_dir)}`", "", f"Pipeline: {steps}  ", _md(batch_summary(report)), "",
+           "| input | status | changed | bytes in → out | seconds | error |", "|---|---|---:|---:|---:|---|"]
+    for item in report.inputs:
+        changed, sizes, message = _batch_cells(item)
+        status = f"**{item.status}**" if item.status == "failed" else item.status
+        out.append(f"| `{_md(item.input)}` | {status} | {changed} | {sizes} | "
+                   f"{_seconds(item)} | {_md(message)} |")
     return "\n".join(out) + "\n"

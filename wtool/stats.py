@@ -30,7 +30,6 @@ CHUNK = 1 << 17  # elements per chunk: small enough for the cache, large enough 
 BINS = 32
 
 STAT_KEYS = ("numel", "min", "max", "mean", "std", "absmax", "l2", "sparsity", "nan", "inf")
-ERROR_KEYS = ("mse", "max_abs", "rel_l2", "sqnr_db")
 
 _local = threading.local()
 
@@ -97,8 +96,8 @@ class SumOfSquares:
     scale, so finite float64 values up to 1e308 never overflow; the scale only moves off 1
     for values beyond 1e150 (float64 tensors).
 
-    >>> acc = SumOfSquares(); acc.add(np.array([3e200, 4e200]), top=4e200); acc.root()
-    5e+200
+    >>> acc = SumOfSquares(); acc.add(np.array([3e200, 4e200]), top=4e200); round(acc.root() / 1e200, 12)
+    5.0
     """
 
     SAFE = 1e150
@@ -465,3 +464,28 @@ def cosine(before: np.ndarray, after: np.ndarray) -> float | None:
         na += float(np.add.reduce(x * x))
         nb += float(np.add.reduce(y * y))
     return _json_float(dot / math.sqrt(na * nb))
+
+
+def weighted_error(rows: list[dict[str, Any]], worst: int = 5) -> dict[str, Any]:
+    """Totals over changed tensors, each weighing by its parameter count: the relative noise
+    power Σ nᵢ·rel_l2ᵢ² / Σ nᵢ as `weighted_rel_l2` (its square root) and `weighted_sqnr_db`
+    (−20·log10 of it), and the `worst` tensors by rel_l2. A median hides the few tensors
+    that break a model; these do not.
+
+    Rows are {"name", "numel", "rel_l2", "sqnr_db"}; rel_l2 None is an infinite error, which
+    makes both totals None. With no error at all, weighted_sqnr_db is None (infinite).
+
+    >>> totals = weighted_error([{"name": "a", "numel": 3, "rel_l2": 0.2, "sqnr_db": 14.0},
+    ...                          {"name": "b", "numel": 1, "rel_l2": 0.0, "sqnr_db": None}])
+    >>> round(totals["weighted_rel_l2"], 12)  # √(3·0.2² / 4)
+    0.173205080757
+    """
+    ranked = sorted(rows, key=lambda r: -(math.inf if r["rel_l2"] is None else r["rel_l2"]))
+    top = [{"name": r["name"], "rel_l2": r["rel_l2"], "sqnr_db": r["sqnr_db"]} for r in ranked[:worst]]
+    count = sum(r["numel"] for r in rows)
+    if not count or any(r["rel_l2"] is None for r in rows):
+        return {"weighted_rel_l2": 0.0 if not count else None, "weighted_sqnr_db": None, "worst": top}
+    power = math.fsum(r["numel"] * r["rel_l2"] ** 2 for r in rows) / count
+    return {"weighted_rel_l2": math.sqrt(power),
+            "weighted_sqnr_db": -10 * math.log10(power) if power > 0 else None, "worst": top}
+
