@@ -16,6 +16,7 @@ import json
 import math
 import os
 import struct
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -133,6 +134,8 @@ class SafetensorsReader(Reader):
     Bytes come through pread, not a memory map: a map of a file that another process
     truncates kills the reader with SIGBUS, which Python cannot catch, while pread sees a
     short read and says the input changed. Threads may read at once (pread keeps no offset).
+    A tensor read again while an array of it is still alive (the report's "before" and the
+    first step's input) is that same read-only array, not a second copy.
     """
 
     format = "safetensors"
@@ -153,10 +156,14 @@ class SafetensorsReader(Reader):
         self.file = file
         self._handle: BinaryIO | None = handle
         self._offsets = {info.name: offset for info, offset in entries}
+        self._alive: weakref.WeakValueDictionary[str, np.ndarray] = weakref.WeakValueDictionary()
 
     def _read(self, info: TensorInfo) -> np.ndarray:
         if self._handle is None:
             raise InputError(f"{self.file}: reader is closed")
+        array = self._alive.get(info.name)
+        if array is not None:
+            return array
         array = np.empty(info.shape, dtype=info.dtype_info.numpy)
         if info.nbytes:
             read_exactly(self._handle.fileno(), memoryview(array.reshape(-1).view(np.uint8)),
@@ -164,6 +171,7 @@ class SafetensorsReader(Reader):
         if info.dtype == "BOOL":
             check_bool_bytes(array, f"{self.file}: tensor {show(info.name)}")
         array.setflags(write=False)  # steps must not change what they were given
+        self._alive[info.name] = array
         return array
 
     def close(self) -> None:
