@@ -48,6 +48,8 @@ HERE = Path(__file__).parent
 SHAPE = (4096, 8192)  # one bfloat16 tensor: 64 MiB stored, 128 MiB in float32
 KERNEL = (4096, 4096)  # float32, 64 MiB
 QUANTIZE = "quantize:bits=4,scheme=sym,granularity=group,group_size=128"
+# What llm-compressor's W4A16 writes: the same grid (absmax/7.5) stored as packed int4 with a config.json
+PACKED = QUANTIZE + ",sym_range=full,storage=packed"
 MIB = 2 ** 20
 PEER_RUNS = 3  # llm-compressor imports torch for ~20 s a run: fewer runs than the other cases
 
@@ -143,7 +145,8 @@ class Suite:
                 "clip": self.wtool_apply("clip", "-t", "clip:c=0.05"),
                 "quantize --no-stats": self.wtool_apply("bare", "-t", QUANTIZE, "--no-stats"),
                 "quantize": self.wtool_apply("q1", "-t", QUANTIZE),
-                "quantize -j2": self.wtool_apply("q2", "-t", QUANTIZE, "-j", "2")}
+                "quantize -j2": self.wtool_apply("q2", "-t", QUANTIZE, "-j", "2"),
+                "packed": self.wtool_apply("p1", "-t", PACKED)}
         times: dict[str, list[float]] = {name: [] for name in runs}
         peaks = dict.fromkeys(runs, 0)
         for round_ in range(self.repeat + 1):  # round 0 warms up
@@ -165,7 +168,8 @@ class Suite:
         row("apply, no steps (copy)", "copy", "cp", 1.3)
         row("inspect --json", "inspect", "cp", 1.5)
         row("apply clip:c=0.05", "clip", "cp", 2.0)
-        quantized = row(f"apply {QUANTIZE}", "quantize", "cp", 4.0)
+        row(f"apply {QUANTIZE}", "quantize", "cp", 4.0)
+        packed = row(f"apply {PACKED}", "packed", "cp", 4.0)
         row("  the same with statistics vs --no-stats", "quantize", "quantize --no-stats", 1.3,
             "report adds ≤ 30%", "every statistic, error metric and histogram")
         same = _digest(self.work / "q1") == _digest(self.work / "q2")
@@ -179,9 +183,10 @@ class Suite:
             self.rows.append(Row(f"  peak RSS of the quantize run, {label}", self.size, 0.0, peaks[name],
                                  target=f"≤ {jobs} × (3 × largest f32 + 200 MiB) = {jobs * bound / MIB:.0f} MiB",
                                  met=peaks[name] <= jobs * bound))
-        self.llm_compressor(quantized)
+        self.llm_compressor(packed)
 
-    def llm_compressor(self, quantized: Row) -> None:
+    def llm_compressor(self, packed: Row) -> None:
+        """The peer against wtool writing the same layout (packed int4, group 128)."""
         case = "llm-compressor model_free_ptq W4A16 (peer)"
         if not self.peer_python:
             self.rows.append(Row(case, self.size, 0.0, note="skipped: llmcompressor not installed (make bench-env)"))
@@ -192,11 +197,11 @@ class Suite:
             seconds, rss = self._peer(script)
             times.append(seconds)
             peer_peak = max(peer_peak, rss)
-            ours.append(self.wtool_apply("q1", "-t", QUANTIZE)()[0])
+            ours.append(self.wtool_apply("p1", "-t", PACKED)()[0])
         median, base_median = statistics.median(times), statistics.median(ours)
         seconds = json.loads((self.work / "peer.json").read_text())["seconds"]
-        faster, lighter = median / base_median, peer_peak / max(quantized.peak_rss or 1, 1)
-        self.rows.append(Row(case, self.size, median, peer_peak, "wtool quantize", base_median, faster,
+        faster, lighter = median / base_median, peer_peak / max(packed.peak_rss or 1, 1)
+        self.rows.append(Row(case, self.size, median, peer_peak, "wtool packed W4A16", base_median, faster,
                              "wtool ≥ 4× faster, ≤ 1/8 of its RSS", faster >= 4 and lighter >= 8,
                              f"wtool {faster:.1f}× faster, peer RSS {lighter:.1f}× wtool's; "
                              f"peer's own timer without its imports: {seconds:.1f} s", times))

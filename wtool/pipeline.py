@@ -31,7 +31,16 @@ import numpy as np
 
 from wtool import __version__
 from wtool.advice import data_free_warnings
-from wtool.dtypes import by_code, to_storage
+from wtool.compressed import (
+    QUANTIZATION_CONFIG,
+    DecompressedReader,
+    Scheme,
+    config_json,
+    find_layouts,
+    quantization_config,
+    without_quantization_config,
+)
+from wtool.dtypes import by_code, by_user_name, to_storage
 from wtool.errors import InputError, UsageError
 from wtool.io import (
     Inputs,
@@ -64,6 +73,11 @@ class Plan:
     chains: list[Chain]
     steps: list[StepPlan]
     notes: list[str]
+
+    @property
+    def stored(self) -> dict[str, Scheme]:
+        """Weights written in a compressed layout, by their name before compression."""
+        return {g.inputs[0]: g.data for step in self.steps for g in step.layouts}
 
     @property
     def skipped(self) -> list[SkipRecord]:
@@ -122,10 +136,18 @@ class Progress(Protocol):
     def advance(self, info: TensorInfo) -> None: ...
 
 
+def decompress(source: str | Path, output: str | Path | None, dtype: str | None = None, **options: Any) -> Report:
+    """Write `source` with every compressed weight (pack-quantized, float-quantized, nvfp4,
+    codebook) turned back into a dense tensor of `dtype` (default: its scale's dtype); config.json
+    loses its `quantization_config`. `options` as for `run`."""
+    code = by_user_name(dtype).code if dtype else None
+    return run(Pipeline(), source, output, decompress_to=code or "", **options)
+
+
 def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, force: bool = False,
         max_shard_size: int | None = None, dry_run: bool = False, copy_model_files: bool = True,
         jobs: int = 1, stats: bool = True, progress: Progress | None = None, reports: Sequence[str | Path] = (),
-        reads: Sequence[str | Path] = ()) -> Report:
+        reads: Sequence[str | Path] = (), decompress_to: str | None = None) -> Report:
     """Stream `source` through the pipeline into `output` and report what changed.
 
     With `dry_run` (or no output) nothing is read beyond headers and nothing is written; the
@@ -147,6 +169,10 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
         output_format(output)  # an output suffix wtool cannot write is refused before any work
     started = time.perf_counter()
     with open_checkpoint(source) as reader:
+        if decompress_to is not None or pipeline.allow_requantize:
+            reader = DecompressedReader(reader, decompress_to or None)
+        elif pipeline.steps:
+            _refuse_requantizing(pipeline, reader)
         the_plan = plan(pipeline, reader)
         try:
             inputs = _protect(the_plan, reads)
@@ -155,9 +181,13 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
             if dry_run or output is None:
                 records = [_planned_record(node) for node in the_plan.chains]
                 return _report(the_plan, records, output, time.perf_counter() - started, dry_run=True)
-            metadata = _output_metadata(reader.metadata, pipeline)
+            qconfig = quantization_config(the_plan.stored)
+            metadata = _output_metadata(reader.metadata, pipeline, qconfig)
             infos = [node.info for node in the_plan.chains]
-            extra = _model_files(reader, output, pipeline, the_plan.notes) if copy_model_files else []
+            extra = _model_files(reader, output, pipeline, the_plan.notes, qconfig) if copy_model_files else []
+            if qconfig and not extra:
+                the_plan.notes.append(f"{QUANTIZATION_CONFIG} stored in the output's metadata "
+                                      f"(no config.json travels with this output)")
             writer = create_writer(output, infos, metadata, max_shard_size=max_shard_size, force=force,
                                    extra_files=extra, inputs=inputs)
             sources = {t.name: t for t in reader.tensors}
@@ -165,6 +195,7 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
             with writer:
                 for step in the_plan.steps:
                     fit_step(step, the_plan.chains)
+                    step.run.measure = stats
                 if progress:
                     progress.start(len(infos), sum(i.nbytes for i in infos))
                 for node, (array, record) in _evaluate_in_order(reader, sources, the_plan.chains, jobs, stats):
@@ -251,15 +282,40 @@ def _in_thread(function: Callable[..., Any], *args: Any) -> Future:
     return future
 
 
-def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: list[str]) -> list[Path]:
-    """Config and tokenizer files of a folder input, for a folder output (with a note each)."""
+def _refuse_requantizing(pipeline: Pipeline, reader: Reader) -> None:
+    """A step that would change a piece of a compressed layout (a scale, fp8 values) would
+    break it: refuse, unless --allow-requantize has the pieces read as one dense weight."""
+    for layout in find_layouts(reader):
+        for step in pipeline.steps:
+            for piece in layout.pieces:
+                if pipeline.selector.admits(piece.name) and step.selector.admits(piece.name) \
+                        and step.transform.skip(piece) is None:
+                    raise UsageError(f"{reader.path}: {step.op} would change {piece.name!r}, part of "
+                                     f"{layout.name!r} stored as {layout.scheme.label()}; pass "
+                                     f"--allow-requantize to decompress it and {step.op} the dense weight")
+
+
+def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: list[str],
+                 qconfig: Mapping[str, Any] | None = None) -> list[Path | tuple[str, bytes]]:
+    """Config and tokenizer files of a folder input, for a folder output (with a note each).
+
+    config.json gets `qconfig` as its `quantization_config`; a reader that decompresses
+    (`DecompressedReader`) has it removed instead.
+    """
     folder = model_folder(Path(reader.path))
     if folder is None or not is_folder_output(output):
         return []
-    found = model_files(folder)
+    found: list[Path | tuple[str, bytes]] = list(model_files(folder))
     if found:
         notes.append(f"copied {', '.join(p.name for p in found)} beside the weights")
     config = reader.config()
+    if config is not None and (qconfig is not None or isinstance(reader, DecompressedReader)):
+        updated = without_quantization_config(config)
+        if qconfig is not None:
+            updated[QUANTIZATION_CONFIG] = dict(qconfig)
+        found = [("config.json", config_json(updated)) if isinstance(p, Path) and p.name == "config.json" else p
+                 for p in found]
+        notes.append(f"config.json: {QUANTIZATION_CONFIG} {'written' if qconfig is not None else 'removed'}")
     casts = [s.transform.params.dtype for s in pipeline.steps if s.op == "cast"]
     declared = (config or {}).get("torch_dtype") or (config or {}).get("dtype")
     if casts and declared and declared != casts[-1]:
@@ -281,19 +337,22 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Chain, *,
         stored = before
         after_stats = before_stats = tensor_stats(before) if stats else None
         return stored, TensorRecord(info.name, info.dtype, list(info.shape), [], False,
-                                    before_stats, after_stats, None, {})
+                                    before_stats, after_stats, None, {},
+                                    bytes_before=info.nbytes, bytes_after=info.nbytes)
     value, extras = node.evaluate()
     try:
         stored = _to_storage(value, info)
     except InputError as exc:
         raise InputError(f"{reader.path}: {exc}") from None
     del value
-    comparable = source is not None and source.shape == info.shape
+    piece = node.compressed_piece  # e.g. fp8 values without their scale: not comparable to the weight
+    comparable = source is not None and source.shape == info.shape and piece is None
+    sizes = {"bytes_before": source.nbytes if source else None, "bytes_after": info.nbytes}
     if not stats:
         changed = not comparable or source.dtype != info.dtype or not same_bytes(before, stored)
         return stored, TensorRecord(info.name, info.dtype, list(info.shape), node.ops(), changed,
                                     None, None, None, extras,
-                                    dtype_before=source.dtype if source else None)
+                                    dtype_before=source.dtype if source else None, **sizes)
     if comparable:
         pair = compare(before, stored)
         changed = source.dtype != info.dtype or not pair.same_bytes
@@ -303,9 +362,11 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Chain, *,
         before_stats = tensor_stats(before) if before is not None else None
         after_stats, error, changed = tensor_stats(stored), None, True
         histograms = _histograms(before, before_stats, stored, after_stats)
+    if piece is not None and piece.evaluation.group.outputs[0].name == info.name:  # the layout's error
+        error = piece.evaluation.error
     return stored, TensorRecord(info.name, info.dtype, list(info.shape), node.ops(), changed,
                                 before_stats, after_stats, error, extras,
-                                dtype_before=source.dtype if source else None, histogram=histograms)
+                                dtype_before=source.dtype if source else None, histogram=histograms, **sizes)
 
 
 def _histograms(before: np.ndarray | None, before_stats: dict[str, Any] | None,
@@ -352,8 +413,10 @@ def _planned_record(node: Chain) -> TensorRecord:
                         None, None, None, {})
 
 
-def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline) -> dict[str, str]:
-    """The input's metadata plus one `wtool` entry (`Pipeline.provenance`).
+def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline,
+                     qconfig: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The input's metadata plus one `wtool` entry (`Pipeline.provenance`), and the
+    compressed-tensors `quantization_config` (JSON) when weights were packed.
 
     transformers refuses safetensors metadata without `format`, so `format: pt` is added
     when the input had none.
@@ -361,6 +424,8 @@ def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline) -> dict[st
     out = dict(metadata)
     out.setdefault("format", "pt")
     out["wtool"] = json.dumps(pipeline.provenance(), sort_keys=True)
+    if qconfig is not None:
+        out[QUANTIZATION_CONFIG] = json.dumps(qconfig, sort_keys=True)
     return out
 
 
@@ -391,7 +456,7 @@ def _report(the_plan: Plan, records: list[TensorRecord], output: str | Path | No
         "tensors": len(records),
         "changed": sum(r.changed for r in records),
         "params": sum(int(np.prod(r.shape, dtype=np.int64)) for r in records),
-        "bytes_in": sum(t.nbytes for t in reader.tensors),
+        "bytes_in": sum(t.nbytes for t in (reader.inner if isinstance(reader, DecompressedReader) else reader).tensors),
         "bytes_out": bytes_out,
         "seconds": round(seconds, 3),
     }

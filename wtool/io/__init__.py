@@ -152,12 +152,12 @@ def is_folder_output(path: str | os.PathLike[str]) -> bool:
 
 def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | None,
                   *, max_shard_size: int | str | None = None, force: bool = False,
-                  extra_files: Sequence[Path] = (), inputs: Inputs | None = None) -> Writer:
+                  extra_files: Sequence[Path | tuple[str, bytes]] = (), inputs: Inputs | None = None) -> Writer:
     """A streaming, atomic writer; the format follows the path.
 
     `*.safetensors` -> one file, `*.npz` -> npz, a folder name -> a Hugging Face sharded folder
     (`output_format`; one shard when `max_shard_size` is None), into which `extra_files` (config,
-    tokenizer) are copied before the folder is put in place. An existing target is a UsageError
+    tokenizer: paths to copy, or (name, bytes) to write) go before the folder is put in place. An existing target is a UsageError
     unless `force`, and even then only a checkpoint wtool wrote is replaced
     (`atomic.replace_problem`). `inputs`, when given, may not be touched by the output and must
     not change before the commit.

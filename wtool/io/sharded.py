@@ -183,7 +183,7 @@ class ShardedWriter(Writer):
     """Writes shards one after another into a hidden folder, then the index, then renames the folder."""
 
     def __init__(self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str],
-                 max_shard_size: int | None, extra_files: Sequence[Path] = (), *, force: bool = False,
+                 max_shard_size: int | None, extra_files: Sequence[Path | tuple[str, bytes]] = (), *, force: bool = False,
                  inputs: Inputs | None = None):
         super().__init__(path, tensors, metadata)
         self._extra_files = list(extra_files)
@@ -224,8 +224,14 @@ class ShardedWriter(Writer):
             handle.write((json.dumps(index, indent=2) + "\n").encode("utf-8"))
             finish_file(handle)
         for extra in self._extra_files:
-            with as_output_error(self.path / extra.name):
-                copy_file(extra, self._folder.temp / extra.name)
+            name, content = (extra.name, None) if isinstance(extra, Path) else extra
+            with as_output_error(self.path / name):
+                if content is None:
+                    copy_file(extra, self._folder.temp / name)
+                else:
+                    handle = create_file(self._folder.temp / name)
+                    handle.write(content)
+                    finish_file(handle)
         self._folder.commit()
 
     def _abort(self) -> None:
