@@ -211,14 +211,17 @@ def protect(sources: Sequence[str | Path]) -> Inputs:
 def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes: Sequence[Chain],
                        jobs: int, stats: bool) -> Iterator[tuple[Chain, tuple[np.ndarray, TensorRecord]]]:
     """Materialise the output tensors in order, up to `jobs` of them at once in threads
-    (numpy releases the GIL in its kernels); memory grows with `jobs`. The next tensor is
-    computed while the caller writes the previous one, so even one job overlaps the
-    statistics with the writing.
+    (numpy releases the GIL in its kernels); memory grows with `jobs`. One job computes in
+    the calling thread: overlapping the next tensor with the writing would double its memory.
 
     The threads are daemons and nothing waits for them when the run stops early: Ctrl-C or
     SIGTERM takes effect at once, not after every tensor in flight.
     """
     work = partial(_materialise, reader, stats=stats)
+    if jobs <= 1:
+        for node in nodes:
+            yield node, work(sources.get(node.info.name), node)
+        return
     pending: deque[tuple[Chain, Future]] = deque()
     upcoming = iter(nodes)
     for node in upcoming:
@@ -227,10 +230,11 @@ def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes:
             break
     while pending:
         node, future = pending.popleft()
+        yield node, future.result()
+        del future  # the written tensor is freed before the next one starts: `jobs` tensors at most
         following = next(upcoming, None)
         if following is not None:
             pending.append((following, _in_thread(work, sources.get(following.info.name), following)))
-        yield node, future.result()
 
 
 def _in_thread(function: Callable[..., Any], *args: Any) -> Future:
