@@ -610,6 +610,25 @@ def test_every_stopping_signal_removes_the_temporary(big, tmp_path, signum):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("report", [False, True])
+def test_a_signal_just_after_a_temporary_is_made_leaves_nothing(small, tmp_path, monkeypatch, report):
+    """A signal between creating a temporary and handing it to its writer left it behind."""
+    made = wtool.io.atomic.create_file
+
+    def create_then_signal(path: Path):
+        handle = made(path)
+        if report == path.name.startswith(".r.json"):
+            signal.raise_signal(signal.SIGTERM)
+        return handle
+
+    monkeypatch.setattr(wtool.io.atomic, "create_file", create_then_signal)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = invoke("apply", small, out / "m.safetensors", "--report", out / "r.json")
+    assert result.exit_code == (5 if report else 143), result.output
+    assert [p.name for p in out.iterdir()] == (["m.safetensors"] if report else [])
+
+
 SLOW_STEP = """
 import sys, time
 from wtool.transforms.clip import Clip

@@ -162,6 +162,7 @@ def _guard(debug: bool, outputs: _Outputs | None = None) -> Iterator[None]:
                   "(rerun with --debug for the traceback and please report it)", soft_wrap=True)
         raise typer.Exit(70) from None
     finally:
+        atomic.remove_leftovers()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

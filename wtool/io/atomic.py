@@ -268,6 +268,7 @@ _state = threading.Lock()
 _depth = 0
 _held: list[int] = []
 _placed: list[Path] = []
+_live: set[Path] = set()  # temporaries made and not yet placed or removed
 
 
 def hold_signal(signum: int) -> bool:
@@ -406,17 +407,46 @@ def _refuse(shown: Path, problem: str | None, inputs: Inputs | None, path: Path)
         raise UsageError(f"{shown} {problem}; {FORCE_RULE}")
 
 
-class AtomicFile:
-    """A temporary file beside `target`; `commit` puts it in place (see `place`)."""
+class _Temporary:
+    """A temporary beside `target` that `_place` puts in place, or `abort` removes.
 
-    def __init__(self, target: Path, *, force: bool = False, inputs: Inputs | None = None, kind: str = "file"):
+    It is made with signals held and recorded in `_live` until then, so a signal arriving
+    between its creation and its owner's first line can still not leave it behind
+    (`remove_leftovers`).
+    """
+
+    def __init__(self, target: Path, *, force: bool, inputs: Inputs | None, kind: str) -> None:
         self.shown, self.target = target, absolute(target)
         self.force, self.inputs, self.kind = force, inputs, kind
         self.placed = False
         remove_stale(self.target.parent, inputs)
-        self.temp = sibling(self.target, "tmp")
-        with as_output_error(target):
-            self.handle = create_file(self.temp)
+        with as_output_error(target), critical():
+            self.temp = sibling(self.target, "tmp")
+            self._make()
+            _live.add(self.temp)
+
+    def _make(self) -> None:
+        raise NotImplementedError
+
+    def _place(self) -> None:
+        place(self.temp, self.target, self.shown, self.kind, force=self.force, inputs=self.inputs)
+        self.placed = True
+        _live.discard(self.temp)
+
+    def abort(self) -> None:
+        if not self.placed:
+            remove_quietly(self.temp)
+            _live.discard(self.temp)
+
+
+class AtomicFile(_Temporary):
+    """A temporary file beside `target`; `commit` puts it in place (see `place`)."""
+
+    def __init__(self, target: Path, *, force: bool = False, inputs: Inputs | None = None, kind: str = "file"):
+        super().__init__(target, force=force, inputs=inputs, kind=kind)
+
+    def _make(self) -> None:
+        self.handle = create_file(self.temp)
 
     def finish(self) -> Path:
         """Flush and fsync the temporary file; returns its path for validation before `commit`."""
@@ -426,39 +456,38 @@ class AtomicFile:
 
     def commit(self) -> None:
         with as_output_error(self.shown):
-            place(self.temp, self.target, self.shown, self.kind, force=self.force, inputs=self.inputs)
-        self.placed = True
+            self._place()
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, AttributeError):
             self.handle.close()
-        if not self.placed:
-            remove_quietly(self.temp)
+        super().abort()
 
 
-class AtomicFolder:
+class AtomicFolder(_Temporary):
     """A temporary folder beside `target`; `commit` records what is in it and puts it in place."""
 
     def __init__(self, target: Path, *, force: bool = False, inputs: Inputs | None = None):
-        self.shown, self.target = target, absolute(target)
-        self.force, self.inputs = force, inputs
-        self.placed = False
-        remove_stale(self.target.parent, inputs)
-        self.temp = sibling(self.target, "tmp")
-        with as_output_error(target):
-            os.mkdir(self.temp)
+        super().__init__(target, force=force, inputs=inputs, kind="folder")
+
+    def _make(self) -> None:
+        os.mkdir(self.temp)
 
     def commit(self) -> None:
         with as_output_error(self.shown):
             write_manifest(self.temp)
             for folder in sorted({p.parent for p in self.temp.rglob("*")}, key=lambda p: -len(p.parts)):
                 fsync_dir(folder)
-            place(self.temp, self.target, self.shown, "folder", force=self.force, inputs=self.inputs)
-        self.placed = True
+            self._place()
 
-    def abort(self) -> None:
-        if not self.placed:
-            remove_quietly(self.temp)
+
+def remove_leftovers() -> None:
+    """Remove every temporary this process made and neither placed nor removed: what a run
+    stopped by a signal (or abandoned by its threads) would otherwise leave behind."""
+    for temp in list(_live):
+        _live.discard(temp)
+        if os.path.lexists(temp):
+            remove_quietly(temp)
 
 
 def write_text(target: Path, text: str, *, force: bool = False, inputs: Inputs | None = None) -> None:
