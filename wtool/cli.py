@@ -1,7 +1,7 @@
 """The command line: parse options, call the library once, render the result.
 
 Exit codes (one place, `_guard`): 0 ok; 1 a gate failed; 2 usage error; 3 invalid input;
-4 output not writable; 70 internal error; 130 interrupted (Ctrl-C); 141 stdout closed early
+4 output not writable; 5 out of memory; 70 internal error; 130 interrupted (Ctrl-C); 141 stdout closed early
 (`| head`); 143 terminated (SIGTERM).
 stdout carries only what was asked for; logs, progress and errors go to stderr.
 """
@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -28,6 +28,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
+from typer.core import TyperGroup
 
 from wtool import __version__, analyze, pipeline, report
 from wtool.errors import UsageError, WtoolError
@@ -37,13 +39,41 @@ from wtool.selection import Selector
 from wtool.tensor import TensorInfo
 from wtool.transforms import REGISTRY, GroupTransform
 
+OUT_OF_MEMORY = 5
+MIN_COLUMNS = 20
+
+
+class _Group(TyperGroup):
+    """Click's own errors (a missing option value, `-j 0`, a missing recipe file) in wtool's
+    one-line format, exit 2; and standard streams that are safe to write to."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        _prepare_streams()
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            context = getattr(exc, "ctx", None)
+            command = context.command_path if context else "wtool"
+            _stderr().print(f"[bold red]error:[/] {escape(exc.format_message())} (see {escape(command)} --help)",
+                            soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 app = typer.Typer(
     name="wtool",
+    cls=_Group,
     help="Stream neural-network checkpoints through weight transforms and report what changed.\n\n"
          "Example: wtool apply model.safetensors out.safetensors -t quantize:bits=4",
     no_args_is_help=True,
     add_completion=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
 
@@ -56,13 +86,57 @@ class Interrupted(BaseException):
         self.code = code
 
 
+_STDOUT_CLOSED = False
+
+
+def _prepare_streams() -> None:
+    """Closed standard streams (`>&-`, `2>&-`) become /dev/null, so no file wtool opens takes
+    their number; text that the stream's encoding cannot hold (PYTHONIOENCODING=ascii) is
+    replaced instead of failing."""
+    global _STDOUT_CLOSED
+    for number in (0, 1, 2):
+        try:
+            os.fstat(number)
+        except OSError:
+            descriptor = os.open(os.devnull, os.O_RDWR)
+            if descriptor != number:
+                os.dup2(descriptor, number)
+                os.close(descriptor)
+            if number == 1:
+                _STDOUT_CLOSED = True
+                sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+            elif number == 2:
+                sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="replace")
+
+
+def _width(stream: Any) -> int:
+    """COLUMNS when it is a usable number, else the terminal's width, or 180 when piped (CI logs, files)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) >= MIN_COLUMNS:
+        return int(columns)
+    if stream.isatty():
+        with contextlib.suppress(OSError, ValueError):
+            return max(os.get_terminal_size(stream.fileno()).columns, MIN_COLUMNS)
+        return 80
+    return 180
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """rich exits 1 here, the gate-failed code; let `_guard` map it to 141 instead."""
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def _console(stderr: bool) -> Console:
-    """Honour NO_COLOR; when piped (CI logs, files) draw tables 180 columns wide instead of 80."""
+    """Honour NO_COLOR and COLUMNS (ignored when not a number of at least MIN_COLUMNS)."""
     stream = sys.stderr if stderr else sys.stdout
-    piped = not stream.isatty() and "COLUMNS" not in os.environ
     plain = bool(os.environ.get("NO_COLOR"))  # no-color.org: wins over FORCE_COLOR
-    return Console(stderr=stderr, no_color=plain or None, color_system=None if plain else "auto",
-                   highlight=False, width=180 if piped else None)
+    return _Console(file=stream, no_color=plain or None, color_system=None if plain else "auto",
+                   highlight=False, emoji=False, width=_width(stream))
 
 
 def _stderr() -> Console:
@@ -97,6 +171,10 @@ def _guard(debug: bool) -> Iterator[None]:
         raise typer.Exit(exc.code) from None
     except (typer.Exit, SystemExit):
         raise
+    except MemoryError:
+        err.print(f"[bold red]error:[/] out of memory (nothing written; try fewer --jobs or a machine with more "
+                  f"memory)", soft_wrap=True)
+        raise typer.Exit(OUT_OF_MEMORY) from None
     except BrokenPipeError:  # `wtool ... | head`: the reader left; stop quietly, as SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(141) from None
@@ -182,6 +260,8 @@ def _refuse_overwriting(reports: list[str | None], checkpoints: list[Path | None
     index in its folder) would destroy it, and one that cannot be written would fail only
     after the output checkpoint was committed."""
     for target in reports:
+        if target == "-" and _STDOUT_CLOSED:
+            raise UsageError("stdout is closed: cannot write a report to -; give a file name")
         if not target or target == "-":
             continue
         resolved = Path(target).resolve()
@@ -199,13 +279,16 @@ def _refuse_overwriting(reports: list[str | None], checkpoints: list[Path | None
 
 
 def _write_text(target: str, text: str, out: Console) -> None:
-    """Write to a file, or to stdout for '-'."""
+    """Write UTF-8 to a file, or to stdout for '-', whatever the locale (a name that is not
+    valid UTF-8, such as a file name with a stray byte, is written with "?" in its place)."""
+    text = text if text.endswith("\n") else text + "\n"
     if target == "-":
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
         sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8", "replace"))
+        sys.stdout.buffer.flush()
         return
     try:
-        Path(target).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        Path(target).write_text(text, encoding="utf-8", errors="replace")
     except OSError as exc:
         from wtool.errors import OutputError
 
@@ -230,7 +313,10 @@ def apply(
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan; read no data, write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
     model_files: Annotated[bool, typer.Option("--model-files/--no-model-files", help="Folder to folder: copy "
-                                              "config.json, tokenizer and model card beside the weights.")] = True,
+                                              "every non-weight file and sub-folder (config, tokenizer, "
+                                              "sentence-transformers modules, custom code) beside the weights.")] = True,
+    update_config: Annotated[bool, typer.Option("--update-config", help="Folder to folder with a cast step: "
+                                                "set torch_dtype in the copied config.json.")] = False,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
                                                           "shards of at most this size, e.g. 5GB.")] = None,
     report_path: Annotated[str | None, typer.Option("--report", help="Write the JSON report to FILE, or - for stdout.")] = None,
@@ -265,7 +351,8 @@ def apply(
         shard = parse_size(max_shard_size) if max_shard_size else None
         with _Bar("apply", not quiet and not dry_run) as bar:
             result = pipeline.run(pipe, source, output, force=force, max_shard_size=shard, dry_run=dry_run,
-                                  copy_model_files=model_files, jobs=jobs, progress=bar)
+                                  copy_model_files=model_files, update_config=update_config, jobs=jobs,
+                                  progress=bar)
         stdout_taken = "-" in (report_path, markdown)
         console = _stderr() if stdout_taken else _stdout()
         if report_path:

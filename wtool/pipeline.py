@@ -32,6 +32,7 @@ from wtool.dtypes import by_code, to_storage
 from wtool.errors import InputError, UsageError
 from wtool.io import (
     Reader,
+    check_target,
     create_writer,
     is_folder_output,
     model_files,
@@ -447,14 +448,16 @@ class Progress(Protocol):
 
 def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, force: bool = False,
         max_shard_size: int | None = None, dry_run: bool = False, copy_model_files: bool = True,
-        jobs: int = 1, progress: Progress | None = None) -> Report:
+        update_config: bool = False, jobs: int = 1, progress: Progress | None = None) -> Report:
     """Stream `source` through the pipeline into `output` and report what changed.
 
     With `dry_run` (or no output) nothing is read beyond headers and nothing is written; the
     report then holds the plan (tensors and their steps) without statistics. When both input
-    and output are model folders, the config and tokenizer files travel along
-    (`copy_model_files`), so the output loads with `from_pretrained`. `jobs` tensors are
-    computed at once (peak memory grows with it).
+    and output are model folders, every non-weight file travels along (`copy_model_files`:
+    config, tokenizer, sentence-transformers modules, custom code), so the output loads as the
+    input did; `update_config` records a cast's dtype in the copied config.json. A single-file
+    input gives a folder with one `model.safetensors` unless `max_shard_size` asks for shards.
+    `jobs` tensors are computed at once (peak memory grows with it).
     """
     if jobs < 1:
         raise UsageError(f"jobs={jobs}: must be at least 1")
@@ -462,28 +465,32 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
     with open_checkpoint(source) as reader:
         if output is not None:
             _refuse_same_path(reader, Path(output))
+            check_target(Path(output), force, folder=is_folder_output(output))
         the_plan = plan(pipeline, reader)
         try:
+            extra, copied = ({}, []) if output is None else _model_files(
+                reader, output, pipeline, the_plan.notes, copy=copy_model_files, update_config=update_config)
             if dry_run or output is None:
                 records = [_planned_record(node) for node in the_plan.nodes]
-                return _report(the_plan, records, output, time.perf_counter() - started, dry_run=True)
+                return _report(the_plan, records, output, time.perf_counter() - started, dry_run=True,
+                               model_files=copied)
             _fit(the_plan)
             metadata = _output_metadata(reader.metadata, pipeline)
             infos = [node.info for node in the_plan.nodes]
-            extra = _model_files(reader, output, pipeline, the_plan.notes) if copy_model_files else []
             sources = {t.name: t for t in reader.tensors}
             if progress:
                 progress.start(len(infos), sum(i.nbytes for i in infos))
             records = []
             with create_writer(output, infos, metadata, max_shard_size=max_shard_size, force=force,
-                               extra_files=extra) as writer:
+                               extra_files=extra, one_file=reader.format != "sharded") as writer:
                 for node, (array, record) in _evaluate_in_order(reader, sources, the_plan.nodes, jobs):
                     writer.write(node.info.name, array)
                     records.append(record)
                     del array
                     if progress:
                         progress.advance(node.info)
-            return _report(the_plan, records, output, time.perf_counter() - started, dry_run=False)
+            return _report(the_plan, records, output, time.perf_counter() - started, dry_run=False,
+                           model_files=copied)
         finally:
             the_plan.close()
 
@@ -515,22 +522,40 @@ def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: list[str]) -> list[Path]:
-    """Config and tokenizer files of a folder input, for a folder output (with a note each)."""
+def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: list[str], *,
+                 copy: bool, update_config: bool) -> tuple[dict[str, Path | bytes], list[str]]:
+    """The files of a folder input that travel to a folder output (relative name -> source, or
+    the rewritten config.json with `update_config`), the names copied, and a note for each fact."""
     source = Path(reader.path)
     folder = source if source.is_dir() else source.parent if source.name.endswith(".index.json") else None
-    if folder is None or not is_folder_output(output):
-        return []
-    found = model_files(folder)
-    if found:
-        notes.append(f"copied {', '.join(p.name for p in found)} beside the weights")
-    config = reader.config()
     casts = [s.transform.params.dtype for s in pipeline.steps if s.op == "cast"]
-    declared = (config or {}).get("torch_dtype") or (config or {}).get("dtype")
-    if casts and declared and declared != casts[-1]:
+    if casts and casts[-1].startswith("float8"):
+        notes.append(f"transformers' from_pretrained with its default dtype fails on {casts[-1]} weights; "
+                     f"load with an explicit torch_dtype (--update-config records {casts[-1]} in config.json)")
+    travels = copy and folder is not None and is_folder_output(output)
+    if update_config and not (travels and casts and (folder / "config.json").is_file()):
+        raise UsageError("--update-config needs a cast step, a model folder with config.json as input and a "
+                         "folder output (without --no-model-files)")
+    if not travels:
+        return {}, []
+    found = model_files(folder, skip=[*reader.files, Path(output)])
+    extra: dict[str, Path | bytes] = {name: folder / name for name in found.copied}
+    if found.copied:
+        notes.append(f"copied {len(found.copied)} model file(s) beside the weights: {', '.join(found.copied)}")
+    if found.left:
+        notes.append(f"left behind (weights in another format, or not a regular file): {', '.join(found.left)}")
+    config = reader.config() or {}
+    declared = config.get("torch_dtype") or config.get("dtype")
+    if update_config:
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "torch_dtype":
+                config[key] = casts[-1]
+        extra["config.json"] = (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        notes.append(f"config.json: torch_dtype set to {casts[-1]} (--update-config)")
+    elif casts and declared and declared != casts[-1]:
         notes.append(f"config.json declares dtype {declared} but tensors were cast to {casts[-1]}; "
-                     "update it if the model should load in the new dtype")
-    return found
+                     "pass --update-config to record the new dtype")
+    return extra, found.copied
 
 
 def _refuse_same_path(reader: Reader, output: Path) -> None:
@@ -647,7 +672,7 @@ def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline) -> dict[st
 
 
 def _report(the_plan: Plan, records: list[TensorRecord], output: str | Path | None, seconds: float,
-            *, dry_run: bool) -> Report:
+            *, dry_run: bool, model_files: list[str]) -> Report:
     reader = the_plan.reader
     output_names = {r.name for r in records}
     dropped = [t.name for t in reader.tensors if t.name not in output_names]
@@ -664,6 +689,6 @@ def _report(the_plan: Plan, records: list[TensorRecord], output: str | Path | No
         wtool_version=__version__, input=str(reader.path), output=None if output is None else str(output),
         steps=the_plan.pipeline.describe(), tensors=records, totals=totals, dropped=dropped,
         skipped=the_plan.skipped, groups=the_plan.groups, notes=the_plan.notes, dry_run=dry_run,
-        nonfinite_policy=the_plan.pipeline.nonfinite,
+        nonfinite_policy=the_plan.pipeline.nonfinite, model_files=model_files,
     )
 

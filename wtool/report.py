@@ -78,6 +78,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     dry_run: bool = False
     nonfinite_policy: str = "error"
+    model_files: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return _clean(asdict(self))
@@ -346,6 +347,8 @@ def apply_markdown(report: Report, limit: int = SHOW_ROWS) -> str:
         out += ["", f"_{hidden} more tensors hidden; the JSON report has all._"]
     if report.groups or report.dropped:
         out += ["", f"Merged groups: {len(report.groups)}; dropped tensors: {len(report.dropped)}"]
+    if report.notes:
+        out += [""] + [f"- {_md(note)}" for note in report.notes]
     return "\n".join(out) + "\n"
 
 

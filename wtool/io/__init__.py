@@ -30,11 +30,11 @@ from wtool.io.base import (
 )
 from wtool.io.npz import NpzReader, NpzWriter
 from wtool.io.safetensors import SafetensorsReader, SafetensorsWriter
-from wtool.io.sharded import INDEX_NAME, ShardedReader, ShardedWriter, model_files
+from wtool.io.sharded import INDEX_NAME, ModelFiles, ShardedReader, ShardedWriter, model_files
 from wtool.tensor import TensorInfo
 
-__all__ = ["Reader", "Writer", "WriterMisuse", "open_checkpoint", "create_writer", "is_folder_output",
-           "model_files", "parse_size"]
+__all__ = ["Reader", "Writer", "WriterMisuse", "open_checkpoint", "create_writer", "is_folder_output", "check_target",
+           "ModelFiles", "model_files", "parse_size"]
 
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
@@ -92,11 +92,12 @@ def is_folder_output(path: str | os.PathLike[str]) -> bool:
 
 def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | None,
                   *, max_shard_size: int | str | None = None, force: bool = False,
-                  extra_files: Sequence[Path] = ()) -> Writer:
+                  extra_files: Mapping[str, Path | bytes] | None = None, one_file: bool = False) -> Writer:
     """A streaming, atomic writer; the format follows the path.
 
     `*.safetensors` -> one file, `*.npz` -> npz, anything else -> a Hugging Face sharded folder
-    (one shard when `max_shard_size` is None), into which `extra_files` (config, tokenizer) are
+    (one shard when `max_shard_size` is None, or a lone `model.safetensors` with `one_file`), into
+    which `extra_files` (relative name -> source file or bytes: config, tokenizer, modules) are
     copied before the folder is renamed into place. An existing target is a UsageError unless `force`.
     """
     path = Path(path)
@@ -119,4 +120,4 @@ def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], m
         return SafetensorsWriter(path, tensors, metadata)
     if name.endswith(".npz"):
         return NpzWriter(path, tensors, metadata)
-    return ShardedWriter(path, tensors, metadata, max_shard_size, extra_files)
+    return ShardedWriter(path, tensors, metadata, max_shard_size, extra_files, one_file)
