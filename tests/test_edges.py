@@ -117,3 +117,44 @@ def test_ascii_stdout_and_non_utf8_file_names(small, tmp_path):
 def test_unusable_columns_still_prints(small, tmp_path, columns):
     done = shell("wtool inspect in.safetensors", tmp_path, COLUMNS=columns)
     assert done.returncode == 0 and b"layer0.weight" in done.stdout
+
+
+# -- dry run -----------------------------------------------------------------------------------
+
+def test_dry_run_finds_group_size_problems_as_usage_errors(small, tmp_path):
+    for spec in ("quantize:granularity=group,group_size=3", "sparsify:nm=2:3"):
+        result = invoke("apply", small, "--dry-run", "-t", spec)
+        assert result.exit_code == 2, result.output
+        assert "not divisible" in result.output and "layer0.weight" in result.output
+
+
+def test_dry_run_finds_an_existing_output_before_any_pass(small, tmp_path, monkeypatch):
+    from wtool.transforms.sparsify import Sparsify
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a global fit pass ran")
+
+    monkeypatch.setattr(Sparsify, "fit", no_pass)
+    (tmp_path / "out.safetensors").write_bytes(b"keep")
+    for extra in (["--dry-run"], []):
+        result = invoke("apply", small, tmp_path / "out.safetensors", "-t", "sparsify:fraction=0.5,scope=global", *extra)
+        assert result.exit_code == 2 and "--force" in result.output, result.output
+    assert (tmp_path / "out.safetensors").read_bytes() == b"keep"
+
+
+def test_dry_run_shows_dtype_and_bytes_before_and_after(small):
+    result = invoke("apply", small, "--dry-run", "-t", "cast:dtype=bfloat16", "-i", "layer0.weight")
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "layer0.weight" in line)
+    assert "F32 → BF16" in row and "256 B → 128 B" in row
+    assert "10.24 KB → 10.11 KB in total" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("command", ["apply", "inspect", "diff"])
+def test_json_option_on_every_command_that_writes_json(small, tmp_path, command):
+    args = {"apply": [small, tmp_path / "o.safetensors"], "inspect": [small], "diff": [small, small]}[command]
+    result = invoke(command, *args, "--json", "-", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)
+    assert "--json" in invoke(command, "--help").output
+

@@ -319,7 +319,8 @@ def apply(
                                                 "set torch_dtype in the copied config.json.")] = False,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
                                                           "shards of at most this size, e.g. 5GB.")] = None,
-    report_path: Annotated[str | None, typer.Option("--report", help="Write the JSON report to FILE, or - for stdout.")] = None,
+    report_path: Annotated[str | None, typer.Option("--json", "--report", help="Write the JSON report to FILE, "
+                                                    "or - for stdout (--report is the same).")] = None,
     markdown: Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
     html: Annotated[str | None, typer.Option("--html", help="Write a self-contained HTML report (sortable "
                                                 "table, before/after histograms) to FILE.")] = None,
@@ -372,15 +373,22 @@ def _print_plan(result: report.Report, console: Console) -> None:
     table.add_column("tensor", overflow="fold")
     table.add_column("shape", justify="right")
     table.add_column("dtype")
+    table.add_column("bytes", justify="right")
     table.add_column("steps", overflow="fold")
     for r in result.tensors:
-        table.add_row(escape(r.name), "×".join(map(str, r.shape)) or "scalar", r.dtype,
+        before = TensorInfo(r.name, r.dtype_before, tuple(r.shape)).nbytes if r.dtype_before else None
+        after = TensorInfo(r.name, r.dtype, tuple(r.shape)).nbytes
+        table.add_row(escape(r.name), "×".join(map(str, r.shape)) or "scalar", report.arrow(r.dtype_before, r.dtype),
+                      report.arrow(before and report.human_bytes(before), report.human_bytes(after)),
                       escape(" → ".join(r.steps)) or "[dim]unchanged[/]")
     console.print(table)
     for line in report.plan_details(result):
         console.print(line)
+    totals = result.totals
     console.print(f"[dim]dry run: nothing was written ({sum(bool(r.steps) for r in result.tensors)} of "
-                  f"{len(result.tensors)} tensors would change)[/]")
+                  f"{len(result.tensors)} tensors would change; "
+                  f"{report.arrow(report.human_bytes(totals['bytes_in']), report.human_bytes(totals['bytes_out']))} "
+                  "in total)[/]")
 
 
 @app.command()
@@ -407,7 +415,7 @@ def inspect(
         console = _stderr() if json_out == "-" else _stdout()
         if json_out:
             _write_text(json_out, report.dumps(result.to_json()), console)
-        if not quiet:
+        if not quiet and json_out != "-":  # JSON on stdout: nothing else anywhere but errors
             console.print(report.inspect_table(result))
             if result.metadata:
                 console.print("[bold]metadata[/]: " + escape(", ".join(f"{k}={v[:80]}" for k, v in result.metadata.items())))

@@ -389,6 +389,9 @@ def _plan_each(step: Step, run: StepRun, nodes: list[Node], selected: Callable[[
             skipped.append(SkipRecord(name, step.op, reason.reason))
             out.append(node)
             continue
+        problem = step.transform.problem(node.info)
+        if problem:
+            raise UsageError(f"{step.op}: tensor {name!r}: {problem}")
         out.append(StepNode(node, run))
         touched += 1
     return out, touched
@@ -471,7 +474,8 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
             extra, copied = ({}, []) if output is None else _model_files(
                 reader, output, pipeline, the_plan.notes, copy=copy_model_files, update_config=update_config)
             if dry_run or output is None:
-                records = [_planned_record(node) for node in the_plan.nodes]
+                sources = {t.name: t for t in reader.tensors}
+                records = [_planned_record(node, sources.get(node.info.name)) for node in the_plan.nodes]
                 return _report(the_plan, records, output, time.perf_counter() - started, dry_run=True,
                                model_files=copied)
             _fit(the_plan)
@@ -653,10 +657,10 @@ def _same_bytes(before: np.ndarray, after: np.ndarray, chunk: int = 1 << 24) -> 
     return all(np.array_equal(a[i:i + chunk], b[i:i + chunk]) for i in range(0, a.size, chunk))
 
 
-def _planned_record(node: Node) -> TensorRecord:
+def _planned_record(node: Node, source: TensorInfo | None) -> TensorRecord:
     info = node.info
     return TensorRecord(info.name, info.dtype, list(info.shape), list(node.steps), bool(node.steps),
-                        None, None, None, {})
+                        None, None, None, {}, dtype_before=source.dtype if source else None)
 
 
 def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline) -> dict[str, str]:

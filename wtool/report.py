@@ -200,6 +200,11 @@ def _hist_pair(record: TensorRecord) -> str:
     return f"{before} → {sparkline(h['after'])}" if before else sparkline(h["after"])
 
 
+def arrow(before: str | None, after: str) -> str:
+    """`before → after`, or just `after` when nothing changes (or nothing came before)."""
+    return after if not before or before == after else f"{before} → {after}"
+
+
 def _shape(shape: list[int]) -> str:
     return "×".join(map(str, shape)) if shape else "scalar"
 
@@ -230,7 +235,7 @@ def apply_table(report: Report, limit: int = SHOW_ROWS, sparklines: bool = True)
         table.add_column(column, justify=justify, overflow="fold",
                          min_width=min(longest, 32) if column == "tensor" and sparklines else None)
     for r in rows:
-        dtype = r.dtype if not r.dtype_before or r.dtype_before == r.dtype else f"{r.dtype_before} → {r.dtype}"
+        dtype = arrow(r.dtype_before, r.dtype)
         error = r.error or {}
         style = None if r.changed else "dim"
         steps = ("all" if r.steps else "-") if uniform else escape(" → ".join(r.steps)) or "-"

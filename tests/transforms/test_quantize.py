@@ -67,7 +67,7 @@ def test_quantize_matches_formula(shape, bits, scheme, granularity, dtype):
 
 def test_group_remainder_is_an_error_naming_the_tensor():
     w = np.ones((2, 10), np.float32)
-    with pytest.raises(InputError, match=r"'layer.weight'.*10.*group_size=4.*remainder=ok"):
+    with pytest.raises(UsageError, match=r"'layer.weight'.*10.*group_size=4.*remainder=ok"):
         Transform.create("quantize", {"granularity": "group", "group_size": 4}).apply(w, ctx(w, "layer.weight"))
 
 

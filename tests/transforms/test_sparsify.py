@@ -97,7 +97,7 @@ def test_n_m(pattern, shape):
 
 def test_n_m_needs_divisible_last_axis():
     w = np.ones((4, 6), np.float32)
-    with pytest.raises(InputError, match=r"'w'.*not divisible by M=4"):
+    with pytest.raises(UsageError, match=r"'w'.*not divisible by M=4"):
         Transform.create("sparsify", {"nm": "2:4"}).apply(w, ctx(w))
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wtool.errors import InputError
+from wtool.errors import UsageError
+from wtool.tensor import TensorInfo
 from wtool.transforms.base import Context, Transform, param
 
 
@@ -47,10 +48,9 @@ class Quantize(Transform, name="quantize"):
         rows = array.reshape(-1, array.shape[-1])
         width = rows.shape[1]
         full = width - width % p.group_size
-        if full != width and p.remainder == "error":
-            name = ctx.name if ctx else "?"
-            raise InputError(f"tensor {name!r}: last axis {width} is not divisible by group_size={p.group_size}; "
-                             f"pass remainder=ok to quantize the tail group of {width - full} on its own")
+        problem = self.problem(TensorInfo(ctx.name if ctx else "?", "F32", array.shape))
+        if problem:
+            raise UsageError(f"tensor {ctx.name if ctx else '?'!r}: {problem}")
         out = np.empty_like(rows)
         if full:
             head = rows[:, :full].reshape(-1, p.group_size)
@@ -58,6 +58,14 @@ class Quantize(Transform, name="quantize"):
         if full != width:
             out[:, full:] = self._snap(rows[:, full:])
         return out.reshape(array.shape)
+
+    def problem(self, info: TensorInfo) -> str | None:
+        p = self.params
+        if p.granularity != "group" or p.remainder == "ok" or not info.shape or not info.shape[-1] % p.group_size:
+            return None
+        width = info.shape[-1]
+        return (f"last axis {width} is not divisible by group_size={p.group_size}; pass remainder=ok to "
+                f"quantize the tail group of {width % p.group_size} on its own")
 
     def _snap(self, groups: np.ndarray) -> np.ndarray:
         """Quantize each row of a 2-D array on its own grid."""
