@@ -158,3 +158,35 @@ def test_json_option_on_every_command_that_writes_json(small, tmp_path, command)
     assert json.loads(result.stdout)
     assert "--json" in invoke(command, "--help").output
 
+
+
+# -- selection ---------------------------------------------------------------------------------
+
+def test_unmatched_pattern_shows_closest_names_and_whole_name_rule(small):
+    result = invoke("apply", small, "--dry-run", "-i", "layer1.weigth")
+    assert result.exit_code == 2 and "closest: 'layer1.weight'" in result.output
+    result = invoke("apply", small, "--dry-run", "-i", "layer1")
+    assert "match the whole name: '*layer1*' matches" in " ".join(result.output.split())
+    result = invoke("inspect", small, "-i", "re:layer1")
+    assert "'re:.*layer1.*' matches" in " ".join(result.output.split())
+
+
+def test_default_rule_skip_shows_the_include_that_lifts_it(tmp_path):
+    path = tmp_path / "b.safetensors"
+    save_file({"a.bias": np.ones(4, np.float32), "b.bias": np.ones(4, np.float32)}, path)
+    result = invoke("apply", path, "--dry-run", "-t", "quantize")
+    assert result.exit_code == 2
+    assert "-t quantize:include=*.bias" in " ".join(result.output.split())
+    assert invoke("apply", path, "--dry-run", "-t", "quantize:include=*.bias").exit_code == 0
+
+
+def test_regex_with_a_comma_in_a_step_gets_a_hint(small):
+    result = invoke("apply", small, "--dry-run", "-t", r"clip:c=1,include=re:layer\d{1,2}.weight")
+    assert result.exit_code == 2 and "a comma ends a -t parameter" in " ".join(result.output.split())
+
+
+def test_nested_repetition_is_refused_at_once(small, tmp_path):
+    name = "a" * 32
+    save_file({name: np.ones((2, 2), np.float32)}, tmp_path / "a.safetensors")
+    result = invoke("inspect", tmp_path / "a.safetensors", "-i", "re:.*(a+)+b")
+    assert result.exit_code == 2 and "repeats a repetition" in result.output

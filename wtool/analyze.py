@@ -16,7 +16,7 @@ from wtool.errors import UsageError
 from wtool.io import open_checkpoint
 from wtool.pipeline import Progress
 from wtool.report import DiffReport, InspectReport
-from wtool.selection import Selector
+from wtool.selection import Selector, no_match_hint
 from wtool.stats import cosine, error_metrics, histogram, tensor_stats
 
 ABOVE_METRICS = ("max_abs", "mse", "rel_l2")
@@ -154,6 +154,7 @@ def _check_patterns(selector: Selector, names: list[str], allow_empty: bool, whe
     if allow_empty:
         return
     for pattern in selector.unmatched(names):
-        raise UsageError(f"pattern {pattern!r} matches no tensor in {where} (use --allow-empty to allow)")
+        raise UsageError(f"pattern {pattern!r} matches no tensor in {where}{no_match_hint(pattern, names)} "
+                         "(use --allow-empty to allow)")
     if names and not any(selector.admits(n) for n in names):
         raise UsageError(f"include/exclude select no tensor in {where} (use --allow-empty to allow)")

@@ -39,7 +39,7 @@ from wtool.io import (
     open_checkpoint,
 )
 from wtool.report import GroupRecord, Report, SkipRecord, TensorRecord
-from wtool.selection import Selector
+from wtool.selection import Selector, no_match_hint
 from wtool.stats import error_metrics, histogram, tensor_stats
 from wtool.tensor import TensorInfo
 from wtool.transforms import Context, Group, GroupTransform, Transform
@@ -76,7 +76,9 @@ class Step:
             key, sep, value = item.partition("=")
             key = key.strip()
             if not sep or not key:
-                raise UsageError(f"step {spec!r}: expected key=value, got {item!r}")
+                hint = ("; a comma ends a -t parameter, so a regex with a comma (such as {1,3}) belongs in "
+                        "--include/--exclude or a recipe") if "re:" in spec else ""
+                raise UsageError(f"step {spec!r}: expected key=value, got {item!r}{hint}")
             if key in RESERVED_KEYS:
                 patterns[key].append(value.strip())
             elif key in options:
@@ -336,7 +338,8 @@ def plan(pipeline: Pipeline, reader: Reader) -> Plan:
     names = [t.name for t in reader.tensors]
     if not pipeline.allow_empty:
         for pattern in pipeline.selector.unmatched(names):
-            raise UsageError(f"pattern {pattern!r} matches no tensor in {reader.path} (use --allow-empty to allow)")
+            raise UsageError(f"pattern {pattern!r} matches no tensor in {reader.path}{no_match_hint(pattern, names)} "
+                             "(use --allow-empty to allow)")
     nodes: list[Node] = [SourceNode(reader, info) for info in reader.tensors]
     grouped = any(isinstance(step.transform, GroupTransform) for step in pipeline.steps)
     config = reader.config() if grouped else None
@@ -350,7 +353,8 @@ def plan(pipeline: Pipeline, reader: Reader) -> Plan:
             current = [n.info.name for n in nodes]
             if not pipeline.allow_empty:
                 for pattern in step.selector.unmatched(current):
-                    raise UsageError(f"{label}: pattern {pattern!r} matches no tensor")
+                    raise UsageError(f"{label}: pattern {pattern!r} matches no tensor"
+                                     f"{no_match_hint(pattern, current)}")
             run = StepRun(step, pipeline.nonfinite, str(reader.path))
             runs.append(run)
             for role, path in step.transform.companion_paths().items():
@@ -364,8 +368,9 @@ def plan(pipeline: Pipeline, reader: Reader) -> Plan:
             else:
                 nodes, touched = _plan_each(step, run, nodes, selected, skipped)
             if touched == 0 and not pipeline.allow_empty:
-                raise UsageError(f"{label} selects no tensor"
-                                 f"{' (' + notes[-1] + ')' if notes and isinstance(step.transform, GroupTransform) else ''}"
+                why = notes[-1] if notes and isinstance(step.transform, GroupTransform) else \
+                    _default_rule_hint(step, [n.info for n in nodes if selected(n.info.name)])
+                raise UsageError(f"{label} selects no tensor{' (' + why + ')' if why else ''}"
                                  "; check include/exclude or use --allow-empty")
     except BaseException:
         for run in runs:
@@ -373,6 +378,19 @@ def plan(pipeline: Pipeline, reader: Reader) -> Plan:
                 companion.close()
         raise
     return Plan(reader, pipeline, nodes, runs, skipped, groups, notes)
+
+
+def _default_rule_hint(step: Step, candidates: Sequence[TensorInfo]) -> str:
+    """When a step's default rule left out every tensor it could have taken: say so, and show
+    the step-level include that lifts it."""
+    reasons = [(info, step.transform.skip(info)) for info in candidates]
+    soft = [(info, reason) for info, reason in reasons if reason is not None and not reason.hard]
+    if not soft:
+        return ""
+    leaves = {info.name.rpartition(".")[2] for info, _ in soft}
+    example = f"*.{leaves.pop()}" if len(leaves) == 1 and "." in soft[0][0].name else soft[0][0].name
+    return (f"its default rule left out {len(soft)} tensor(s): {soft[0][1].reason}; a step-level include "
+            f"lifts it, e.g. -t {step.op}:include={example}")
 
 
 def _plan_each(step: Step, run: StepRun, nodes: list[Node], selected: Callable[[str], bool],
