@@ -190,3 +190,41 @@ def test_nested_repetition_is_refused_at_once(small, tmp_path):
     save_file({name: np.ones((2, 2), np.float32)}, tmp_path / "a.safetensors")
     result = invoke("inspect", tmp_path / "a.safetensors", "-i", "re:.*(a+)+b")
     assert result.exit_code == 2 and "repeats a repetition" in result.output
+
+
+# -- reports -----------------------------------------------------------------------------------
+
+def test_reports_carry_full_parameters_and_skips_and_sort_worst_first(tmp_path):
+    path = tmp_path / "in.safetensors"
+    rng = np.random.default_rng(1)
+    save_file({"a.weight": rng.normal(size=(8, 8)).astype(np.float32),
+               "b.weight": (rng.normal(size=(8, 8)) * 100).astype(np.float32),
+               "c.bias": np.ones(8, np.float32)}, path)
+    html, md = tmp_path / "r.html", tmp_path / "r.md"
+    result = invoke("apply", path, tmp_path / "o.safetensors", "-t", "clip:c=1", "-t", "quantize:bits=3",
+                    "--html", html, "--markdown", md)
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "clip(c=1.0" in flat and "quantize(bits=3, scheme=asym" in flat
+    assert "clip(c=1.0" in md.read_text() and "quantize(bits=3, scheme=asym" in html.read_text()
+    page = html.read_text()
+    assert "skipped by clip, quantize" in page and "c.bias" in page
+    assert "same(a) ? 1 : -1" in page  # unchanged rows stay last whichever way a column sorts
+    rows = [line.split("│")[1].strip() for line in result.output.splitlines() if line.startswith("│")]
+    assert rows == ["b.weight", "a.weight", "c.bias"]  # worst first, unchanged last
+
+
+# -- diff --------------------------------------------------------------------------------------
+
+def test_diff_summarises_casts_and_groups_gates(small, tmp_path):
+    out = tmp_path / "bf16.safetensors"
+    assert invoke("apply", small, out, "-t", "cast:dtype=bfloat16", "-q").exit_code == 0
+    result = invoke("diff", small, out, "--fail-above", "rel_l2=1e-9", "--fail-below", "cosine=0.9")
+    assert result.exit_code == 1
+    flat = " ".join(result.output.split())
+    assert "dtype F32 → BF16: 40 tensor(s)" in flat and "mismatch" not in flat
+    assert "FAILED rel_l2 > 1e-09: 40 tensor(s); worst: layer" in flat
+    assert "passed cosine < 0.9: all 40 tensor(s)" in flat
+    data = json.loads(invoke("diff", small, out, "--fail-above", "rel_l2=1e-9", "--json", "-", "-q").stdout)
+    assert set(data["failures"][0]) == {"tensor", "metric", "value", "limit"}
+    assert data["failures"][0]["metric"] == "rel_l2" and data["failures"][0]["limit"] == 1e-9

@@ -113,7 +113,7 @@ def diff(a: str | Path, b: str | Path, selector: Selector | None = None, *,
                 mismatched.append({"name": name, "a": f"{info_a.dtype} {list(info_a.shape)}",
                                    "b": f"{info_b.dtype} {list(info_b.shape)}"})
             if info_a.shape != info_b.shape:
-                failures.append(f"{name}: shape {list(info_a.shape)} in A but {list(info_b.shape)} in B")
+                failures.append(_failure(name, "shape", f"{list(info_a.shape)} in A, {list(info_b.shape)} in B"))
                 continue
             x, y = left.read(name), right.read(name)
             metrics = error_metrics(x, y)
@@ -125,28 +125,30 @@ def diff(a: str | Path, b: str | Path, selector: Selector | None = None, *,
             if progress:
                 progress.advance(info_a)
         if not allow_missing:
-            failures.extend(f"{n}: only in A" for n in only_a)
-            failures.extend(f"{n}: only in B" for n in only_b)
+            failures.extend(_failure(n, "missing", "only in A") for n in only_a)
+            failures.extend(_failure(n, "missing", "only in B") for n in only_b)
         gates = {f"{k}>": v for k, v in fail_above.items()} | {f"{k}<": v for k, v in fail_below.items()}
         return DiffReport(str(left.path), str(right.path), rows, only_a, only_b, mismatched, gates, failures)
 
 
-def _gate_failures(row: dict, above: Mapping[str, float], below: Mapping[str, float]) -> list[str]:
+def _failure(tensor: str, metric: str, value: float | str | None, limit: float | None = None) -> dict:
+    """One failure as the JSON report carries it: `{"tensor", "metric", "value", "limit"}`."""
+    return {"tensor": tensor, "metric": metric, "value": value, "limit": limit}
+
+
+def _gate_failures(row: dict, above: Mapping[str, float], below: Mapping[str, float]) -> list[dict]:
     """None means infinite error (above) or a perfect match (sqnr_db) / undefined cosine."""
     failures = []
     for metric, limit in above.items():
         value = row[metric]
         if value is None or value > limit:
-            failures.append(f"{row['name']}: {metric} = {'inf' if value is None else f'{value:.6g}'} > {limit:g}")
+            failures.append(_failure(row["name"], metric, value, limit))
     for metric, limit in below.items():
         value = row[metric]
-        if value is None:
-            identical = row["max_abs"] == 0
-            if identical:
-                continue
-            failures.append(f"{row['name']}: {metric} undefined (a zero tensor against a non-zero one)")
-        elif value < limit:
-            failures.append(f"{row['name']}: {metric} = {value:.6g} < {limit:g}")
+        if value is None and row["max_abs"] == 0:  # identical tensors: nothing to gate
+            continue
+        if value is None or value < limit:
+            failures.append(_failure(row["name"], metric, value, limit))
     return failures
 
 

@@ -464,8 +464,8 @@ def diff(
         if not quiet:
             console.print(report.diff_table(result, rows))
         if not result.passed:
-            _stderr().print(f"[bold red]diff failed[/]: {len(result.failures)} problem(s); first: "
-                            f"{escape(result.failures[0])}", soft_wrap=True)
+            failed = [line for line in result.summary() if line.startswith("FAILED")]
+            _stderr().print(f"[bold red]diff failed[/]: {escape('; '.join(failed))}", soft_wrap=True)
             raise typer.Exit(1)
 
 

@@ -84,13 +84,20 @@ class Report:
         return _clean(asdict(self))
 
     def worst(self, limit: int = SHOW_ROWS) -> tuple[list[TensorRecord], int]:
-        """The rows worth showing: all when they fit, else the changed tensors with the
-        largest relative error, in checkpoint order; and how many were hidden."""
-        rows = self.tensors
-        if len(rows) <= limit:
-            return rows, 0
-        ranked = sorted(range(len(rows)), key=lambda i: (not rows[i].changed, -_rel(rows[i])))[:limit]
-        return [rows[i] for i in sorted(ranked)], len(rows) - limit
+        """The rows worth showing, worst first: changed tensors by decreasing relative error
+        (checkpoint order among equals), unchanged ones last; and how many did not fit."""
+        rows = sorted(self.tensors, key=lambda r: (not r.changed, -_rel(r)))
+        return rows[:limit], max(0, len(rows) - limit)
+
+    def pipeline_label(self) -> str:
+        """Every step with its full parameters, e.g. `clip(percentile=99.9) → quantize(bits=4, ...)`."""
+        return " → ".join(step_label(step) for step in self.steps) or "copy (no steps)"
+
+
+def step_label(step: dict[str, Any]) -> str:
+    """`op(key=value, ...)` with the step's own include/exclude patterns."""
+    params = {**step.get("params", {}), **{k: step[k] for k in ("include", "exclude") if step.get(k)}}
+    return f"{step['op']}({', '.join(f'{k}={v}' for k, v in params.items())})"
 
 
 @dataclass
@@ -118,11 +125,44 @@ class DiffReport:
     only_in_b: list[str]
     mismatched: list[dict[str, Any]]
     gates: dict[str, float]
-    failures: list[str]
+    failures: list[dict[str, Any]]
 
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    def summary(self, worst: int = 3) -> list[str]:
+        """One line per failing metric (with the worst offenders), per passing gate, and one per
+        dtype change (a cast shows as one line, not one per tensor)."""
+        lines = []
+        changes: dict[tuple[str, str], int] = {}
+        for m in self.mismatched:
+            if m["a"].split(" ", 1)[1] == m["b"].split(" ", 1)[1]:
+                key = (m["a"].split(" ", 1)[0], m["b"].split(" ", 1)[0])
+                changes[key] = changes.get(key, 0) + 1
+        lines += [f"dtype {a} → {b}: {count} tensor(s)" for (a, b), count in changes.items()]
+        failing: dict[str, list[dict[str, Any]]] = {}
+        for f in self.failures:
+            failing.setdefault(f["metric"], []).append(f)
+        for metric, items in failing.items():
+            gate = next((g for g in self.gates if g[:-1] == metric), None)
+            if gate is None:  # shapes, missing tensors
+                shown = ", ".join(f"{f['tensor']} ({f['value']})" for f in items[:worst])
+                lines.append(f"FAILED {metric}: {len(items)} tensor(s): {shown}{' …' if len(items) > worst else ''}")
+                continue
+            above = gate.endswith(">")
+            items = sorted(items, key=lambda f: _severity(f["value"], above))
+            shown = ", ".join(f"{f['tensor']} ({fmt(f['value'])})" for f in items[:worst])
+            lines.append(f"FAILED {metric} {gate[-1]} {fmt(self.gates[gate])}: {len(items)} tensor(s); worst: {shown}")
+        for gate, limit in self.gates.items():
+            metric, above = gate[:-1], gate.endswith(">")
+            if metric in failing:
+                continue
+            values = [(r[metric], r["name"]) for r in self.tensors if r[metric] is not None]
+            worst_row = min(values, key=lambda v: _severity(v[0], above)) if values else None
+            where = f" (worst {fmt(worst_row[0])} on {worst_row[1]})" if worst_row else ""
+            lines.append(f"passed {metric} {gate[-1]} {fmt(limit)}: all {len(self.tensors)} tensor(s){where}")
+        return lines
 
     def to_json(self) -> dict[str, Any]:
         data = _clean(asdict(self))
@@ -149,6 +189,14 @@ def dumps(data: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------ formatting helpers
+
+def _severity(value: float | None, above: bool) -> float:
+    """Sort key putting the worst value first: largest for an upper gate, smallest for a lower one
+    (None is an infinite error, or an undefined cosine)."""
+    if value is None:
+        return -math.inf
+    return -value if above else value
+
 
 def _rel(record: TensorRecord) -> float:
     value = (record.error or {}).get("rel_l2")
@@ -225,9 +273,9 @@ def apply_table(report: Report, limit: int = SHOW_ROWS, sparklines: bool = True)
     table = Table(title=title, title_justify="left", show_footer=False)
     longest = max((len(r.name) for r in rows), default=10)
     step_lists = {tuple(r.steps) for r in rows if r.steps}
-    uniform = len(step_lists) <= 1  # then the title names the steps once, and rows just say yes/no
-    if uniform and step_lists:
-        table.title += escape(f"  [{' → '.join(next(iter(step_lists)))}]")
+    uniform = len(step_lists) <= 1  # then rows just say yes/no
+    if report.steps:
+        table.title += escape(f"\n{report.pipeline_label()}")
     for column, justify in (("tensor", "left"), ("shape", "right"), ("dtype", "left"),
                             ("steps", "left"), ("absmax", "right"), ("std", "right"), ("sparsity", "right"),
                             ("rel_l2", "right"), ("sqnr dB", "right"), ("values before → after", "left"))[
@@ -268,18 +316,27 @@ def plan_details(report: Report) -> list[Text]:
         if g.dropped:
             parts.append(f"dropped {', '.join(g.dropped)}")
         lines.append(Text("  • " + "; ".join(parts)))
+    lines.extend(_skip_lines(report, shown=3))
+    lines.extend(Text(f"  • {note}", style="yellow") for note in report.notes)
+    return lines
+
+
+def _skip_lines(report: Report, shown: int | None = None) -> list[Text]:
+    """One line per (reason, steps): the tensors a step's default rule left alone; `shown` caps the names."""
     by_reason: dict[str, dict[str, list[str]]] = {}
     for s in report.skipped:
         by_reason.setdefault(s.reason, {}).setdefault(s.name, []).append(s.op)
+    lines = []
     for reason, tensors in by_reason.items():
         by_ops: dict[tuple[str, ...], list[str]] = {}
         for name, ops in tensors.items():
             by_ops.setdefault(tuple(ops), []).append(name)
         for ops, names in by_ops.items():
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            lines.append(Text(f"  • skipped by {', '.join(ops)} ({reason}): {len(names)} tensor(s): {shown}",
+            listed = names if shown is None else names[:shown]
+            more = len(names) - len(listed)
+            text = ", ".join(listed) + (f" and {more} more" if more else "")
+            lines.append(Text(f"  • skipped by {', '.join(ops)} ({reason}): {len(names)} tensor(s): {text}",
                               style="dim"))
-    lines.extend(Text(f"  • {note}", style="yellow") for note in report.notes)
     return lines
 
 
@@ -314,9 +371,7 @@ def diff_table(report: DiffReport, limit: int = SHOW_ROWS) -> Table:
         caption.append(f"only in A: {', '.join(report.only_in_a[:5])}{' …' if len(report.only_in_a) > 5 else ''}")
     if report.only_in_b:
         caption.append(f"only in B: {', '.join(report.only_in_b[:5])}{' …' if len(report.only_in_b) > 5 else ''}")
-    for m in report.mismatched:
-        caption.append(f"mismatch {m['name']}: {m['a']} vs {m['b']}")
-    caption.extend(f"FAILED {f}" for f in report.failures)
+    caption.extend(report.summary())
     table.caption, table.caption_justify = escape("\n".join(caption)), "left"
     return table
 
@@ -336,7 +391,7 @@ def _md(text: str) -> str:
 def apply_markdown(report: Report, limit: int = SHOW_ROWS) -> str:
     """A summary fit for `$GITHUB_STEP_SUMMARY`: pipeline, totals, the worst tensors."""
     t = report.totals
-    steps = " → ".join(f"`{s['op']}`" for s in report.steps) or "copy (no steps)"
+    steps = " → ".join(f"`{_md(step_label(s))}`" for s in report.steps) or "copy (no steps)"
     out = [f"### wtool apply: `{_md(report.input)}` → `{_md(str(report.output))}`", "",
            f"Pipeline: {steps}  ", f"{t['tensors']} tensors, **{t['changed']} changed**, {fmt(t['params'])} params, "
            f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])} in {t['seconds']:.2f} s", ""]
@@ -365,7 +420,7 @@ def diff_markdown(report: DiffReport, limit: int = SHOW_ROWS) -> str:
     for row in rows[:limit]:
         out.append(f"| `{_md(row['name'])}` | {fmt(row['max_abs'])} | {fmt(row['mse'])} | {fmt(row['rel_l2'])} | "
                    f"{fmt(row['cosine'], 6)} | {fmt(row['sqnr_db'], 3)} |")
-    out += [""] + [f"- {_md(f)}" for f in report.failures]
+    out += [""] + [f"- {_md(line)}" for line in report.summary()]
     return "\n".join(out) + "\n"
 
 
@@ -403,7 +458,9 @@ document.querySelectorAll('th').forEach((th, col) => th.addEventListener('click'
   th.classList.add(asc ? 'sorted-asc' : 'sorted-desc');
   const key = r => { const v = r.cells[col].dataset.v ?? r.cells[col].textContent;
                      const n = parseFloat(v); return isNaN(n) ? v : n; };
-  [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
+  const same = r => r.classList.contains('same');
+  [...body.rows].sort((a, b) => { if (same(a) !== same(b)) return same(a) ? 1 : -1;
+    const x = key(a), y = key(b);
     return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1); }).forEach(r => body.appendChild(r));
 }));
 """
@@ -438,7 +495,7 @@ def apply_html(report: Report) -> str:
     head = ["tensor", "shape", "dtype", "steps", "absmax before", "absmax after", "std after", "sparsity after",
             "rel_l2", "sqnr dB", "values (grey before, blue after)"]
     rows = []
-    for r in report.tensors:
+    for r in report.worst(len(report.tensors))[0]:
         e = r.error or {}
         after = r.after or {}
         before = r.before or {}
@@ -453,8 +510,9 @@ def apply_html(report: Report) -> str:
                     + cell(before.get("absmax")) + cell(after.get("absmax")) + cell(after.get("std"))
                     + cell(after.get("sparsity")) + cell(e.get("rel_l2")) + cell(e.get("sqnr_db") if e.get("mse") else None, 3)
                     + f"<td>{_svg(r.histogram)}</td></tr>")
-    steps = " → ".join(s["op"] for s in report.steps) or "copy (no steps)"
+    steps = report.pipeline_label()
     extra = [f"<li>{esc(g.op)}: {esc(g.note)}</li>" for g in report.groups]
+    extra += [f"<li>{esc(line.plain.removeprefix('  • '))}</li>" for line in _skip_lines(report)]
     extra += [f"<li>{esc(n)}</li>" for n in report.notes]
     extra += [f"<li>dropped {esc(n)}</li>" for n in report.dropped]
     return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>wtool report</title>"
