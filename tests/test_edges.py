@@ -228,3 +228,35 @@ def test_diff_summarises_casts_and_groups_gates(small, tmp_path):
     data = json.loads(invoke("diff", small, out, "--fail-above", "rel_l2=1e-9", "--json", "-", "-q").stdout)
     assert set(data["failures"][0]) == {"tensor", "metric", "value", "limit"}
     assert data["failures"][0]["metric"] == "rel_l2" and data["failures"][0]["limit"] == 1e-9
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+def test_out_of_memory_is_one_line_exit_5_and_leaves_nothing(small, tmp_path, monkeypatch):
+    from wtool.transforms.clip import Clip
+
+    def exhausted(self, array, ctx):
+        raise MemoryError
+
+    monkeypatch.setattr(Clip, "apply", exhausted)
+    result = invoke("apply", small, tmp_path / "out", "-t", "clip:c=1")
+    assert result.exit_code == 5
+    assert result.output.strip().splitlines() == [result.output.strip()] and "out of memory" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+@pytest.mark.parametrize("command", [
+    "inspect snan.safetensors -q --hist a",
+    "apply snan.safetensors o.safetensors -q -t clip:c=1 --nonfinite=skip",
+    "apply snan.safetensors o.safetensors -q -t cast:dtype=bfloat16",
+    "apply snan.safetensors o.safetensors -q -t quantize --nonfinite=zero",
+])
+def test_signalling_nans_print_no_warnings(tmp_path, command):
+    signalling_f32 = np.array([0x7F800001, 0x3F800000, 0xFF800005, 0x40000000], np.uint32).view(np.float32)
+    signalling_f16 = np.array([0x7C01, 0x3C00, 0x7D00, 0x4000], np.uint16).view(np.float16)
+    save_file({"a": signalling_f32.reshape(2, 2), "b": signalling_f16.reshape(2, 2)}, tmp_path / "snan.safetensors")
+    done = shell(f"wtool {command}", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == b""
+    if command.startswith("apply"):
+        assert shell("wtool diff snan.safetensors o.safetensors -q", tmp_path).stderr == b""

@@ -9,8 +9,10 @@ a few MiB beyond the tensor itself.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -18,6 +20,21 @@ CHUNK = 1 << 20  # elements per float64 chunk (8 MiB)
 
 STAT_KEYS = ("numel", "min", "max", "mean", "std", "absmax", "l2", "sparsity", "nan", "inf")
 ERROR_KEYS = ("mse", "max_abs", "rel_l2", "sqnr_db")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def quiet_nan(function: F) -> F:
+    """Run `function` with numpy's "invalid value" warning off: casting a signalling NaN (a
+    legal bit pattern, counted in the statistics) raises it, and it would only be noise."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(invalid="ignore"):
+            return function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _chunks(flat: np.ndarray):
@@ -61,6 +78,7 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+@quiet_nan
 def tensor_stats(array: np.ndarray) -> dict[str, Any]:
     """numel, min, max, mean, std (population), absmax, l2, sparsity (exact zeros), nan, inf.
 
@@ -117,6 +135,7 @@ def tensor_stats(array: np.ndarray) -> dict[str, Any]:
     }
 
 
+@quiet_nan
 def error_metrics(before: np.ndarray, after: np.ndarray) -> dict[str, float | None]:
     """What a pipeline did to one tensor: mse, max_abs, rel_l2 = ‖b−a‖/‖a‖, sqnr_db = 10·log10(‖a‖²/‖b−a‖²).
 
@@ -156,6 +175,7 @@ def error_metrics(before: np.ndarray, after: np.ndarray) -> dict[str, float | No
     return {"mse": _finite(mse), "max_abs": _finite(max_abs), "rel_l2": _finite(rel), "sqnr_db": sqnr}
 
 
+@quiet_nan
 def cosine(before: np.ndarray, after: np.ndarray) -> float | None:
     """Cosine similarity of the two tensors flattened (None when either is all zeros).
 
@@ -177,6 +197,7 @@ def cosine(before: np.ndarray, after: np.ndarray) -> float | None:
     return _finite(dot / math.sqrt(na * nb))
 
 
+@quiet_nan
 def histogram(array: np.ndarray, low: float, high: float, bins: int = 32) -> list[int]:
     """Counts of the finite values in `bins` equal bins over [low, high], chunked like the stats.
 

@@ -55,4 +55,5 @@ class Cast(Transform, name="cast"):
             if over:
                 raise InputError(f"tensor {ctx.name!r}: {over} value(s) outside {self.params.dtype}'s range "
                                  f"±{limit:g}; pass saturate=true to clamp them")
-        return array.astype(target).astype(array.dtype)
+        with np.errstate(invalid="ignore"):  # a signalling NaN stays a NaN; no warning for it
+            return array.astype(target).astype(array.dtype)
