@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,8 @@ def invoke(*args: object, **kwargs):
 
 def shell(command: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     """Run `wtool` (this interpreter's) under a POSIX shell, for redirections such as `>&-`."""
-    wtool = f"'{sys.executable}' -m wtool"
-    return subprocess.run(["sh", "-c", command.replace("wtool", wtool, 1)], cwd=cwd, capture_output=True,
+    command = re.sub(r"(^|&& )wtool ", lambda m: f"{m.group(1)}'{sys.executable}' -m wtool ", command)
+    return subprocess.run(["sh", "-c", command], cwd=cwd, capture_output=True,
                           env={**os.environ, "WTOOL_DEBUG": "", **env}, timeout=120)
 
 
@@ -260,3 +261,18 @@ def test_signalling_nans_print_no_warnings(tmp_path, command):
     assert done.stderr == b""
     if command.startswith("apply"):
         assert shell("wtool diff snan.safetensors o.safetensors -q", tmp_path).stderr == b""
+
+
+def test_many_shards_under_a_small_open_file_limit(tmp_path):
+    from wtool.io import create_writer
+    from wtool.tensor import TensorInfo
+
+    infos = [TensorInfo(f"t{i}", "F32", (4,)) for i in range(300)]
+    with create_writer(tmp_path / "hf", infos, {}, max_shard_size=16) as writer:
+        for info in infos:
+            writer.write(info.name, np.full(4, float(info.name[1:]), np.float32))
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) == 300
+    done = shell("ulimit -n 256 && wtool apply hf out.safetensors -t clip:c=100,include=* -q "
+                 "&& wtool apply hf out2 --max-shard-size 16B -q", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "out2").glob("*.safetensors"))) == 300

@@ -151,9 +151,20 @@ class SafetensorsReader(Reader):
         super().__init__(path, [info for info, _ in entries], metadata, [file])
         self.file = file
         self._handle: BinaryIO | None = handle
+        self._released = False
         self._offsets = {info.name: offset for info, offset in entries}
 
+    def release(self) -> None:
+        """Close the file until the next read, so that a folder of many shards keeps few open."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+            self._released = True
+
     def _read(self, info: TensorInfo) -> np.ndarray:
+        if self._handle is None and self._released:
+            self._handle = open_regular(self.file)
+            self._released = False
         if self._handle is None:
             raise InputError(f"{self.file}: reader is closed")
         dtype = info.dtype_info.numpy
@@ -177,6 +188,7 @@ class SafetensorsReader(Reader):
 
     def close(self) -> None:
         """Close the file; arrays already returned keep their own mappings."""
+        self._released = False
         if self._handle is not None:
             self._handle.close()
             self._handle = None

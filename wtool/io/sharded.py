@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from wtool.tensor import TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+MAX_OPEN_SHARDS = 16
 #: Weight files (and their indexes): in a model folder they hold the weights the run rewrites or
 #: the same weights in another format (pytorch_model.bin, onnx/model.onnx), so they stay behind,
 #: except inside the module folders a sentence-transformers `modules.json` names (2_Dense/...).
@@ -70,7 +72,9 @@ def shard_problem(shard: object) -> str | None:
 
 
 class ShardedReader(Reader):
-    """Opens every shard listed by the index (header only) and checks they agree with it."""
+    """Reads every shard's header listed by the index and checks they agree with it; shard
+    files are then opened as tensors are read, a few at a time (a 300-shard folder works
+    under `ulimit -n 256`)."""
 
     format = "sharded"
 
@@ -78,6 +82,8 @@ class ShardedReader(Reader):
         weight_map = _read_index(index)
         folder = index.parent
         self._shards: dict[str, SafetensorsReader] = {}
+        self._open: dict[str, None] = {}  # shards with an open file, least recently read first
+        self._lock = threading.Lock()
         try:
             self._open_shards(path, index, folder, weight_map)
         except BaseException:
@@ -91,6 +97,7 @@ class ShardedReader(Reader):
                 tensor = next(name for name, value in weight_map.items() if value == shard)
                 raise InputError(f"{index}: shard {shard!r} (holding tensor {show(tensor)}) does not exist")
             self._shards[shard] = SafetensorsReader(file)
+            self._shards[shard].release()
 
         location: dict[str, str] = {}
         tensors: list[TensorInfo] = []
@@ -117,7 +124,18 @@ class ShardedReader(Reader):
         self._location = location
 
     def _read(self, info: TensorInfo) -> np.ndarray:
-        return self._shards[self._location[info.name]].read(info.name)
+        """Map the tensor from its shard, opening the shard if needed; at most MAX_OPEN_SHARDS
+        stay open (the mapping outlives the file handle, so arrays stay valid)."""
+        shard = self._location[info.name]
+        with self._lock:
+            array = self._shards[shard].read(info.name)
+            self._open.pop(shard, None)
+            self._open[shard] = None
+            if len(self._open) > MAX_OPEN_SHARDS:
+                oldest = next(iter(self._open))
+                del self._open[oldest]
+                self._shards[oldest].release()
+        return array
 
     def close(self) -> None:
         for reader in self._shards.values():
