@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := build/demo
 
-.PHONY: demo test explore stress bench fixtures reference clean
+.PHONY: demo test test-eval explore stress bench fixtures reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q
+
+# `wtool eval` needs torch and transformers: their own venv (CPU torch first), never .venv.
+test-eval:
+	test -x .venv-eval/bin/python || $(PYTHON) -m venv .venv-eval
+	.venv-eval/bin/python -m pip install --quiet torch==2.13.0
+	.venv-eval/bin/python -m pip install --quiet -e '.[test,eval]'
+	.venv-eval/bin/python -m pytest -q tests/test_evaluate.py tests/test_cli.py
 
 # hypothesis with fresh random examples (make test repeats the same ones every run)
 explore: $(VENV)/.test

@@ -54,6 +54,11 @@ def every_bit_pattern(code: str) -> np.ndarray:
     return np.array(values, dtype=unsigned).view(dtype)
 
 
+#: Bytes that look like a checkpoint (an empty safetensors file, an empty zip): what `--force` may replace.
+OLD_SAFETENSORS = b"\x02\x00\x00\x00\x00\x00\x00\x00{}"
+OLD_NPZ = b"PK\x05\x06" + bytes(18)
+
+
 def write(path: Path, blob: bytes) -> Path:
     path.write_bytes(blob)
     return path

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,11 +22,28 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("command", ["apply", "inspect", "diff", "transforms", "new"])
+@pytest.mark.parametrize("command", ["apply", "inspect", "diff", "transforms", "new", "eval"])
 def test_every_command_has_help_with_an_example(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0
     assert "Example" in result.output
+
+
+def test_eval_without_torch_says_in_one_line_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    result = invoke("eval", tmp_path, tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "pip install 'wtool[eval]'" in result.stderr
+
+
+def test_only_eval_imports_torch(llama, tmp_path):
+    """The rest of wtool never imports torch or transformers, even where they are installed."""
+    code = ("import sys; from wtool.cli import main; sys.argv = ['wtool', 'apply', sys.argv[1], sys.argv[2], "
+            "'-t', 'quantize:bits=4', '-q']\ntry: main()\nexcept SystemExit: pass\n"
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code, str(llama), str(tmp_path / "o.safetensors")],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]" and (tmp_path / "o.safetensors").exists()
 
 
 def test_version():
@@ -117,7 +136,10 @@ def test_existing_output_refused_without_force(llama, tmp_path):
     result = invoke("apply", llama, out, "-t", "clip:c=1")
     assert result.exit_code == 2 and "--force" in result.output
     assert out.read_bytes() == b"precious"
-    assert invoke("apply", llama, out, "-t", "clip:c=1", "--force").exit_code == 0
+    result = invoke("apply", llama, out, "-t", "clip:c=1", "--force")  # not a checkpoint: never replaced
+    assert result.exit_code == 2 and "is not a checkpoint" in result.output and out.read_bytes() == b"precious"
+    assert invoke("apply", llama, tmp_path / "ok.safetensors").exit_code == 0
+    assert invoke("apply", llama, tmp_path / "ok.safetensors", "-t", "clip:c=1", "--force").exit_code == 0
 
 
 def test_diff_gates(llama, tmp_path):

@@ -233,7 +233,7 @@ def test_diff_summarises_casts_and_groups_gates(small, tmp_path):
 
 # -- limits ------------------------------------------------------------------------------------
 
-def test_out_of_memory_is_one_line_exit_5_and_leaves_nothing(small, tmp_path, monkeypatch):
+def test_out_of_memory_is_one_line_exit_6_and_leaves_nothing(small, tmp_path, monkeypatch):
     from wtool.transforms.clip import Clip
 
     def exhausted(self, array, ctx):
@@ -241,7 +241,7 @@ def test_out_of_memory_is_one_line_exit_5_and_leaves_nothing(small, tmp_path, mo
 
     monkeypatch.setattr(Clip, "apply", exhausted)
     result = invoke("apply", small, tmp_path / "out", "-t", "clip:c=1")
-    assert result.exit_code == 5
+    assert result.exit_code == 6
     assert result.output.strip().splitlines() == [result.output.strip()] and "out of memory" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
 

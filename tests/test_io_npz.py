@@ -13,6 +13,7 @@ import pytest
 from corpus import (  # noqa: F401 (skip_fsync is an autouse fixture)
     ALL_CODES,
     HOSTILE_NPZ,
+    OLD_NPZ,
     SHAPES,
     assert_refused,
     every_bit_pattern,
@@ -189,10 +190,10 @@ def test_exception_mid_write_leaves_nothing(tmp_path):
 
 
 def test_existing_target_needs_force(tmp_path):
-    target = write(tmp_path / "out.npz", b"precious")
+    target = write(tmp_path / "out.npz", OLD_NPZ)
     with pytest.raises(UsageError, match=r"out\.npz exists; pass --force"):
         save(target, ARRAYS)
-    assert target.read_bytes() == b"precious"
+    assert target.read_bytes() == OLD_NPZ
     save(target, ARRAYS, force=True)
     assert load(target)[0].keys() == ARRAYS.keys() and len(listing(tmp_path)) == 1
 
@@ -213,7 +214,7 @@ def test_disk_full_is_an_output_error(tmp_path, monkeypatch):
 
     real = wtool.io.atomic.create_file
     monkeypatch.setattr(wtool.io.atomic, "create_file", lambda path: FullDisk(real(path)))
-    target = write(tmp_path / "out.npz", b"precious")
+    target = write(tmp_path / "out.npz", OLD_NPZ)
     with pytest.raises(OutputError, match=r"out\.npz: cannot write: No space left on device"):
         save(target, ARRAYS, force=True)
-    assert target.read_bytes() == b"precious" and len(listing(tmp_path)) == 1
+    assert target.read_bytes() == OLD_NPZ and len(listing(tmp_path)) == 1

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from corpus import (  # noqa: F401 (skip_fsync is an autouse fixture)
     ALL_CODES,
+    OLD_SAFETENSORS,
     SHAPES,
     infos_for,
     listing,
@@ -66,7 +67,7 @@ def test_split_respects_max_shard_size(tmp_path, limit):
     assert list(index["weight_map"]) == list(arrays)  # tensor order
     shards = sorted(set(index["weight_map"].values()))
     assert shards == [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)]
-    assert sorted(path.name for path in folder.iterdir()) == sorted([*shards, INDEX_NAME])
+    assert sorted(path.name for path in folder.iterdir()) == sorted([*shards, INDEX_NAME, ".wtool-files.json"])
     for shard in shards:
         members = [name for name, value in index["weight_map"].items() if value == shard]
         assert shard_tensors(folder / shard) == set(members)
@@ -265,20 +266,21 @@ def test_exception_mid_write_leaves_nothing(tmp_path):
 def test_existing_folder_needs_force_and_is_replaced_whole(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
-    write(target / "stale.txt", b"old")
+    write(target / "stale.safetensors", OLD_SAFETENSORS)
     with pytest.raises(UsageError, match=r"out exists; pass --force to replace it"):
         create_writer(target, infos_for(ARRAYS), {})
-    assert listing(tmp_path) == {"out": listing(tmp_path)["out"], "out/stale.txt": listing(tmp_path)["out/stale.txt"]}
+    assert sorted(listing(tmp_path)) == ["out", "out/stale.safetensors"]
     save(target, ARRAYS, max_shard_size=800, force=True)
     assert sorted(path.name for path in target.iterdir()) == [
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", INDEX_NAME]
+        ".wtool-files.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", INDEX_NAME]
     assert [path.name for path in tmp_path.iterdir()] == ["out"]  # no temporary or old folder left
 
 
-def test_force_replaces_a_file_with_a_folder(tmp_path):
+def test_force_never_replaces_a_file_with_a_folder(tmp_path):
     target = write(tmp_path / "out", b"a file")
-    save(target, ARRAYS, force=True)
-    assert target.is_dir() and load(target)[0].keys() == ARRAYS.keys()
+    with pytest.raises(UsageError, match=r"out is not a folder; --force replaces only a checkpoint wtool wrote"):
+        save(target, ARRAYS, force=True)
+    assert target.read_bytes() == b"a file" and len(listing(tmp_path)) == 1
 
 
 def test_disk_full_is_an_output_error(tmp_path, monkeypatch):
@@ -295,10 +297,10 @@ def test_disk_full_is_an_output_error(tmp_path, monkeypatch):
     monkeypatch.setattr(wtool.io.sharded, "create_file", full_after_first_shard)
     target = tmp_path / "out"
     target.mkdir()
-    write(target / "keep.txt", b"old")
+    write(target / "model.safetensors", OLD_SAFETENSORS)
     with pytest.raises(OutputError, match=r"out/model-00002-of-00002\.safetensors: cannot write: No space left"):
         save(target, ARRAYS, max_shard_size=800, force=True)
-    assert sorted(listing(tmp_path)) == ["out", "out/keep.txt"]
+    assert sorted(listing(tmp_path)) == ["out", "out/model.safetensors"]
 
 
 def test_shard_spellings_are_normalized(tmp_path):

@@ -52,7 +52,8 @@ def sentence_model(folder: Path) -> Path:
 
 
 def tree(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and not p.name.startswith("."))  # wtool's own .wtool-files.json aside
 
 
 def test_every_non_weight_file_and_folder_travels(tmp_path):

@@ -30,6 +30,8 @@ import typer.testing
 from corpus import (  # noqa: F401 (skip_fsync is an autouse fixture)
     HOSTILE_NPZ,
     HOSTILE_SAFETENSORS,
+    OLD_NPZ,
+    OLD_SAFETENSORS,
     entry,
     load,
     npy_bytes,
@@ -387,11 +389,7 @@ def test_disk_full_exits_4_and_keeps_the_old_target(tmp_path, monkeypatch, small
     monkeypatch.setattr(wtool.io.atomic, "create_file", lambda path: FullDisk(real(path), room))
     monkeypatch.setattr(wtool.io.sharded, "create_file", lambda path: FullDisk(real(path), room))
     out = tmp_path / target
-    if target == "out":
-        out.mkdir()
-        write(out / "precious.txt", b"precious")
-    else:
-        write(out, b"precious")
+    _existing(out)
     before = tree(tmp_path)
     result = invoke("apply", small, out, "-t", "quantize:bits=4", "--force")
     assert result.exit_code == 4, result.output
@@ -415,14 +413,15 @@ def test_failed_flush_to_disk_exits_4(tmp_path, monkeypatch, small, target):
     assert tree(tmp_path) == before
 
 
-def test_report_on_a_full_disk_exits_4(tmp_path, monkeypatch, small):
-    def full(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(Path, "write_text", full)
-    result = invoke("apply", small, tmp_path / "out.safetensors", "--report", tmp_path / "r.json", "-q")
-    assert result.exit_code == 4
-    assert one_line(result) == f"error: cannot write {tmp_path / 'r.json'}: No space left on device"
+def test_report_on_a_full_disk_exits_5_after_the_checkpoint(tmp_path, monkeypatch, small):
+    real = wtool.io.atomic.create_file
+    monkeypatch.setattr(wtool.io.atomic, "create_file",
+                        lambda path: FullDisk(real(path), 0 if ".r.json." in path.name else 1 << 40))
+    out, report = tmp_path / "out.safetensors", tmp_path / "r.json"
+    result = invoke("apply", small, out, "--report", report, "-q")
+    assert result.exit_code == 5
+    assert one_line(result) == f"error: {report}: cannot write: No space left on device; {out} is complete, but not {report}"
+    assert not report.exists() and not temporaries(tmp_path)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions; see the /sys and "
@@ -476,7 +475,8 @@ def test_a_report_never_overwrites_a_checkpoint(tmp_path, small, args):
     before = tree(tmp_path)
     result = invoke(*[arg.format(**names) for arg in args])
     assert result.exit_code == 2, result.output
-    assert re.fullmatch(r"error: \S+ is the checkpoint \S+; write the report to another path", one_line(result))
+    assert re.fullmatch(r"error: (report \S+ is the input \S+; write to a new path|the output and --\w+ both write \S+"
+                        r"|\S+ exists; pass --force to replace it)", one_line(result))
     assert tree(tmp_path) == before
 
 
@@ -524,11 +524,12 @@ def _wait_for_data(process: subprocess.Popen, folder: Path, timeout: float = 30)
 
 
 def _existing(out: Path) -> None:
+    """An old checkpoint at `out` (what --force may replace)."""
     if out.suffix:
-        write(out, b"precious")
+        write(out, OLD_NPZ if out.suffix == ".npz" else OLD_SAFETENSORS)
     else:
         out.mkdir()
-        write(out / "precious.txt", b"precious")
+        write(out / "model.safetensors", OLD_SAFETENSORS)
 
 
 @pytest.mark.parametrize("signum,code,word,target,existing", [

@@ -1,8 +1,10 @@
 """The command line: parse options, call the library once, render the result.
 
-Exit codes (one place, `_guard`): 0 ok; 1 a gate failed; 2 usage error; 3 invalid input;
-4 output not writable; 5 out of memory; 70 internal error; 130 interrupted (Ctrl-C); 141 stdout closed early
-(`| head`); 143 terminated (SIGTERM).
+Exit codes (one place, `_guard`): 0 ok; 1 a gate failed; 2 usage error; 3 invalid input (or an
+input changed during the run); 4 output not writable; 5 the checkpoint is complete but what
+follows it (a report) is not; 6 out of memory; 70 internal error; 128+N stopped by signal N
+before anything was committed: 129 SIGHUP, 130 Ctrl-C, 131 SIGQUIT, 138/140 SIGUSR1/2,
+142 SIGALRM, 143 SIGTERM; 141 stdout closed early (`| head`).
 stdout carries only what was asked for; logs, progress and errors go to stderr.
 """
 
@@ -33,13 +35,13 @@ from typer.core import TyperGroup
 
 from wtool import __version__, analyze, pipeline, report
 from wtool.errors import UsageError, WtoolError
-from wtool.io import parse_size
+from wtool.io import atomic, is_folder_output, parse_size
 from wtool.new import new_checkpoint
 from wtool.selection import Selector
 from wtool.tensor import TensorInfo
 from wtool.transforms import REGISTRY, GroupTransform
 
-OUT_OF_MEMORY = 5
+OUT_OF_MEMORY = 6
 MIN_COLUMNS = 20
 
 
@@ -79,11 +81,46 @@ app = typer.Typer(
 
 
 class Interrupted(BaseException):
-    """SIGTERM, raised where the program is so that the writer removes its temp file."""
+    """A stopping signal, raised where the program is so that the writer removes its temp file."""
 
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: Signals that stop wtool cleanly (temporaries removed), with exit code 128 + N.
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1",
+                                                   "SIGUSR2", "SIGALRM") if hasattr(signal, name)]
+#: The checkpoint was committed and is complete, but something after it (a report) was not written.
+EXIT_INCOMPLETE = 5
+
+
+class _Outputs:
+    """What a command writes, in order, so that a message after a failure says truly what is in place."""
+
+    def __init__(self, checkpoint: Path | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.todo: list[str] = []
+        self.done: list[str] = []
+        self.files: dict[str, Path] = {}  # report as given -> absolute (the working folder may be replaced)
+        self.checkpoint_absolute = atomic.absolute(checkpoint) if checkpoint is not None else None
+        self.mark = atomic.placements()
+
+    def complete(self) -> list[str]:
+        placed = self.checkpoint_absolute is not None and atomic.placed(self.checkpoint_absolute, self.mark)
+        return [str(self.checkpoint)] * placed + self.done
+
+    def finished(self, what: str) -> None:
+        self.todo.remove(what)
+        self.done.append(what)
+
+    def outcome(self) -> str | None:
+        """`out is complete, but not r.json` once something is in place, else None."""
+        complete = self.complete()
+        if not complete:
+            return None
+        return f"{', '.join(complete)} {'is' if len(complete) == 1 else 'are'} complete, but not " \
+               f"{', '.join(self.todo) or 'everything that follows'}"
 
 
 _STDOUT_CLOSED = False
@@ -148,33 +185,42 @@ def _stdout() -> Console:
 
 
 @contextlib.contextmanager
-def _guard(debug: bool) -> Iterator[None]:
-    """The one place where errors become exit codes and one-line messages."""
+def _guard(debug: bool, outputs: _Outputs | None = None) -> Iterator[None]:
+    """The one place where errors become exit codes and one-line messages.
 
-    def on_term(signum: int, frame: object) -> None:
-        raise Interrupted(128 + signum)
+    Once an output is committed, every message says so (exit 5) instead of "no output written".
+    """
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    def on_signal(signum: int, frame: object) -> None:
+        if not atomic.hold_signal(signum):  # held while an output is put in place
+            raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
+    outputs = outputs or _Outputs()
     err = _stderr()
     try:
         yield
     except WtoolError as exc:
         if debug:
             traceback.print_exc()  # with the one-line message and the same exit code
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]: no output written")
-        raise typer.Exit(130) from None
-    except Interrupted as exc:
-        err.print("[yellow]terminated[/]: no output written")
-        raise typer.Exit(exc.code) from None
+        outcome = outputs.outcome()
+        err.print(f"[bold red]error:[/] {escape(str(exc))}" + (f"; {escape(outcome)}" if outcome else ""),
+                  soft_wrap=True)
+        raise typer.Exit(EXIT_INCOMPLETE if outcome else exc.exit_code) from None
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        word = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}.get(
+            signum, f"stopped by {signal.Signals(signum).name}")
+        outcome = outputs.outcome()
+        err.print(f"[yellow]{word}[/]: {escape(outcome or 'no output written')}", soft_wrap=True)
+        raise typer.Exit(EXIT_INCOMPLETE if outcome else 128 + signum) from None
     except (typer.Exit, SystemExit):
         raise
     except MemoryError:
-        err.print(f"[bold red]error:[/] out of memory (nothing written; try fewer --jobs or a machine with more "
-                  f"memory)", soft_wrap=True)
-        raise typer.Exit(OUT_OF_MEMORY) from None
+        outcome = outputs.outcome()
+        err.print(f"[bold red]error:[/] out of memory; {escape(outcome or 'no output written')} (try fewer "
+                  "--jobs, or more memory)", soft_wrap=True)
+        raise typer.Exit(EXIT_INCOMPLETE if outcome else OUT_OF_MEMORY) from None
     except BrokenPipeError:  # `wtool ... | head`: the reader left; stop quietly, as SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(141) from None
@@ -185,7 +231,8 @@ def _guard(debug: bool) -> Iterator[None]:
                   "(rerun with --debug for the traceback and please report it)", soft_wrap=True)
         raise typer.Exit(70) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class _Bar:
@@ -255,44 +302,65 @@ def _debug(ctx: typer.Context) -> bool:
     return bool(ctx.obj and ctx.obj.get("debug"))
 
 
-def _refuse_overwriting(reports: list[str | None], checkpoints: list[Path | None]) -> None:
-    """Check report targets before any work: a report written onto a checkpoint (or a shard or
-    index in its folder) would destroy it, and one that cannot be written would fail only
-    after the output checkpoint was committed."""
-    for target in reports:
+def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: bool,
+                   inputs: list[Path] | None = None) -> list[Path]:
+    """Check report targets (option -> FILE or -) before any work; returns the files (absolute).
+
+    At most one goes to stdout; no two outputs share a path; none goes inside a folder output
+    (which is replaced whole); an existing one needs `--force` and must be a regular file.
+    `inputs` (commands without a pipeline) are protected here; `apply` leaves that to the
+    library, which knows every file the run reads.
+    """
+    taken = [option for option, target in reports.items() if target == "-"]
+    if len(taken) > 1:
+        raise UsageError(f"{taken[0]} and {taken[1]} both write to stdout (-); only one may")
+    checkpoint = outputs.checkpoint
+    seen: dict[str, tuple[str, str]] = {}
+    if checkpoint is not None:
+        seen[os.path.realpath(checkpoint)] = ("the output", str(checkpoint))
+    for option, target in reports.items():
         if target == "-" and _STDOUT_CLOSED:
-            raise UsageError("stdout is closed: cannot write a report to -; give a file name")
-        if not target or target == "-":
+            raise UsageError(f"stdout is closed: cannot write {option} -; give a file name")
+        if not target:
             continue
-        resolved = Path(target).resolve()
-        if not resolved.parent.is_dir():
-            raise UsageError(f"cannot write {target}: folder {resolved.parent} does not exist")
-        if resolved.is_dir():
+        outputs.todo.append(target if target != "-" else "stdout")
+        if target == "-":
+            continue
+        key = os.path.realpath(target)
+        if key in seen:
+            raise UsageError(f"{seen[key][0]} and {option} both write {seen[key][1]}")
+        seen[key] = (option, target)
+        if checkpoint is not None and is_folder_output(checkpoint) and \
+                Path(os.path.realpath(checkpoint)) in Path(key).parents:
+            raise UsageError(f"{option} {target} is inside the output folder {checkpoint}, which is "
+                             f"replaced whole; write it beside")
+        parent = Path(key).parent
+        if not parent.is_dir():
+            raise UsageError(f"cannot write {target}: folder {parent} does not exist")
+        if Path(key).is_dir():
             raise UsageError(f"cannot write {target}: it is a folder")
-        for checkpoint in filter(None, checkpoints):
-            path = checkpoint.resolve()
-            folder = path.parent if path.name.endswith(".index.json") else path
-            inside = folder.is_dir() and resolved.parent == folder and resolved.exists() and \
-                resolved.name.endswith((".safetensors", ".index.json"))
-            if resolved == path or inside:
-                raise UsageError(f"{target} is the checkpoint {checkpoint}; write the report to another path")
+        atomic.check_target(Path(target), force, "report")
+        outputs.files[target] = atomic.absolute(Path(target))
+    if inputs and outputs.files:
+        protected = pipeline.protect(inputs)
+        for shown, target in outputs.files.items():
+            protected.refuse(target, "report", shown)
+    return list(outputs.files.values())
 
 
-def _write_text(target: str, text: str, out: Console) -> None:
-    """Write UTF-8 to a file, or to stdout for '-', whatever the locale (a name that is not
-    valid UTF-8, such as a file name with a stray byte, is written with "?" in its place)."""
-    text = text if text.endswith("\n") else text + "\n"
+def _write_text(target: str, text: str, outputs: _Outputs, force: bool) -> None:
+    """Write a report as UTF-8 to stdout ('-') or, atomically, to a file; then count it as done.
+    UTF-8 whatever the locale; a name that is not valid UTF-8 (a file name with a stray byte)
+    is written with "?" in its place."""
+    text = (text if text.endswith("\n") else text + "\n").encode("utf-8", "replace").decode("utf-8")
     if target == "-":
         sys.stdout.flush()
-        sys.stdout.buffer.write(text.encode("utf-8", "replace"))
+        sys.stdout.buffer.write(text.encode("utf-8"))
         sys.stdout.buffer.flush()
+        outputs.finished("stdout")
         return
-    try:
-        Path(target).write_text(text, encoding="utf-8", errors="replace")
-    except OSError as exc:
-        from wtool.errors import OutputError
-
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+    atomic.write_text(outputs.files[target], text, force=force)
+    outputs.finished(target)
 
 
 @app.command()
@@ -337,13 +405,14 @@ def apply(
     Example: wtool apply model.safetensors out.safetensors -t clip:percentile=99.9
     -t quantize:bits=4,granularity=group,group_size=128 -t sparsify:fraction=0.5 --report report.json
     """
-    with _guard(_debug(ctx)):
+    outputs = _Outputs(output)
+    with _guard(_debug(ctx), outputs):
         if transform and recipe:
             raise UsageError("give steps either with -t or in --recipe, not both "
                              "(put all steps in the recipe, or all on the command line)")
         if output is None and not dry_run:
             raise UsageError("missing OUTPUT (or pass --dry-run to only print the plan)")
-        _refuse_overwriting([report_path, markdown, html], [source, output])
+        reports = _check_reports(outputs, {"--report": report_path, "--markdown": markdown, "--html": html}, force)
         options = {"allow_empty": allow_empty, "nonfinite": nonfinite}
         if recipe:
             pipe = pipeline.Pipeline.from_recipe(recipe, include=include, exclude=exclude, **options)
@@ -353,15 +422,15 @@ def apply(
         with _Bar("apply", not quiet and not dry_run) as bar:
             result = pipeline.run(pipe, source, output, force=force, max_shard_size=shard, dry_run=dry_run,
                                   copy_model_files=model_files, update_config=update_config, jobs=jobs,
-                                  progress=bar)
+                                  progress=bar, reports=reports, reads=[recipe] if recipe else [])
         stdout_taken = "-" in (report_path, markdown)
         console = _stderr() if stdout_taken else _stdout()
         if report_path:
-            _write_text(report_path, report.dumps(result.to_json()), console)
+            _write_text(report_path, report.dumps(result.to_json()), outputs, force)
         if markdown:
-            _write_text(markdown, report.apply_markdown(result, rows), console)
+            _write_text(markdown, report.apply_markdown(result, rows), outputs, force)
         if html:
-            _write_text(html, report.apply_html(result), console)
+            _write_text(html, report.apply_html(result), outputs, force)
         if dry_run:
             _print_plan(result, console)
         elif not quiet:
@@ -400,6 +469,7 @@ def inspect(
     exclude: Exclude = [],  # noqa: B006
     allow_empty: AllowEmpty = False,
     hist: Annotated[list[str], typer.Option("--hist", help="Also draw a value histogram of this tensor; repeatable.")] = [],  # noqa: B006
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing report file.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Show per-tensor statistics, totals by dtype, metadata and format.
@@ -407,14 +477,15 @@ def inspect(
     Example: wtool inspect model.safetensors --include '*.weight' --json - | jq '.totals'
     or: wtool inspect model.safetensors --hist lm_head.weight
     """
-    with _guard(_debug(ctx)):
-        _refuse_overwriting([json_out], [path])
+    outputs = _Outputs()
+    with _guard(_debug(ctx), outputs):
+        _check_reports(outputs, {"--json": json_out}, force, [path])
         with _Bar("inspect", not quiet) as bar:
             result = analyze.inspect(path, Selector(tuple(include), tuple(exclude)), allow_empty=allow_empty,
                                      progress=bar)
         console = _stderr() if json_out == "-" else _stdout()
         if json_out:
-            _write_text(json_out, report.dumps(result.to_json()), console)
+            _write_text(json_out, report.dumps(result.to_json()), outputs, force)
         if not quiet and json_out != "-":  # JSON on stdout: nothing else anywhere but errors
             console.print(report.inspect_table(result))
             if result.metadata:
@@ -439,6 +510,7 @@ def diff(
     include: Include = [],  # noqa: B006
     exclude: Exclude = [],  # noqa: B006
     allow_empty: AllowEmpty = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace existing report files.")] = False,
     quiet: Quiet = False,
     rows: Rows = report.SHOW_ROWS,
 ) -> None:
@@ -449,8 +521,9 @@ def diff(
 
     Example: wtool diff model.safetensors quantized.safetensors --fail-above rel_l2=0.05 --fail-below sqnr_db=20
     """
-    with _guard(_debug(ctx)):
-        _refuse_overwriting([json_out, markdown], [a, b])
+    outputs = _Outputs()
+    with _guard(_debug(ctx), outputs):
+        _check_reports(outputs, {"--json": json_out, "--markdown": markdown}, force, [a, b])
         above = analyze.parse_gates(fail_above, analyze.ABOVE_METRICS, "--fail-above")
         below = analyze.parse_gates(fail_below, analyze.BELOW_METRICS, "--fail-below")
         with _Bar("diff", not quiet) as bar:
@@ -458,14 +531,69 @@ def diff(
                                   allow_missing=allow_missing, allow_empty=allow_empty, progress=bar)
         console = _stderr() if "-" in (json_out, markdown) else _stdout()
         if json_out:
-            _write_text(json_out, report.dumps(result.to_json()), console)
+            _write_text(json_out, report.dumps(result.to_json()), outputs, force)
         if markdown:
-            _write_text(markdown, report.diff_markdown(result, rows), console)
+            _write_text(markdown, report.diff_markdown(result, rows), outputs, force)
         if not quiet:
             console.print(report.diff_table(result, rows))
         if not result.passed:
             failed = [line for line in result.summary() if line.startswith("FAILED")]
             _stderr().print(f"[bold red]diff failed[/]: {escape('; '.join(failed))}", soft_wrap=True)
+            raise typer.Exit(1)
+
+
+@app.command("eval")
+def eval_command(
+    ctx: typer.Context,
+    base: Annotated[Path, typer.Argument(help="Reference model folder: config.json, tokenizer, weights.")],
+    candidate: Annotated[Path, typer.Argument(help="Model folder to compare with it, or a checkpoint file "
+                                              "holding weights for BASE's architecture.")],
+    task: Annotated[str | None, typer.Option("--task", help="encoder, causal-lm or hidden "
+                                             "(default: from BASE's config.json).")] = None,
+    text: Annotated[Path | None, typer.Option("--text", exists=True, dir_okay=False,
+                                              help="Inputs, one per line (default: a built-in sample of "
+                                                   "40 varied sentences).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=2, help="Tokens per input at most.")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Inputs per forward pass.")] = 8,
+    device: Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda.")] = "cpu",
+    seed: Annotated[int, typer.Option("--seed", help="torch's random seed.")] = 0,
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the JSON report to FILE, or - for stdout.")] = None,
+    markdown: Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
+    fail_above: Annotated[list[str], typer.Option("--fail-above", help="Gate METRIC=VALUE, e.g. kl_mean=0.05: "
+                                                  "exit 1 when the metric exceeds it; repeatable.")] = [],  # noqa: B006
+    fail_below: Annotated[list[str], typer.Option("--fail-below", help="Gate METRIC=VALUE, e.g. cosine_min=0.99: "
+                                                  "exit 1 when the metric falls below it; repeatable.")] = [],  # noqa: B006
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace existing report files.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Run two models on the same inputs and compare what they do (needs 'wtool[eval]').
+
+    Encoders: cosine_min, cosine_mean of mean-pooled final hidden states. Causal LMs: kl_mean,
+    top1, ppl_base, ppl_candidate, ppl_ratio. All: hidden_rel_l2. Exit 1 when a gate fails.
+
+    Example: wtool eval model/ quantized/ --fail-below cosine_min=0.99 --markdown - >> "$GITHUB_STEP_SUMMARY"
+    """
+    outputs = _Outputs()
+    with _guard(_debug(ctx), outputs):
+        from wtool.evaluate import ALL_METRICS, evaluate_models, read_texts
+
+        _check_reports(outputs, {"--json": json_out, "--markdown": markdown}, force, [base, candidate])
+        above = analyze.parse_gates(fail_above, ALL_METRICS, "--fail-above")
+        below = analyze.parse_gates(fail_below, ALL_METRICS, "--fail-below")
+        texts = read_texts(text) if text else None
+        result = evaluate_models(base, candidate, task=task, texts=texts, max_tokens=max_tokens, batch_size=batch_size,
+                          device=device, seed=seed, fail_above=above, fail_below=below)
+        console = _stderr() if "-" in (json_out, markdown) else _stdout()
+        if json_out:
+            _write_text(json_out, report.dumps(result.to_json()), outputs, force)
+        if markdown:
+            _write_text(markdown, report.eval_markdown(result), outputs, force)
+        if not quiet:
+            console.print(report.eval_table(result))
+        if not result.passed:
+            first = result.failures[0]
+            _stderr().print(f"[bold red]eval failed[/]: {len(result.failures)} gate(s); first: "
+                            f"{first['metric']} = {first['value']:.6g} against {first['limit']:g}", soft_wrap=True)
             raise typer.Exit(1)
 
 
@@ -485,7 +613,7 @@ def new(
 
     Example: wtool new spec.toml model.safetensors   (spec: [[tensors]] name = "fc.weight" shape = [256, 128])
     """
-    with _guard(_debug(ctx)):
+    with _guard(_debug(ctx), _Outputs(output)):
         shard = parse_size(max_shard_size) if max_shard_size else None
         infos = new_checkpoint(spec, output, force=force, max_shard_size=shard)
         if not quiet:

@@ -19,7 +19,7 @@ import time
 import tomllib
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -31,6 +31,7 @@ from wtool import __version__
 from wtool.dtypes import by_code, to_storage
 from wtool.errors import InputError, UsageError
 from wtool.io import (
+    Inputs,
     Reader,
     check_target,
     create_writer,
@@ -469,42 +470,54 @@ class Progress(Protocol):
 
 def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, force: bool = False,
         max_shard_size: int | None = None, dry_run: bool = False, copy_model_files: bool = True,
-        update_config: bool = False, jobs: int = 1, progress: Progress | None = None) -> Report:
+        update_config: bool = False, jobs: int = 1, progress: Progress | None = None,
+        reports: Sequence[str | Path] = (), reads: Sequence[str | Path] = ()) -> Report:
     """Stream `source` through the pipeline into `output` and report what changed.
 
     With `dry_run` (or no output) nothing is read beyond headers and nothing is written; the
-    report then holds the plan (tensors and their steps) without statistics. When both input
-    and output are model folders, every non-weight file travels along (`copy_model_files`:
-    config, tokenizer, sentence-transformers modules, custom code), so the output loads as the
-    input did; `update_config` records a cast's dtype in the copied config.json. A single-file
-    input gives a folder with one `model.safetensors` unless `max_shard_size` asks for shards.
-    `jobs` tensors are computed at once (peak memory grows with it).
+    report then holds the plan (tensors and their steps) without statistics, and every
+    problem the headers reveal (an existing output without `force` included) is raised. When
+    both input and output are model folders, every non-weight file travels along
+    (`copy_model_files`: config, tokenizer, sentence-transformers modules, custom code), so the
+    output loads as the input did; `update_config` records a cast's dtype in the copied
+    config.json. A single-file input gives a folder with one `model.safetensors` unless
+    `max_shard_size` asks for shards. `jobs` tensors are computed at once (peak memory grows
+    with it).
+
+    Everything the run reads (the input, companions such as `decay`'s `grads=`, model files
+    and the files in `reads`, e.g. the recipe) is protected: the output and the files in
+    `reports` (which the caller writes afterwards) may not be, contain or sit on any of them
+    (UsageError before any tensor is read), and a change to any of them before the output is
+    committed is an InputError with nothing written.
     """
     if jobs < 1:
         raise UsageError(f"jobs={jobs}: must be at least 1")
     started = time.perf_counter()
     with open_checkpoint(source) as reader:
-        if output is not None:
-            _refuse_same_path(reader, Path(output))
-            check_target(Path(output), force, folder=is_folder_output(output))
         the_plan = plan(pipeline, reader)
         try:
+            inputs = _protect(the_plan, reads)
+            for target in reports:
+                inputs.refuse(Path(target), "report")
             extra, copied = ({}, []) if output is None else _model_files(
                 reader, output, pipeline, the_plan.notes, copy=copy_model_files, update_config=update_config)
+            sources = {t.name: t for t in reader.tensors}
             if dry_run or output is None:
-                sources = {t.name: t for t in reader.tensors}
+                if output is not None:
+                    inputs.refuse(Path(output), "output")
+                    check_target(Path(output), force, "folder" if is_folder_output(output) else "file")
                 records = [_planned_record(node, sources.get(node.info.name)) for node in the_plan.nodes]
                 return _report(the_plan, records, output, time.perf_counter() - started, dry_run=True,
                                model_files=copied)
-            _fit(the_plan)
             metadata = _output_metadata(reader.metadata, pipeline)
             infos = [node.info for node in the_plan.nodes]
-            sources = {t.name: t for t in reader.tensors}
-            if progress:
-                progress.start(len(infos), sum(i.nbytes for i in infos))
+            writer = create_writer(output, infos, metadata, max_shard_size=max_shard_size, force=force,
+                                   extra_files=extra, one_file=reader.format != "sharded", inputs=inputs)
             records = []
-            with create_writer(output, infos, metadata, max_shard_size=max_shard_size, force=force,
-                               extra_files=extra, one_file=reader.format != "sharded") as writer:
+            with writer:
+                _fit(the_plan)
+                if progress:
+                    progress.start(len(infos), sum(i.nbytes for i in infos))
                 for node, (array, record) in _evaluate_in_order(reader, sources, the_plan.nodes, jobs):
                     writer.write(node.info.name, array)
                     records.append(record)
@@ -517,31 +530,76 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
             the_plan.close()
 
 
+def _protect(the_plan: Plan, reads: Sequence[str | Path]) -> Inputs:
+    """Every file the run reads: the checkpoint, companions, model files beside it, `reads`."""
+    inputs = Inputs()
+    for reader in [the_plan.reader, *(r for run in the_plan.runs for r in run.companion_readers.values())]:
+        _protect_reader(inputs, reader)
+    for path in reads:
+        inputs.add(Path(path))
+    return inputs
+
+
+def _protect_reader(inputs: Inputs, reader: Reader) -> None:
+    inputs.add_stamps(reader.stamps)
+    source = Path(reader.path)
+    folder = source if source.is_dir() else source.parent
+    beside = [folder / name for name in model_files(folder).copied] \
+        if source.is_dir() or source.name.endswith(".index.json") else []
+    for path in [*beside, folder / "config.json"]:
+        if path.is_file():
+            inputs.add(path)
+
+
+def protect(sources: Sequence[str | Path]) -> Inputs:
+    """The protected set of a command that only reads `sources` (inspect, diff): what its
+    reports may not touch. Only headers are read."""
+    inputs = Inputs()
+    for source in sources:
+        with open_checkpoint(source) as reader:
+            _protect_reader(inputs, reader)
+    return inputs
+
+
 def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes: Sequence[Node],
                        jobs: int) -> Iterator[tuple[Node, tuple[np.ndarray, TensorRecord]]]:
     """Materialise the output tensors in order, up to `jobs` of them at once in threads
-    (numpy releases the GIL in its kernels); memory grows with `jobs`."""
+    (numpy releases the GIL in its kernels); memory grows with `jobs`.
+
+    The threads are daemons and nothing waits for them when the run stops early: Ctrl-C or
+    SIGTERM takes effect at once, not after every tensor in flight.
+    """
     if jobs <= 1:
         for node in nodes:
             yield node, _materialise(reader, sources.get(node.info.name), node)
         return
-    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="wtool")
     pending: deque[tuple[Node, Future]] = deque()
     upcoming = iter(nodes)
-    try:
-        for node in upcoming:
-            pending.append((node, pool.submit(_materialise, reader, sources.get(node.info.name), node)))
-            if len(pending) >= jobs:
-                break
-        while pending:
-            node, future = pending.popleft()
-            following = next(upcoming, None)
-            if following is not None:
-                pending.append((following, pool.submit(_materialise, reader, sources.get(following.info.name),
-                                                       following)))
-            yield node, future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    for node in upcoming:
+        pending.append((node, _in_thread(_materialise, reader, sources.get(node.info.name), node)))
+        if len(pending) >= jobs:
+            break
+    while pending:
+        node, future = pending.popleft()
+        following = next(upcoming, None)
+        if following is not None:
+            pending.append((following, _in_thread(_materialise, reader, sources.get(following.info.name),
+                                                  following)))
+        yield node, future.result()
+
+
+def _in_thread(function: Callable[..., Any], *args: Any) -> Future:
+    """Run `function(*args)` in a new daemon thread; its result or exception arrives in the future."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="wtool-job", daemon=True).start()
+    return future
 
 
 def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: list[str], *,
@@ -578,13 +636,6 @@ def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: 
         notes.append(f"config.json declares dtype {declared} but tensors were cast to {casts[-1]}; "
                      "pass --update-config to record the new dtype")
     return extra, found.copied
-
-
-def _refuse_same_path(reader: Reader, output: Path) -> None:
-    target = output.resolve()
-    inputs = {Path(reader.path).resolve(), *(Path(f).resolve() for f in reader.files)}
-    if target in inputs or any(target == p.parent for p in inputs if Path(reader.path).is_dir()):
-        raise UsageError(f"output {output} is the input; write to a new path")
 
 
 def _fit(the_plan: Plan) -> None:

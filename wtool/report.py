@@ -524,3 +524,59 @@ def apply_html(report: Report) -> str:
             + "<table><thead><tr>" + "".join(f'<th class="{"name" if h in ("tensor", "dtype", "steps") else ""}">{esc(h)}</th>'
                                              for h in head)
             + f"</tr></thead><tbody>{''.join(rows)}</tbody></table><script>{_JS}</script></body></html>\n")
+
+
+# ------------------------------------------------------------------ eval
+
+@dataclass
+class EvalReport:
+    """The result of `wtool eval BASE CANDIDATE`: what the two models do on the same inputs."""
+
+    base: str
+    candidate: str
+    task: str
+    inputs: int
+    tokens: int
+    metrics: dict[str, float]
+    gates: dict[str, float]
+    failures: list[dict[str, Any]]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        data = _clean(asdict(self))
+        data["passed"] = self.passed
+        return data
+
+    def gate_status(self, metric: str) -> tuple[str, str]:
+        """(the gates on `metric`, e.g. '≥ 0.99', and 'ok' / 'FAILED' / '')."""
+        limits = [f"{'≤' if key.endswith('>') else '≥'} {limit:g}" for key, limit in self.gates.items()
+                  if key[:-1] == metric]
+        failed = any(f["metric"] == metric for f in self.failures)
+        return ", ".join(limits), ("FAILED" if failed else "ok") if limits else ""
+
+
+def eval_table(report: EvalReport) -> Table:
+    table = Table(title=f"eval ({report.task}, {report.inputs} inputs, {report.tokens} tokens): "
+                        f"{escape(report.base)} ↔ {escape(report.candidate)}", title_justify="left")
+    for column in ("metric", "value", "gate", ""):
+        table.add_column(column, justify="right" if column in ("value", "gate") else "left")
+    for metric, value in report.metrics.items():
+        limits, status = report.gate_status(metric)
+        table.add_row(metric, fmt(value, 6), limits, f"[bold red]{status}[/]" if status == "FAILED" else status)
+    table.caption = "passed" if report.passed else f"FAILED: {len(report.failures)} gate(s)"
+    table.caption_justify = "left"
+    return table
+
+
+def eval_markdown(report: EvalReport) -> str:
+    status = "passed" if report.passed else "**FAILED**"
+    out = [f"### wtool eval: `{_md(report.base)}` ↔ `{_md(report.candidate)}` — {status}", "",
+           f"Task: {report.task}; {report.inputs} inputs, {report.tokens} tokens", "",
+           "| metric | value | gate | |", "|---|---:|---:|---|"]
+    for metric, value in report.metrics.items():
+        limits, status = report.gate_status(metric)
+        out.append(f"| {metric} | {fmt(value, 6)} | {limits} | {'**FAILED**' if status == 'FAILED' else status} |")
+    return "\n".join(out) + "\n"

@@ -109,3 +109,19 @@ def test_at_most_2_to_the_b_values_per_group_and_error_within_half_step(w, bits,
             else:
                 scale = np.abs(g_in).max() / (2 ** (bits - 1) - 1)
             assert np.all(np.abs(g_out - g_in) <= scale / 2 + 1e-5 * max(np.abs(g_in).max(), 1e-30))
+
+
+@pytest.mark.parametrize("bits, expected", [(2, "group"), (4, "group"), (5, "channel"), (8, "channel")])
+def test_default_granularity_is_group_128_at_4_bits_and_below(bits, expected):
+    """A per-channel 4-bit grid lets one outlier flatten its whole row; the default avoids it."""
+    rng = np.random.default_rng(bits)
+    w = rng.normal(size=(6, 300)).astype(np.float32)  # 300 = 2 groups of 128 + a tail of 44
+    w[2, 7] = 40.0
+    out = Transform.create("quantize", {"bits": bits}).apply(w, ctx(w))
+    np.testing.assert_allclose(out, reference(w, bits, "asym", expected, 128), rtol=2e-6, atol=1e-4)
+
+
+def test_explicit_group_granularity_still_refuses_a_tail():
+    w = np.ones((2, 300), np.float32)
+    with pytest.raises(UsageError, match="remainder=ok"):
+        Transform.create("quantize", {"bits": 4, "granularity": "group"}).apply(w, ctx(w))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from wtool.errors import InputError, UsageError
 from wtool.io.atomic import check_target
+from wtool.io.protect import Inputs
 from wtool.io.base import (
     Reader,
     Writer,
@@ -33,8 +34,8 @@ from wtool.io.safetensors import SafetensorsReader, SafetensorsWriter
 from wtool.io.sharded import INDEX_NAME, ModelFiles, ShardedReader, ShardedWriter, model_files
 from wtool.tensor import TensorInfo
 
-__all__ = ["Reader", "Writer", "WriterMisuse", "open_checkpoint", "create_writer", "is_folder_output", "check_target",
-           "ModelFiles", "model_files", "parse_size"]
+__all__ = ["Inputs", "Reader", "Writer", "WriterMisuse", "open_checkpoint", "create_writer", "is_folder_output",
+           "check_target", "ModelFiles", "model_files", "parse_size"]
 
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
@@ -92,13 +93,16 @@ def is_folder_output(path: str | os.PathLike[str]) -> bool:
 
 def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | None,
                   *, max_shard_size: int | str | None = None, force: bool = False,
-                  extra_files: Mapping[str, Path | bytes] | None = None, one_file: bool = False) -> Writer:
+                  extra_files: Mapping[str, Path | bytes] | None = None, one_file: bool = False,
+                  inputs: Inputs | None = None) -> Writer:
     """A streaming, atomic writer; the format follows the path.
 
     `*.safetensors` -> one file, `*.npz` -> npz, anything else -> a Hugging Face sharded folder
     (one shard when `max_shard_size` is None, or a lone `model.safetensors` with `one_file`), into
     which `extra_files` (relative name -> source file or bytes: config, tokenizer, modules) are
-    copied before the folder is renamed into place. An existing target is a UsageError unless `force`.
+    copied before the folder is put in place. An existing target is a UsageError unless `force`,
+    and even then only a checkpoint wtool wrote is replaced (`atomic.replace_problem`). `inputs`,
+    when given, may not be touched by the output and must not change before the commit.
     """
     path = Path(path)
     metadata = dict(metadata or {})
@@ -115,9 +119,11 @@ def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], m
         if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size < 1:
             raise UsageError(f"invalid max shard size {max_shard_size!r}: must be a positive number of bytes")
     check_output_tensors(path, tensors, metadata)
-    check_target(path, force, folder=not single)
+    if inputs is not None:
+        inputs.refuse(path, "output")
+    check_target(path, force, "file" if single else "folder")
     if name.endswith(".safetensors"):
-        return SafetensorsWriter(path, tensors, metadata)
+        return SafetensorsWriter(path, tensors, metadata, force=force, inputs=inputs)
     if name.endswith(".npz"):
-        return NpzWriter(path, tensors, metadata)
-    return ShardedWriter(path, tensors, metadata, max_shard_size, extra_files, one_file)
+        return NpzWriter(path, tensors, metadata, force=force, inputs=inputs)
+    return ShardedWriter(path, tensors, metadata, max_shard_size, extra_files, one_file, force=force, inputs=inputs)

@@ -25,6 +25,7 @@ import numpy as np
 
 from wtool.dtypes import DTYPES, by_numpy, to_storage
 from wtool.errors import InputError, UsageError, WtoolError
+from wtool.io.protect import Stamp
 from wtool.tensor import TensorInfo
 
 #: JSON headers, indexes and metadata members larger than this are refused before reading them
@@ -105,6 +106,26 @@ def open_regular(path: Path) -> BinaryIO:
         raise
 
 
+def read_exactly(descriptor: int, buffer: memoryview, offset: int, where: str) -> None:
+    """Fill `buffer` with the bytes at `offset` through pread, which sees a file that shrank as a
+    short read (a memory map would die of SIGBUS); that is InputError, naming `where`."""
+    done = 0
+    while done < len(buffer):
+        try:
+            if hasattr(os, "preadv"):
+                count = os.preadv(descriptor, [buffer[done:]], offset + done)
+            else:
+                data = os.pread(descriptor, len(buffer) - done, offset + done)
+                count = len(data)
+                buffer[done:done + count] = data
+        except OSError as exc:
+            raise InputError(f"{where}: cannot read: {exc.strerror or exc}") from None
+        if count == 0:
+            raise InputError(f"{where}: changed during the run (the file shrank while it was read); "
+                             f"nothing was written")
+        done += count
+
+
 def check_metadata(metadata: object, where: str) -> dict[str, str]:
     """A str -> str mapping, or InputError naming `where`."""
     if not isinstance(metadata, dict):
@@ -168,12 +189,16 @@ class Reader:
     metadata: dict[str, str]
     tensors: list[TensorInfo]
     files: list[Path]
+    stamps: list[Stamp]
 
-    def __init__(self, path: Path, tensors: list[TensorInfo], metadata: dict[str, str], files: list[Path]):
+    def __init__(self, path: Path, tensors: list[TensorInfo], metadata: dict[str, str], files: list[Path],
+                 stamps: list[Stamp] | None = None):
         self.path = path
         self.tensors = tensors
         self.metadata = metadata
         self.files = files
+        #: each file as it was opened, so a run can tell when one changes under it
+        self.stamps = stamps if stamps is not None else [Stamp.of(file) for file in files]
         self._by_name = {info.name: info for info in tensors}
 
     def __repr__(self) -> str:
@@ -278,7 +303,10 @@ class Writer:
         try:
             self._commit()
         except BaseException:
-            self.abort()
+            if self.placed:  # a signal held while the output was put in place: it is complete
+                self._state = "committed"
+            else:
+                self.abort()
             raise
         self._state = "committed"
 
@@ -304,6 +332,11 @@ class Writer:
                 self.abort()
             except Exception:
                 pass
+
+    @property
+    def placed(self) -> bool:
+        """Whether the output is in place (it may be, while `commit` still raises a held signal)."""
+        raise NotImplementedError
 
     def _write(self, info: TensorInfo, array: np.ndarray) -> None:
         raise NotImplementedError

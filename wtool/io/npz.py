@@ -41,6 +41,7 @@ from wtool.io.base import (
     open_regular,
     show,
 )
+from wtool.io.protect import Inputs, Stamp
 from wtool.tensor import TensorInfo
 
 WTOOL_MEMBER = "__wtool__.npy"
@@ -186,7 +187,7 @@ class NpzReader(Reader):
                 raise InputError(f"{path}: member {WTOOL_MEMBER!r} declares a dtype for tensor {show(name)}, "
                                  f"which the archive does not hold")
         self._members = members
-        super().__init__(path, tensors, metadata, [path])
+        super().__init__(path, tensors, metadata, [path], [Stamp.of(path, os.fstat(handle.fileno()))])
 
     def _read_wtool(self, path: Path, zip_info: zipfile.ZipInfo) -> tuple[dict[str, str], dict[str, str]]:
         where = f"{path}: member {WTOOL_MEMBER!r}"
@@ -263,10 +264,11 @@ def _check_npz_names(path: Path, tensors: Sequence[TensorInfo]) -> None:
 class NpzWriter(Writer):
     """Streams an uncompressed (ZIP_STORED, zip64) npz, one member per tensor."""
 
-    def __init__(self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str]):
+    def __init__(self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str], *,
+                 force: bool = False, inputs: Inputs | None = None):
         super().__init__(path, tensors, metadata)
         _check_npz_names(path, self.tensors)
-        self._file = AtomicFile(path)
+        self._file = AtomicFile(path, force=force, inputs=inputs)
         try:
             with as_output_error(path):
                 self._zip = zipfile.ZipFile(self._file.handle, "w", zipfile.ZIP_STORED, allowZip64=True)
@@ -278,6 +280,10 @@ class NpzWriter(Writer):
             self._state = "aborted"
             self._abort()
             raise
+
+    @property
+    def placed(self) -> bool:
+        return self._file.placed
 
     def _member(self, member_name: str, array: np.ndarray) -> None:
         zip_info = zipfile.ZipInfo(member_name, date_time=_FIXED_DATE)

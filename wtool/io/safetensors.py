@@ -1,4 +1,4 @@
-"""safetensors: our own strict header parser, zero-copy mmap reads and a streaming writer.
+"""safetensors: our own strict header parser, pread reads and a streaming writer.
 
 The file is an 8-byte little-endian header length, a JSON header, then the data area.
 We parse it ourselves because the safetensors library lets a duplicate key silently win and
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import struct
 from collections.abc import Mapping, Sequence
@@ -35,8 +34,10 @@ from wtool.io.base import (
     load_json,
     name_problem,
     open_regular,
+    read_exactly,
     show,
 )
+from wtool.io.protect import Inputs, Stamp
 from wtool.tensor import TensorInfo
 
 
@@ -127,11 +128,11 @@ def parse_header(path: Path, handle: BinaryIO,
 
 
 class SafetensorsReader(Reader):
-    """Reads a .safetensors file; `read` maps just that tensor's bytes, read-only and zero-copy.
+    """Reads a .safetensors file; `read` copies just that tensor's bytes into a new array.
 
-    The mapping lives as long as the arrays using it, so streaming a checkpoint keeps memory
-    flat (touched pages of a mapping count as resident until it is unmapped), also when
-    several threads read at once.
+    Bytes come through pread, not a memory map: a map of a file that another process
+    truncates kills the reader with SIGBUS, which Python cannot catch, while pread sees a
+    short read and says the input changed. Threads may read at once (pread keeps no offset).
     """
 
     format = "safetensors"
@@ -140,15 +141,15 @@ class SafetensorsReader(Reader):
         file = file or path
         handle = open_regular(file)
         try:
-            file_size = os.fstat(handle.fileno()).st_size
-            entries, metadata, _ = parse_header(file, handle, file_size)
+            status = os.fstat(handle.fileno())
+            entries, metadata, _ = parse_header(file, handle, status.st_size)
         except OSError as exc:
             handle.close()
             raise InputError(f"{file}: cannot read: {exc.strerror or exc}") from None
         except BaseException:
             handle.close()
             raise
-        super().__init__(path, [info for info, _ in entries], metadata, [file])
+        super().__init__(path, [info for info, _ in entries], metadata, [file], [Stamp.of(file, status)])
         self.file = file
         self._handle: BinaryIO | None = handle
         self._released = False
@@ -167,27 +168,17 @@ class SafetensorsReader(Reader):
             self._released = False
         if self._handle is None:
             raise InputError(f"{self.file}: reader is closed")
-        dtype = info.dtype_info.numpy
-        if info.nbytes == 0:
-            empty = np.zeros(info.shape, dtype=dtype)
-            empty.setflags(write=False)
-            return empty
-        offset = self._offsets[info.name]
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        try:
-            if os.fstat(self._handle.fileno()).st_size < offset + info.nbytes:  # mapping past EOF is SIGBUS
-                raise InputError(f"{self.file}: tensor {show(info.name)}: the file was truncated while open")
-            region = mmap.mmap(self._handle.fileno(), offset + info.nbytes - start, access=mmap.ACCESS_READ,
-                               offset=start)
-        except (OSError, ValueError, OverflowError) as exc:
-            raise InputError(f"{self.file}: tensor {show(info.name)}: cannot map its bytes: {exc}") from None
-        array = np.frombuffer(region, dtype=dtype, count=info.numel, offset=offset - start).reshape(info.shape)
+        array = np.empty(info.shape, dtype=info.dtype_info.numpy)
+        if info.nbytes:
+            read_exactly(self._handle.fileno(), memoryview(array.reshape(-1).view(np.uint8)),
+                         self._offsets[info.name], f"{self.file}: tensor {show(info.name)}")
         if info.dtype == "BOOL":
             check_bool_bytes(array, f"{self.file}: tensor {show(info.name)}")
+        array.setflags(write=False)  # steps must not change what they were given
         return array
 
     def close(self) -> None:
-        """Close the file; arrays already returned keep their own mappings."""
+        """Close the file; arrays already returned stay valid."""
         self._released = False
         if self._handle is not None:
             self._handle.close()
@@ -246,10 +237,11 @@ def check_with_reference(target: Path, written: Path, tensors: Sequence[TensorIn
 class SafetensorsWriter(Writer):
     """Streams one .safetensors file: header first (from the declared tensors), then data in order."""
 
-    def __init__(self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str]):
+    def __init__(self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str], *,
+                 force: bool = False, inputs: Inputs | None = None):
         super().__init__(path, tensors, metadata)
         header = check_header_size(path, self.tensors, self.metadata)
-        self._file = AtomicFile(path)
+        self._file = AtomicFile(path, force=force, inputs=inputs)
         try:
             with as_output_error(path):
                 self._file.handle.write(header)
@@ -257,6 +249,10 @@ class SafetensorsWriter(Writer):
             self._state = "aborted"
             self._file.abort()
             raise
+
+    @property
+    def placed(self) -> bool:
+        return self._file.placed
 
     def _write(self, info: TensorInfo, array: np.ndarray) -> None:
         with as_output_error(self.path):

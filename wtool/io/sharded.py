@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,7 @@ from typing import BinaryIO
 import numpy as np
 
 from wtool.errors import InputError
-from wtool.io.atomic import AtomicFolder, as_output_error, create_file, finish_file, fsync_dir
+from wtool.io.atomic import AtomicFolder, as_output_error, copy_file, create_file, finish_file, fsync_dir
 from wtool.io.base import (
     MAX_HEADER_BYTES,
     Reader,
@@ -41,6 +40,7 @@ from wtool.io.safetensors import (
     check_with_reference,
     write_data,
 )
+from wtool.io.protect import Inputs, Stamp
 from wtool.tensor import TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -79,7 +79,7 @@ class ShardedReader(Reader):
     format = "sharded"
 
     def __init__(self, path: Path, index: Path):
-        weight_map = _read_index(index)
+        weight_map, self._index_stamp = _read_index(index)
         folder = index.parent
         self._shards: dict[str, SafetensorsReader] = {}
         self._open: dict[str, None] = {}  # shards with an open file, least recently read first
@@ -120,7 +120,8 @@ class ShardedReader(Reader):
         first = next(iter(self._shards.values()), None)
         metadata = dict(first.metadata) if first else {}
         files = [index] + [reader.file for reader in self._shards.values()]
-        super().__init__(path, tensors, metadata, files)
+        stamps = [self._index_stamp] + [stamp for reader in self._shards.values() for stamp in reader.stamps]
+        super().__init__(path, tensors, metadata, files, stamps)
         self._location = location
 
     def _read(self, info: TensorInfo) -> np.ndarray:
@@ -142,9 +143,10 @@ class ShardedReader(Reader):
             reader.close()
 
 
-def _read_index(index: Path) -> dict[str, str]:
+def _read_index(index: Path) -> tuple[dict[str, str], Stamp]:
     with open_regular(index) as handle:
         try:
+            stamp = Stamp.of(index, os.fstat(handle.fileno()))
             raw = handle.read(MAX_HEADER_BYTES + 1)
         except OSError as exc:
             raise InputError(f"{index}: cannot read: {exc.strerror or exc}") from None
@@ -165,7 +167,7 @@ def _read_index(index: Path) -> dict[str, str]:
             shown = shard if isinstance(shard, str) else json.dumps(shard)
             raise InputError(f"{index}: tensor {show(name)}: shard {show(shown)} {problem}")
         normalized[name] = str(PurePosixPath(shard))  # `./a` and `a` are the same shard
-    return normalized
+    return normalized, stamp
 
 
 def plan_shards(tensors: Sequence[TensorInfo], max_shard_size: int | None) -> list[list[TensorInfo]]:
@@ -244,16 +246,11 @@ def _module_folders(folder: Path) -> set[str]:
         return set()
 
 
-def copy_model_file(source: Path | bytes, target: Path) -> None:
-    """Copy one model file (or write replacement bytes) into a temporary output folder, fsynced."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _write_new(target: Path, data: bytes) -> None:
+    """Create `target` with `data`, fsynced (the index, a rewritten config.json)."""
     handle = create_file(target)
     try:
-        if isinstance(source, bytes):
-            handle.write(source)
-        else:
-            with open(source, "rb") as original:
-                shutil.copyfileobj(original, handle, 1 << 20)
+        handle.write(data)
         finish_file(handle)
     except BaseException:
         handle.close()
@@ -269,7 +266,7 @@ class ShardedWriter(Writer):
 
     def __init__(self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str],
                  max_shard_size: int | None, extra_files: Mapping[str, Path | bytes] | None = None,
-                 one_file: bool = False):
+                 one_file: bool = False, *, force: bool = False, inputs: Inputs | None = None):
         super().__init__(path, tensors, metadata)
         self._extra_files = dict(extra_files or {})
         self._one_file = one_file and max_shard_size is None
@@ -283,7 +280,11 @@ class ShardedWriter(Writer):
         self._ends_shard = {position for position, number in enumerate(self._shard_of)
                             if position + 1 == len(self._shard_of) or self._shard_of[position + 1] != number}
         self._handle: BinaryIO | None = None
-        self._folder = AtomicFolder(path)
+        self._folder = AtomicFolder(path, force=force, inputs=inputs)
+
+    @property
+    def placed(self) -> bool:
+        return self._folder.placed
 
     @property
     def shard_names(self) -> list[str]:
@@ -310,13 +311,17 @@ class ShardedWriter(Writer):
         }
         if not self._one_file:
             with as_output_error(self.path / INDEX_NAME):
-                copy_model_file((json.dumps(index, indent=2) + "\n").encode("utf-8"), self._folder.temp / INDEX_NAME)
+                _write_new(self._folder.temp / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
         folders = set()
         for name, source in self._extra_files.items():
+            target = self._folder.temp / name
             with as_output_error(self.path / name):
-                copy_model_file(source, self._folder.temp / name)
-            folders.update(parent for parent in (self._folder.temp / name).parents
-                           if self._folder.temp in parent.parents)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(source, bytes):
+                    _write_new(target, source)
+                else:
+                    copy_file(source, target)
+            folders.update(parent for parent in target.parents if self._folder.temp in parent.parents)
         for folder in sorted(folders, key=lambda p: -len(p.parts)):
             fsync_dir(folder)
         self._folder.commit()

@@ -21,10 +21,12 @@ class QuantizeParams:
     bits: int = param(8, "bits per weight: 2^bits grid levels", low=2, high=8)
     scheme: str = param("asym", "asym: min-max grid; sym: zero-centred grid, scale = absmax/(2^(b-1)-1)",
                         choices=("asym", "sym"))
-    granularity: str = param("channel", "one grid per tensor, per output row (axis 0), or per group",
-                             choices=("tensor", "channel", "group"))
+    granularity: str = param("auto", "one grid per tensor, per output row (axis 0), or per group; auto: group "
+                             "(with a short tail group allowed) when bits <= 4, as 4-bit outliers destroy per-channel "
+                             "grids, else channel", choices=("auto", "tensor", "channel", "group"))
     group_size: int = param(128, "weights per group, consecutive along the last axis", low=1)
-    remainder: str = param("error", "last axis not divisible by group_size: error, or ok (short tail group)",
+    remainder: str = param("error", "last axis not divisible by group_size with granularity=group: error, or ok "
+                           "(short tail group; always ok for auto)",
                            choices=("error", "ok"))
 
 
@@ -37,13 +39,21 @@ class Quantize(Transform, name="quantize"):
     spreads_nonfinite = True
     example = "quantize:bits=4,granularity=group,group_size=128"
 
+    def granularity(self) -> str:
+        """The granularity in force: `auto` is group for bits <= 4, else channel."""
+        p = self.params
+        if p.granularity != "auto":
+            return p.granularity
+        return "group" if p.bits <= 4 else "channel"
+
     def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
         p = self.params
+        granularity = self.granularity()
         if array.size == 0:
             return array.copy()
-        if p.granularity == "tensor" or (p.granularity == "channel" and array.ndim < 2):
+        if granularity == "tensor" or (granularity == "channel" and array.ndim < 2):
             return self._snap(array.reshape(1, -1)).reshape(array.shape)
-        if p.granularity == "channel":
+        if granularity == "channel":
             return self._snap(array.reshape(array.shape[0], -1)).reshape(array.shape)
         rows = array.reshape(-1, array.shape[-1])
         width = rows.shape[1]
