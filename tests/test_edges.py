@@ -276,3 +276,42 @@ def test_many_shards_under_a_small_open_file_limit(tmp_path):
                  "&& wtool apply hf out2 --max-shard-size 16B -q", tmp_path)
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "out2").glob("*.safetensors"))) == 300
+
+
+def test_validating_the_output_does_not_map_it(small, tmp_path, monkeypatch):
+    import safetensors
+
+    opened_sizes = []
+    real_open = safetensors.safe_open
+
+    def recording(path, *args, **kwargs):
+        opened_sizes.append(os.path.getsize(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", recording)
+    big = tmp_path / "big.safetensors"
+    save_file({f"w{i}": np.ones((256, 1024), np.float32) for i in range(8)}, big)  # 8 MiB
+    for out in ("o.safetensors", "folder"):
+        assert invoke("apply", big, tmp_path / out, "-q").exit_code == 0
+    assert opened_sizes and max(opened_sizes) < 4096  # header-only probes, never the 8 MiB file
+
+
+def test_a_faithful_copy_of_a_header_at_the_limit_still_works(tmp_path, monkeypatch):
+    import wtool.io.safetensors
+    import wtool.pipeline
+
+    limit = 100_000  # the real 100 MB limit, scaled down so the test runs in a blink
+    for module in (wtool.io.safetensors, wtool.pipeline):
+        monkeypatch.setattr(module, "MAX_HEADER_BYTES", limit)
+    data = np.arange(4, dtype=np.float32)
+    bare = {"__metadata__": {"format": "pt", "pad": ""}, "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    size = len(json.dumps(bare, separators=(",", ":")).encode())
+    bare["__metadata__"]["pad"] = "x" * (limit - 40 - size)  # 40 bytes below the limit
+    header = json.dumps(bare, separators=(",", ":")).encode()
+    path = tmp_path / "edge.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data.tobytes())
+    result = invoke("apply", path, tmp_path / "copy.safetensors", "-q", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
+    assert any("'wtool' left out" in note for note in notes)
+    assert invoke("inspect", tmp_path / "copy.safetensors", "-q").exit_code == 0

@@ -39,6 +39,8 @@ from wtool.io import (
     model_files,
     open_checkpoint,
 )
+from wtool.io.base import MAX_HEADER_BYTES
+from wtool.io.safetensors import encode_header
 from wtool.report import GroupRecord, Report, SkipRecord, TensorRecord
 from wtool.selection import Selector, no_match_hint
 from wtool.stats import error_metrics, histogram, tensor_stats
@@ -509,8 +511,8 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
                 records = [_planned_record(node, sources.get(node.info.name)) for node in the_plan.nodes]
                 return _report(the_plan, records, output, time.perf_counter() - started, dry_run=True,
                                model_files=copied)
-            metadata = _output_metadata(reader.metadata, pipeline)
             infos = [node.info for node in the_plan.nodes]
+            metadata = _output_metadata(reader.metadata, pipeline, infos, the_plan.notes)
             writer = create_writer(output, infos, metadata, max_shard_size=max_shard_size, force=force,
                                    extra_files=extra, one_file=reader.format != "sharded", inputs=inputs)
             records = []
@@ -732,15 +734,23 @@ def _planned_record(node: Node, source: TensorInfo | None) -> TensorRecord:
                         None, None, None, {}, dtype_before=source.dtype if source else None)
 
 
-def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline) -> dict[str, str]:
+def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline, infos: Sequence[TensorInfo],
+                     notes: list[str]) -> dict[str, str]:
     """The input's metadata plus one `wtool` entry (version and pipeline run).
 
     transformers refuses safetensors metadata without `format`, so `format: pt` is added
-    when the input had none.
+    when the input had none. What wtool adds is left out again (with a note) when it would
+    push a header that the input kept under the size limit over it.
     """
     out = dict(metadata)
     out.setdefault("format", "pt")
     out["wtool"] = json.dumps({"version": __version__, "steps": pipeline.describe()}, sort_keys=True)
+    for added in ("wtool", "format"):
+        if len(encode_header(infos, out)) - 8 <= MAX_HEADER_BYTES or added in metadata:
+            break
+        del out[added]
+        notes.append(f"metadata entry {added!r} left out: with it the safetensors header would pass the "
+                     f"{MAX_HEADER_BYTES:,} byte limit that readers accept")
     return out
 
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from wtool.errors import InputError, UsageError
+from wtool.errors import UsageError
 from wtool.tensor import TensorInfo
 from wtool.transforms import Context, Transform
 
