@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -65,3 +66,30 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
     subprocess.run([browser, *flags, "--window-size=1200,600", f"--screenshot={shot}", page.as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000
+
+
+def test_json_chunks_are_the_same_document(report):
+    from wtool.report import dumps, json_chunks
+
+    assert json.loads("".join(json_chunks(report))) == json.loads(dumps(report.to_json()))
+    assert "".join(json_chunks(report)).count("\n") > len(report.tensors)  # one tensor per line, not one blob
+
+
+def test_writing_a_long_report_holds_one_tensor_at_a_time(report, tmp_path):
+    import dataclasses
+    import tracemalloc
+
+    from wtool.io.atomic import write_text
+    from wtool.report import json_chunks
+
+    long = dataclasses.replace(report, tensors=[dataclasses.replace(report.tensors[i % 3], name=f"t{i}")
+                                                for i in range(3000)])
+    tracemalloc.start()
+    try:
+        write_text(tmp_path / "r.json", json_chunks(long))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = (tmp_path / "r.json").stat().st_size
+    assert len(json.loads((tmp_path / "r.json").read_text())["tensors"]) == 3000
+    assert peak < size / 4, (peak, size)  # not the document, nor its dict, at once

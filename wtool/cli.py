@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -348,17 +348,21 @@ def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: boo
     return list(outputs.files.values())
 
 
-def _write_text(target: str, text: str, outputs: _Outputs, force: bool) -> None:
-    """Write a report as UTF-8 to stdout ('-') or, atomically, to a file; then count it as done.
-    UTF-8 whatever the locale; a name that is not valid UTF-8 (a file name with a stray byte)
-    is written with "?" in its place."""
-    text = (text if text.endswith("\n") else text + "\n").encode("utf-8", "replace").decode("utf-8")
+def _write_text(target: str, text: str | Iterable[str], outputs: _Outputs, force: bool) -> None:
+    """Write a report (text, or pieces of it) as UTF-8 to stdout ('-') or, atomically, to a file;
+    then count it as done. UTF-8 whatever the locale; a name that is not valid UTF-8 (a file
+    name with a stray byte) is written with "?" in its place."""
     if target == "-":
         sys.stdout.flush()
-        sys.stdout.buffer.write(text.encode("utf-8"))
+        for chunk in [text] if isinstance(text, str) else text:
+            sys.stdout.buffer.write(chunk.encode("utf-8", "replace"))
+        if isinstance(text, str) and not text.endswith("\n"):
+            sys.stdout.buffer.write(b"\n")
         sys.stdout.buffer.flush()
         outputs.finished("stdout")
         return
+    if isinstance(text, str) and not text.endswith("\n"):
+        text += "\n"
     atomic.write_text(outputs.files[target], text, force=force)
     outputs.finished(target)
 
@@ -426,7 +430,7 @@ def apply(
         stdout_taken = "-" in (report_path, markdown)
         console = _stderr() if stdout_taken else _stdout()
         if report_path:
-            _write_text(report_path, report.dumps(result.to_json()), outputs, force)
+            _write_text(report_path, report.json_chunks(result), outputs, force)
         if markdown:
             _write_text(markdown, report.apply_markdown(result, rows), outputs, force)
         if html:
@@ -485,7 +489,7 @@ def inspect(
                                      progress=bar)
         console = _stderr() if json_out == "-" else _stdout()
         if json_out:
-            _write_text(json_out, report.dumps(result.to_json()), outputs, force)
+            _write_text(json_out, report.json_chunks(result), outputs, force)
         if not quiet and json_out != "-":  # JSON on stdout: nothing else anywhere but errors
             console.print(report.inspect_table(result))
             if result.metadata:
@@ -531,7 +535,7 @@ def diff(
                                   allow_missing=allow_missing, allow_empty=allow_empty, progress=bar)
         console = _stderr() if "-" in (json_out, markdown) else _stdout()
         if json_out:
-            _write_text(json_out, report.dumps(result.to_json()), outputs, force)
+            _write_text(json_out, report.json_chunks(result), outputs, force)
         if markdown:
             _write_text(markdown, report.diff_markdown(result, rows), outputs, force)
         if not quiet:
@@ -658,7 +662,7 @@ def transforms(
         for p in cls.describe_params():
             allowed = ", ".join(p["choices"]) if p["choices"] else _range(p["low"], p["high"])
             default = "(required)" if p["required"] else ("none" if p["default"] is None else str(p["default"]))
-            table.add_row(p["name"], p["type"], default, allowed, escape(p["help"]))
+            table.add_row(*map(escape, (p["name"], p["type"], default, allowed, p["help"])))
         console.print(table)
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import html
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from rich.console import Console
@@ -24,7 +25,7 @@ from rich.text import Text
 SHOW_ROWS = 30
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorRecord:
     """One output tensor: what happened to it and its statistics before and after."""
 
@@ -186,6 +187,38 @@ def _clean(value: Any) -> Any:
 def dumps(data: dict[str, Any]) -> str:
     """Standard JSON (allow_nan=False: a NaN token would break strict parsers like jq's)."""
     return json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False)
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses (and lists of them) as plain dicts, as `asdict` would make them."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def json_chunks(report: Report | InspectReport | DiffReport) -> Iterator[str]:
+    """The report's JSON (the same document as `dumps(report.to_json())`) in pieces, one tensor
+    per line, so that a report on 100,000 tensors is never one string or one dict in memory."""
+    head = {f.name: _clean(_plain(getattr(report, f.name))) for f in fields(report) if f.name != "tensors"}
+    head = {f.name: head.get(f.name) for f in fields(report)}  # keep the fields' order
+    if isinstance(report, DiffReport):
+        head["passed"] = report.passed
+    yield "{\n"
+    for position, key in enumerate(head):
+        yield f"  {json.dumps(key)}: "
+        if key == "tensors":
+            opened = False
+            for row in report.tensors:
+                yield (",\n    " if opened else "[\n    ") + json.dumps(_clean(_plain(row)), allow_nan=False,
+                                                                   ensure_ascii=False)
+                opened = True
+            yield "\n  ]" if opened else "[]"
+        else:
+            yield dumps(head[key]).replace("\n", "\n  ")
+        yield ",\n" if position + 1 < len(head) else "\n"
+    yield "}\n"
 
 
 # ------------------------------------------------------------------ formatting helpers
