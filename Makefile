@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := build/demo
 
-.PHONY: demo test test-eval explore stress bench fixtures reference clean
+.PHONY: demo test test-eval test-ray explore stress bench bench-env fixtures reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ demo: $(VENV)/.core
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q
 
+# the batch tests with Ray installed (its own .venv-ray: the core and `make test` never need it)
+test-ray:
+	test -x .venv-ray/bin/python || $(PYTHON) -m venv .venv-ray
+	.venv-ray/bin/python -m pip install --quiet -e '.[test,ray]'
+	.venv-ray/bin/python -m pytest -q tests/test_batch.py
+
 # `wtool eval` needs torch and transformers: their own venv (CPU torch first), never .venv.
 test-eval:
 	test -x .venv-eval/bin/python || $(PYTHON) -m venv .venv-eval
@@ -42,8 +48,16 @@ explore: $(VENV)/.test
 stress: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m stress -p no:cacheprovider
 
+# The suite (never part of `make test`): `make bench ARGS=--quick` for a one-minute look. It runs
+# in .venv-bench when `make bench-env` made it (the peers: llm-compressor, gguf), else in .venv.
 bench: $(VENV)/.test
-	$(BIN)/python benchmarks/run.py
+	$(if $(wildcard .venv-bench/bin/python),.venv-bench/bin/python,$(BIN)/python) benchmarks/run.py $(ARGS)
+
+# CPU torch from the local wheel first, so llm-compressor does not pull a CUDA build.
+bench-env:
+	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install --quiet torch==2.13.0
+	.venv-bench/bin/python -m pip install --quiet -e '.[bench]'
 
 fixtures: $(VENV)/.core
 	$(BIN)/python fixtures/make_fixtures.py

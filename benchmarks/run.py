@@ -1,11 +1,350 @@
-"""`make bench`: every benchmark, one after the other, figures printed side by side."""
+"""`make bench`: wtool's speed and memory against `cp`, a numpy memcpy and the peers, in one run.
 
+Builds its own synthetic bfloat16 checkpoint with `wtool new` (a sharded folder of
+4096×8192 tensors with a config.json, so the peers can read it too), runs every case
+`--repeat` times after one warm-up, each run right after a run of its baseline (alternating,
+so both see the same machine), and prints one table: case, size, median wall, GB/s of
+input, peak RSS, and the ratio to the baseline measured in the same run. Each target of
+issue 11 is flagged met or not; everything goes to benchmarks/results.json as well.
+
+    python benchmarks/run.py            # about 1 GiB, 5 runs per case (< 10 minutes)
+    python benchmarks/run.py --quick    # 256 MiB, 3 runs, no llm-compressor: a one-minute look
+
+Baselines: `cp -r` of the checkpoint for end-to-end runs (warm page cache: the ratios
+compare the tools, not the disk); for kernels, a numpy copy into a new array of the same
+bytes (a transform returns a new array too, so both pay for fresh pages); for the
+statistics, the same pipeline run with --no-stats. Peers, when installed (`make
+bench-env`): llm-compressor's model-free PTQ (W4A16, writes packed int4) and gguf-py's
+numpy Q4_0 quantizer; absent, their rows say "skipped".
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).parent
+import ml_dtypes
+import numpy as np
 
-for script in sorted(HERE.glob("bench_*.py")):
-    print(f"\n=== {script.name}", flush=True)
-    subprocess.run([sys.executable, str(script)], check=False)
+from wtool import stats
+from wtool.tensor import TensorInfo
+from wtool.transforms import Context, Transform
+
+HERE = Path(__file__).parent
+SHAPE = (4096, 8192)  # one bfloat16 tensor: 64 MiB stored, 128 MiB in float32
+KERNEL = (4096, 4096)  # float32, 64 MiB
+QUANTIZE = "quantize:bits=4,scheme=sym,granularity=group,group_size=128"
+MIB = 2 ** 20
+
+
+@dataclass
+class Row:
+    """One line of the table; `ratio` is case/baseline wall time (or as the target states)."""
+
+    case: str
+    size: int
+    median: float
+    peak_rss: int | None = None
+    baseline: str = ""
+    baseline_median: float | None = None
+    ratio: float | None = None
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+    runs: list[float] = field(default_factory=list)
+
+    @property
+    def gbps(self) -> float:
+        return self.size / self.median / 1e9 if self.median else 0.0
+
+
+def run_child(command: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Wall time and peak RSS (bytes) of one child process, which must succeed."""
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed ({child.returncode}): {child.stderr.read().decode()[-2000:]}")
+    child.stderr.close()
+    return seconds, usage.ru_maxrss * 1024
+
+
+def alternate(case: Callable[[], tuple[float, int]], baseline: Callable[[], tuple[float, int]],
+              repeat: int) -> tuple[list[float], int, list[float]]:
+    """Warm both up, then time them in turn: (case times, case peak RSS, baseline times)."""
+    case(), baseline()
+    times, base_times, peak = [], [], 0
+    for _ in range(repeat):
+        base_times.append(baseline()[0])
+        seconds, rss = case()
+        times.append(seconds)
+        peak = max(peak, rss)
+    return times, peak, base_times
+
+
+def best_of(func: Callable[[], object], repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class Suite:
+    def __init__(self, work: Path, repeat: int, tensors: int, peer_python: str | None) -> None:
+        self.work, self.repeat, self.tensors, self.peer_python = work, repeat, tensors, peer_python
+        self.rows: list[Row] = []
+        self.source = work / "in"
+        self.wtool = [sys.executable, "-m", "wtool"]
+
+    # ---------------------------------------------------------------- end to end
+    def build(self) -> None:
+        spec = self.work / "spec.toml"
+        spec.write_text('[metadata]\nformat = "pt"\n[defaults]\ndtype = "bfloat16"\nscheme = "he"\n'
+                        f'[[tensors]]\nname = "model.layers.{{i}}.mlp.down_proj.weight"\ncount = {self.tensors}\n'
+                        f"shape = [{SHAPE[0]}, {SHAPE[1]}]\n")
+        subprocess.run([*self.wtool, "new", str(spec), str(self.source), "--max-shard-size", "100GB", "-q"],
+                       check=True)
+        (self.source / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+        self.size = sum(p.stat().st_size for p in self.source.glob("*.safetensors"))
+        self.largest_f32 = SHAPE[0] * SHAPE[1] * 4
+
+    def cp(self) -> tuple[float, int]:
+        target = self.work / "cp"
+        shutil.rmtree(target, ignore_errors=True)
+        return run_child(["cp", "-r", str(self.source), str(target)])
+
+    def wtool_apply(self, name: str, *options: str) -> Callable[[], tuple[float, int]]:
+        target = self.work / name
+
+        def go() -> tuple[float, int]:
+            shutil.rmtree(target, ignore_errors=True)
+            return run_child([*self.wtool, "apply", str(self.source), str(target), "-q", *options])
+        return go
+
+    def end_to_end(self, case: str, run: Callable[[], tuple[float, int]], baseline: str,
+                   base_run: Callable[[], tuple[float, int]], limit: float | None, note: str = "") -> Row:
+        times, peak, base = alternate(run, base_run, self.repeat)
+        median, base_median = statistics.median(times), statistics.median(base)
+        row = Row(case, self.size, median, peak, baseline, base_median, median / base_median, note=note, runs=times)
+        if limit is not None:
+            row.target, row.met = f"≤ {limit:g}× {baseline}", row.ratio <= limit
+        self.rows.append(row)
+        return row
+
+    def end_to_end_cases(self) -> None:
+        cp = self.cp
+        self.end_to_end("apply, no steps (copy)", self.wtool_apply("copy"), "cp", cp, 1.3)
+        inspect_json = self.work / "inspect.json"
+        self.end_to_end("inspect --json", lambda: run_child([*self.wtool, "inspect", str(self.source), "--json",
+                                                             str(inspect_json), "-q"]), "cp", cp, 1.5)
+        self.end_to_end("apply clip:c=0.05", self.wtool_apply("clip", "-t", "clip:c=0.05"), "cp", cp, 2.0)
+        quantized = self.end_to_end(f"apply {QUANTIZE}", self.wtool_apply("q1", "-t", QUANTIZE), "cp", cp, 4.0)
+        self.stats_overhead()
+        self.jobs(quantized)
+        self.rss(quantized)
+        self.llm_compressor(quantized)
+
+    def stats_overhead(self) -> None:
+        bare = self.wtool_apply("bare", "-t", QUANTIZE, "--no-stats")
+        full = self.wtool_apply("full", "-t", QUANTIZE)
+        row = self.end_to_end("  the same with statistics vs --no-stats", full, "--no-stats", bare, 1.3,
+                              note="the report's cost: every statistic, error metric and histogram")
+        row.target = "report adds ≤ 30%"
+
+    def jobs(self, one_job: Row) -> None:
+        two = self.wtool_apply("q2", "-t", QUANTIZE, "-j", "2")
+        times, peak, base = alternate(two, self.wtool_apply("q1", "-t", QUANTIZE), self.repeat)
+        median, base_median = statistics.median(times), statistics.median(base)
+        same = _digest(self.work / "q1") == _digest(self.work / "q2")
+        self.rows.append(Row(f"  the same with --jobs 2 (vs --jobs 1)", self.size, median, peak, "--jobs 1",
+                             base_median, base_median / median, "≥ 1.5× faster, same bytes",
+                             base_median / median >= 1.5 and same, "bytes identical" if same else "BYTES DIFFER",
+                             times))
+        self.peak_two_jobs = peak
+
+    def rss(self, quantized: Row) -> None:
+        bound = 3 * self.largest_f32 + 200 * MIB
+        for label, peak, jobs in (("--jobs 1", quantized.peak_rss, 1), ("--jobs 2", self.peak_two_jobs, 2)):
+            self.rows.append(Row(f"  peak RSS of the quantize run, {label}", self.size, 0.0, peak,
+                                 target=f"≤ {jobs} × (3 × largest f32 + 200 MiB) = {jobs * bound / MIB:.0f} MiB",
+                                 met=peak <= jobs * bound))
+
+    def llm_compressor(self, quantized: Row) -> None:
+        case = "llm-compressor model_free_ptq W4A16 (peer)"
+        if not self.peer_python:
+            self.rows.append(Row(case, self.size, 0.0, note="skipped: llmcompressor not installed (make bench-env)"))
+            return
+        script = HERE / "peer_llm_compressor.py"
+        times, peak, base = alternate(lambda: self._peer(script), self.wtool_apply("q1", "-t", QUANTIZE),
+                                      max(1, self.repeat // 2))
+        median, base_median = statistics.median(times), statistics.median(base)
+        seconds = json.loads((self.work / "peer.json").read_text())["seconds"]
+        faster, lighter = median / base_median, peak / max(quantized.peak_rss or 1, 1)
+        self.rows.append(Row(case, self.size, median, peak, "wtool quantize", base_median, faster,
+                             "wtool ≥ 4× faster, ≤ 1/8 of its RSS", faster >= 4 and lighter >= 8,
+                             f"wtool is {faster:.1f}× faster, peer RSS {lighter:.1f}× wtool's; "
+                             f"peer's own timer (no import) {seconds:.1f} s", times))
+
+    def _peer(self, script: Path) -> tuple[float, int]:
+        target = self.work / "peer"
+        shutil.rmtree(target, ignore_errors=True)
+        return run_child([self.peer_python, str(script), str(self.source), str(target), str(self.work / "peer.json")])
+
+    # ---------------------------------------------------------------- kernels, in this process
+    def kernels(self) -> None:
+        x = np.random.default_rng(0).standard_normal(KERNEL, dtype=np.float32) * np.float32(0.02)
+        ctx = Context(TensorInfo("model.layers.0.mlp.down_proj.weight", "F32", KERNEL))
+        repeat = max(5, self.repeat)
+        self.kernel_rows(x, ctx, repeat)
+        self.statistics_rows(x, repeat)
+
+    def kernel_rows(self, x: np.ndarray, ctx: Context, repeat: int) -> None:
+        memcpy = statistics.median(best_of(x.copy, repeat))
+        target = np.empty_like(x)
+        target[...] = 1
+        into = statistics.median(best_of(lambda: np.copyto(target, x), repeat))
+        self.rows.append(Row("kernel: numpy copy into a new array (baseline)", x.nbytes, memcpy,
+                             note=f"copy into a touched array: {x.nbytes / into / 1e9:.1f} GB/s"))
+        cases = [("clip:c=0.05", 1.0), ("sparsify:threshold=0.01", 0.45), ("decay:lr=0.1,wd=0.1", 0.45),
+                 (QUANTIZE, None), ("sparsify:fraction=0.5", None)]
+        for spec, share in cases:
+            name, _, options = spec.partition(":")
+            transform = Transform.create(name, dict(item.split("=") for item in options.split(",")))
+            median = statistics.median(alternate_inline(lambda: transform.apply(x, ctx), x.copy, repeat))
+            row = Row(f"kernel: {spec}", x.nbytes, median, baseline="memcpy", baseline_median=memcpy,
+                      ratio=memcpy / median)
+            if share is not None:
+                row.target, row.met = f"≥ {share:g}× memcpy GB/s", row.ratio >= share
+            elif name == "quantize":
+                row.target, row.met = "≥ 1.5 GB/s", row.gbps >= 1.5
+                self.gguf(x, median)
+            else:
+                row.note = "exact selection (np.partition), no sort"
+            self.rows.append(row)
+
+    def gguf(self, x: np.ndarray, ours: float) -> None:
+        case = "kernel: gguf-py Q4_0 numpy quantizer (peer)"
+        try:
+            from gguf import GGMLQuantizationType
+            from gguf.quants import quantize
+        except ImportError:
+            self.rows.append(Row(case, x.nbytes, 0.0, note="skipped: gguf not installed (make bench-env)"))
+            return
+        theirs = statistics.median(best_of(lambda: quantize(x, GGMLQuantizationType.Q4_0), max(3, self.repeat)))
+        self.rows.append(Row(case, x.nbytes, theirs, baseline="wtool quantize", baseline_median=ours,
+                             ratio=theirs / ours, target="wtool ≥ 2.5× faster", met=theirs / ours >= 2.5,
+                             note="its blocks of 32 (wtool: groups of 128); quantize only, no dequantize"))
+
+    def statistics_rows(self, x: np.ndarray, repeat: int) -> None:
+        changed = Transform.create("quantize", {"bits": "4", "scheme": "sym", "granularity": "group"}).apply(x, None)
+        narrow = x.astype(ml_dtypes.bfloat16)
+        narrow_changed = changed.astype(ml_dtypes.bfloat16)
+        for label, array in (("float32", x), ("bfloat16", narrow)):
+            median = statistics.median(best_of(lambda: stats.tensor_stats(array), repeat))
+            self.rows.append(Row(f"statistics: every STATS field, {label}", array.nbytes, median,
+                                 target="≥ 2 GB/s of input", met=array.nbytes / median / 1e9 >= 2))
+        for label, before, after in (("float32", x, changed), ("bfloat16", narrow, narrow_changed)):
+            median = statistics.median(best_of(lambda: stats.compare(before, after), repeat))
+            size = before.nbytes + after.nbytes
+            self.rows.append(Row(f"statistics: both sides + error + histograms, {label}", size, median,
+                                 target="≥ 2 GB/s of input", met=size / median / 1e9 >= 2,
+                                 note="input = both sides' bytes"))
+
+
+def alternate_inline(func: Callable[[], object], baseline: Callable[[], object], repeat: int) -> list[float]:
+    """Time `func` `repeat` times, each right after one run of `baseline` (after a warm-up)."""
+    func(), baseline()
+    times = []
+    for _ in range(repeat):
+        baseline()
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            while block := handle.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def peer_python(requested: str | None) -> str | None:
+    """A Python that can import llmcompressor: --peer-python, else this one, else .venv-bench's."""
+    for candidate in filter(None, (requested, sys.executable, str(HERE.parent / ".venv-bench" / "bin" / "python"))):
+        if Path(candidate).exists() and subprocess.run([candidate, "-c", "import llmcompressor"],
+                                                       capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+def table(rows: Sequence[Row]) -> str:
+    head = f"{'case':<58} {'size':>9} {'median':>8} {'GB/s':>6} {'peak RSS':>9} {'ratio':>12}  target"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        size = f"{r.size / MIB:.0f} MiB" if r.size else ""
+        median = f"{r.median:.3f} s" if r.median else "-"
+        gbps = f"{r.gbps:.2f}" if r.median else "-"
+        rss = f"{r.peak_rss / MIB:.0f} MiB" if r.peak_rss else "-"
+        ratio = f"{r.ratio:.2f} {r.baseline}" if r.ratio is not None else "-"
+        flag = "" if r.met is None else ("MET " if r.met else "NOT MET ")
+        target = f"{flag}{r.target}" + (f" ({r.note})" if r.note else "")
+        lines.append(f"{r.case:<58} {size:>9} {median:>8} {gbps:>6} {rss:>9} {ratio[:12]:>12}  {target}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="256 MiB, 3 runs per case, no llm-compressor")
+    parser.add_argument("--repeat", type=int, help="timed runs per case (default 5, 3 with --quick)")
+    parser.add_argument("--tensors", type=int, help="4096×8192 bfloat16 tensors (default 16, 4 with --quick)")
+    parser.add_argument("--peer-python", help="a Python with llmcompressor installed (default: found)")
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    args = parser.parse_args()
+    repeat = args.repeat or (3 if args.quick else 5)
+    tensors = args.tensors or (4 if args.quick else 16)
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="wtool-bench-"))
+    try:
+        suite = Suite(work, repeat, tensors, None if args.quick else peer_python(args.peer_python))
+        suite.build()
+        print(f"checkpoint: {tensors} bfloat16 tensors of {SHAPE[0]}×{SHAPE[1]}, {suite.size / MIB:.0f} MiB; "
+              f"{repeat} runs per case after a warm-up", flush=True)
+        suite.end_to_end_cases()
+        suite.kernels()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(table(suite.rows))
+    missed = [r.case.strip() for r in suite.rows if r.met is False]
+    print(f"\n{sum(r.met is True for r in suite.rows)} targets met, {len(missed)} not"
+          + (f": {'; '.join(missed)}" if missed else "") + f"  ({time.perf_counter() - started:.0f} s)")
+    results = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": args.quick,
+               "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version(),
+                           "numpy": np.__version__},
+               "checkpoint": {"tensors": tensors, "shape": SHAPE, "dtype": "BF16", "bytes": suite.size},
+               "repeat": repeat, "rows": [asdict(r) | {"gbps": r.gbps} for r in suite.rows]}
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from wtool.cli import app
 
 runner = CliRunner()
-COMMANDS = ["apply", "inspect", "diff", "transforms", "new"]
+COMMANDS = ["apply", "batch", "inspect", "diff", "eval", "transforms", "new"]
 
 
 def invoke(*args: object, **kwargs):

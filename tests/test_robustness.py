@@ -420,7 +420,8 @@ def test_report_on_a_full_disk_exits_5_after_the_checkpoint(tmp_path, monkeypatc
     out, report = tmp_path / "out.safetensors", tmp_path / "r.json"
     result = invoke("apply", small, out, "--report", report, "-q")
     assert result.exit_code == 5
-    assert one_line(result) == f"error: {report}: cannot write: No space left on device; {out} is complete, but not {report}"
+    assert one_line(result) == (f"error: {report}: cannot write: No space left on device; "
+                                f"{out} is complete, but not {report}")
     assert not report.exists() and not temporaries(tmp_path)
 
 

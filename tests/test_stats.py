@@ -128,3 +128,87 @@ def test_std_of_values_far_from_zero_is_accurate(monkeypatch):
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in exact) / len(exact))
     assert math.isclose(got["mean"], mean, rel_tol=1e-13)
     assert math.isclose(got["std"], std, rel_tol=1e-9)
+
+
+def _pair(code, seed):
+    dtype = ALL_DTYPES[code]
+    before = sample(dtype, (40, 50), seed=seed)
+    after = (before.astype(np.float64) * 0.9 + 0.01).astype(dtype) if code != "BOOL" else ~before
+    if np.dtype(dtype).kind not in "iub":
+        before.reshape(-1)[[3, 700]] = [np.nan, np.inf]  # non-finite before, and in the same chunk after
+        after.reshape(-1)[[3, 1900]] = [np.nan, -np.inf]
+    return before, after
+
+
+@pytest.mark.parametrize("code", list(ALL_DTYPES))
+@pytest.mark.parametrize("chunk", [64, 1 << 16])
+def test_compare_matches_the_separate_functions(monkeypatch, code, chunk):
+    monkeypatch.setattr(stats, "CHUNK", chunk)
+    before, after = _pair(code, seed=4)
+    got = stats.compare(before, after)
+    for side, array in ((got.before, before), (got.after, after)):
+        expected = reference([float(v) for v in array.reshape(-1)])
+        for key in stats.STAT_KEYS:
+            assert close(side[key], expected[key]), (key, side[key], expected[key])
+    assert not got.same_bytes
+    keep = np.isfinite(before.astype(np.float64).reshape(-1))
+    a, b = before.astype(np.float64).reshape(-1)[keep], after.astype(np.float64).reshape(-1)[keep]
+    if not np.isfinite(b).all():
+        assert got.error == {"mse": None, "max_abs": None, "rel_l2": None, "sqnr_db": None}
+    else:
+        assert math.isclose(got.error["mse"], float(np.mean((b - a) ** 2)) * a.size / before.size, rel_tol=1e-9)
+        assert math.isclose(got.error["max_abs"], float(np.max(np.abs(b - a))), rel_tol=1e-12)
+    low, high = got.histogram["low"], got.histogram["high"]
+    assert got.histogram["before"] == stats.histogram(before, low, high)
+    assert got.histogram["after"] == stats.histogram(after, low, high)
+    for array in (before, after):
+        finite = array.astype(np.float64)[np.isfinite(array.astype(np.float64))]
+        assert low <= finite.min() and finite.max() <= high
+
+
+def test_compare_error_against_formulas_when_all_finite():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(300, 7)).astype(np.float32)
+    b = (a + rng.normal(0, 0.1, size=a.shape)).astype(np.float32)
+    got = stats.compare(a, b)
+    diff = b.astype(np.float64) - a.astype(np.float64)
+    assert math.isclose(got.error["mse"], float(np.mean(diff ** 2)), rel_tol=1e-12)
+    assert math.isclose(got.error["rel_l2"], float(np.linalg.norm(diff) / np.linalg.norm(a.astype(np.float64))),
+                        rel_tol=1e-12)
+    values = np.concatenate([a.reshape(-1), b.reshape(-1)]).astype(np.float64)
+    for side, array in (("before", a), ("after", b)):
+        expected = np.histogram(array.astype(np.float64), bins=32, range=(values.min(), values.max()))[0]
+        assert got.histogram[side] == expected.tolist()
+
+
+def test_compare_tells_bytes_apart_that_compare_equal():
+    a = np.array([0.0, 1.0, np.nan], np.float32)
+    b = np.array([-0.0, 1.0, np.nan], np.float32)
+    assert not stats.compare(a, b).same_bytes
+    assert stats.compare(a, a.copy()).same_bytes
+    assert stats.compare(a, a.copy()).error == {"mse": 0.0, "max_abs": 0.0, "rel_l2": 0.0, "sqnr_db": None}
+    assert stats.compare(a.astype(np.float64), a).same_bytes is False  # another dtype is another storage
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, ml_dtypes.float8_e4m3fn])
+def test_counted_bit_patterns_give_the_statistics_of_the_chunked_pass(monkeypatch, dtype):
+    monkeypatch.setattr(stats, "CHUNK", 1000)
+    values = np.random.default_rng(6).normal(3, 2, size=12_345).astype(dtype)
+    values[[5, 77]] = [np.nan, np.inf] if dtype != ml_dtypes.float8_e4m3fn else [np.nan, 0]
+    counted, chunked = stats.tensor_stats(values), stats.tensor_stats(values.astype(np.float32))
+    assert counted.keys() == chunked.keys()
+    for key, value in counted.items():
+        assert math.isclose(value, chunked[key], rel_tol=1e-12), key
+    low, high = counted["min"], counted["max"] + 1
+    assert stats.histogram(values, low, high) == stats.histogram(values.astype(np.float32), low, high)
+
+
+def test_same_bytes_is_bitwise(monkeypatch):
+    monkeypatch.setattr(stats, "CHUNK", 3)
+    a = np.array([0.0, 1.0, np.nan, 2.0, 5.0], np.float32)
+    assert stats.same_bytes(a, a.copy())
+    assert not stats.same_bytes(a, np.where(a == 0, np.float32(-0.0), a))
+    assert not stats.same_bytes(a, a.astype(np.float64)) and not stats.same_bytes(a, a.reshape(5, 1))
+    last = a.copy()
+    last[-1] = 6.0  # in the last, short chunk
+    assert not stats.same_bytes(a, last)

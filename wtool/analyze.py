@@ -11,16 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from wtool.errors import UsageError
-from wtool.io import open_checkpoint
+from wtool.io import Reader, open_checkpoint
 from wtool.pipeline import Progress
 from wtool.report import DiffReport, InspectReport
 from wtool.selection import Selector, no_match_hint
-from wtool.stats import cosine, error_metrics, histogram, tensor_stats
+from wtool.stats import cosine, error_metrics, histogram, tensor_stats, weighted_error
 
-ABOVE_METRICS = ("max_abs", "mse", "rel_l2")
-BELOW_METRICS = ("cosine", "sqnr_db")
+ABOVE_METRICS = ("max_abs", "mse", "rel_l2", "weighted_rel_l2")
+BELOW_METRICS = ("cosine", "sqnr_db", "weighted_sqnr_db")
+#: Gates on the totals (over every changed tensor) rather than on each tensor.
+TOTAL_METRICS = ("weighted_rel_l2", "weighted_sqnr_db")
 
 
 def inspect(path: str | Path, selector: Selector | None = None, *, allow_empty: bool = False,
@@ -101,7 +104,7 @@ def diff(a: str | Path, b: str | Path, selector: Selector | None = None, *,
         in_b = set(names_b)
         only_a = [n for n in names_a if n not in in_b]
         only_b = [n for n in names_b if n not in set(names_a)]
-        rows, mismatched, failures = [], [], []
+        rows, mismatched, failures, changed = [], [], [], []
         if progress:
             common = [left.info(n) for n in names_a if n in in_b]
             progress.start(len(common), sum(t.nbytes for t in common))
@@ -121,14 +124,45 @@ def diff(a: str | Path, b: str | Path, selector: Selector | None = None, *,
                    "max_abs": metrics["max_abs"], "mse": metrics["mse"], "rel_l2": metrics["rel_l2"],
                    "cosine": cosine(x, y), "sqnr_db": metrics["sqnr_db"]}
             rows.append(row)
-            failures.extend(_gate_failures(row, fail_above, fail_below))
+            if metrics["max_abs"] != 0:
+                changed.append({"name": name, "numel": info_a.numel, "rel_l2": row["rel_l2"], "sqnr_db": row["sqnr_db"]})
+            failures.extend(_gate_failures(row, _per_tensor(fail_above), _per_tensor(fail_below)))
             if progress:
                 progress.advance(info_a)
         if not allow_missing:
             failures.extend(_failure(n, "missing", "only in A") for n in only_a)
             failures.extend(_failure(n, "missing", "only in B") for n in only_b)
+        totals = {"changed": len(changed), **weighted_error(changed),
+                  "bits_per_weight": {"before": _stored_bits(left, names_a), "after": _stored_bits(right, names_b)}}
+        failures.extend(_total_failures(totals, fail_above, fail_below))
         gates = {f"{k}>": v for k, v in fail_above.items()} | {f"{k}<": v for k, v in fail_below.items()}
-        return DiffReport(str(left.path), str(right.path), rows, only_a, only_b, mismatched, gates, failures)
+        return DiffReport(str(left.path), str(right.path), rows, only_a, only_b, mismatched, gates, failures, totals)
+
+
+def _per_tensor(gates: Mapping[str, float]) -> dict[str, float]:
+    return {k: v for k, v in gates.items() if k not in TOTAL_METRICS}
+
+
+def _stored_bits(reader: Reader, names: list[str]) -> float | None:
+    """Stored bits per weight of the named tensors."""
+    infos = [reader.info(n) for n in names]
+    count = sum(i.numel for i in infos)
+    return 8 * sum(i.nbytes for i in infos) / count if count else None
+
+
+def _total_failures(totals: Mapping[str, Any], above: Mapping[str, float], below: Mapping[str, float]) -> list[dict]:
+    """Gates on the weighted totals (tensor "totals"); None is an infinite error (above) or no
+    error at all (below)."""
+    failures = []
+    for metric, limit in above.items():
+        value = totals[metric] if metric in TOTAL_METRICS else 0.0
+        if value is None or value > limit:
+            failures.append(_failure("totals", metric, value, limit))
+    for metric, limit in below.items():
+        value = totals[metric] if metric in TOTAL_METRICS else None
+        if value is not None and value < limit:
+            failures.append(_failure("totals", metric, value, limit))
+    return failures
 
 
 def _failure(tensor: str, metric: str, value: float | str | None, limit: float | None = None) -> dict:

@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -33,7 +34,7 @@ from rich.table import Table
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
 from typer.core import TyperGroup
 
-from wtool import __version__, analyze, pipeline, report
+from wtool import __version__, analyze, batch, pipeline, report
 from wtool.errors import UsageError, WtoolError
 from wtool.io import atomic, is_folder_output, parse_size
 from wtool.new import new_checkpoint
@@ -107,8 +108,9 @@ class _Outputs:
         self.mark = atomic.placements()
 
     def complete(self) -> list[str]:
+        """What is in place: the checkpoint once committed, then the reports written."""
         placed = self.checkpoint_absolute is not None and atomic.placed(self.checkpoint_absolute, self.mark)
-        return [str(self.checkpoint)] * placed + self.done
+        return ([str(self.checkpoint)] if placed else []) + self.done
 
     def finished(self, what: str) -> None:
         self.todo.remove(what)
@@ -184,6 +186,15 @@ def _stdout() -> Console:
     return _console(stderr=False)
 
 
+def _signum(exc: BaseException) -> int:
+    return exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+
+
+def _stop_word(signum: int) -> str:
+    return {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}.get(
+        signum, f"stopped by {signal.Signals(signum).name}")
+
+
 @contextlib.contextmanager
 def _guard(debug: bool, outputs: _Outputs | None = None) -> Iterator[None]:
     """The one place where errors become exit codes and one-line messages.
@@ -208,11 +219,9 @@ def _guard(debug: bool, outputs: _Outputs | None = None) -> Iterator[None]:
                   soft_wrap=True)
         raise typer.Exit(EXIT_INCOMPLETE if outcome else exc.exit_code) from None
     except (KeyboardInterrupt, Interrupted) as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        word = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}.get(
-            signum, f"stopped by {signal.Signals(signum).name}")
+        signum = _signum(exc)
         outcome = outputs.outcome()
-        err.print(f"[yellow]{word}[/]: {escape(outcome or 'no output written')}", soft_wrap=True)
+        err.print(f"[yellow]{_stop_word(signum)}[/]: {escape(outcome or 'no output written')}", soft_wrap=True)
         raise typer.Exit(EXIT_INCOMPLETE if outcome else 128 + signum) from None
     except (typer.Exit, SystemExit):
         raise
@@ -236,12 +245,13 @@ def _guard(debug: bool, outputs: _Outputs | None = None) -> Iterator[None]:
 
 
 class _Bar:
-    """A rich progress bar over tensors and bytes, only when stderr is a terminal."""
+    """A rich progress bar over tensors (or inputs: `unit`) and bytes, only when stderr is a terminal."""
 
-    def __init__(self, label: str, enabled: bool) -> None:
+    def __init__(self, label: str, enabled: bool, unit: str = "tensors") -> None:
         console = _stderr()
         self.enabled = enabled and console.is_terminal
         self.label = label
+        self.unit = unit
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                  TextColumn("{task.fields[tensors]}"), TimeRemainingColumn(),
                                  console=console, transient=True)
@@ -264,8 +274,11 @@ class _Bar:
         self.task = self.progress.add_task(self.label, total=max(nbytes, 1), tensors=f"0/{tensors}")
 
     def advance(self, info: TensorInfo) -> None:
+        self.step(info.nbytes)
+
+    def step(self, nbytes: int) -> None:
         self.count += 1
-        self.progress.update(self.task, advance=info.nbytes, tensors=f"{self.count}/{self.total} tensors")
+        self.progress.update(self.task, advance=nbytes, tensors=f"{self.count}/{self.total} {self.unit}")
 
 
 def _version(value: bool) -> None:
@@ -303,8 +316,8 @@ def _debug(ctx: typer.Context) -> bool:
 
 
 def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: bool,
-                   inputs: list[Path] | None = None) -> list[Path]:
-    """Check report targets (option -> FILE or -) before any work; returns the files (absolute).
+                   inputs: list[Path] | None = None) -> dict[str, Path]:
+    """Check report targets (option -> FILE or -) before any work; returns each file as given -> absolute.
 
     At most one goes to stdout; no two outputs share a path; none goes inside a folder output
     (which is replaced whole); an existing one needs `--force` and must be a regular file.
@@ -345,7 +358,7 @@ def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: boo
         protected = pipeline.protect(inputs)
         for shown, target in outputs.files.items():
             protected.refuse(target, "report", shown)
-    return list(outputs.files.values())
+    return outputs.files
 
 
 def _write_text(target: str, text: str | Iterable[str], outputs: _Outputs, force: bool) -> None:
@@ -367,37 +380,59 @@ def _write_text(target: str, text: str | Iterable[str], outputs: _Outputs, force
     outputs.finished(target)
 
 
+def _pipeline(transform: list[str], recipe: Path | None, include: list[str], exclude: list[str],
+              **options: Any) -> pipeline.Pipeline:
+    """The pipeline from `-t` steps or a recipe (not both), with the command line's patterns."""
+    if transform and recipe:
+        raise UsageError("give steps either with -t or in --recipe, not both "
+                         "(put all steps in the recipe, or all on the command line)")
+    if recipe:
+        return pipeline.Pipeline.from_recipe(recipe, include=include, exclude=exclude, **options)
+    return pipeline.Pipeline.from_specs(transform, selector=Selector(tuple(include), tuple(exclude)), **options)
+
+
+Transforms = Annotated[list[str], typer.Option("--transform", "-t", help="A step NAME or NAME:key=value,...; "
+                                               "repeatable, run in order.")]
+Recipe = Annotated[Path | None, typer.Option("--recipe", "-r", exists=True, dir_okay=False,
+                                             help="TOML recipe with [[steps]] (not together with -t).")]
+NonFinite = Annotated[str, typer.Option("--nonfinite", help="NaN/Inf met by a step that would spread them: "
+                                        "error, skip (leave that tensor alone) or zero (replace by 0).")]
+ModelFiles = Annotated[bool, typer.Option("--model-files/--no-model-files", help="Folder to folder: copy every "
+                                          "non-weight file and sub-folder (config, tokenizer, sentence-transformers "
+                                          "modules, custom code) beside the weights.")]
+ReportPath = Annotated[str | None, typer.Option("--json", "--report", help="Write the JSON report to FILE, or - for "
+                                                "stdout (--report is the same).")]
+Markdown = Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")]
+
+
 @app.command()
 def apply(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Input: .safetensors, .npz, or a sharded folder / its index.")],
     output: Annotated[Path | None, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded). "
                                                      "Omit with --dry-run.")] = None,
-    transform: Annotated[list[str], typer.Option("--transform", "-t", help="A step NAME or NAME:key=value,...; "
-                                                 "repeatable, run in order.")] = [],  # noqa: B006
-    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", exists=True, dir_okay=False,
-                                                   help="TOML recipe with [[steps]] (not together with -t).")] = None,
+    transform: Transforms = [],  # noqa: B006
+    recipe: Recipe = None,
     include: Include = [],  # noqa: B006
     exclude: Exclude = [],  # noqa: B006
     allow_empty: AllowEmpty = False,
-    nonfinite: Annotated[str, typer.Option("--nonfinite", help="NaN/Inf met by a step that would spread them: "
-                                           "error, skip (leave that tensor alone) or zero (replace by 0).")] = "error",
+    nonfinite: NonFinite = "error",
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan; read no data, write nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
-    model_files: Annotated[bool, typer.Option("--model-files/--no-model-files", help="Folder to folder: copy "
-                                              "every non-weight file and sub-folder (config, tokenizer, "
-                                              "sentence-transformers modules, custom code) beside the weights.")] = True,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output, if it is a "
+                                        "checkpoint wtool may replace (see the README); never an input.")] = False,
+    model_files: ModelFiles = True,
     update_config: Annotated[bool, typer.Option("--update-config", help="Folder to folder with a cast step: "
                                                 "set torch_dtype in the copied config.json.")] = False,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
                                                           "shards of at most this size, e.g. 5GB.")] = None,
-    report_path: Annotated[str | None, typer.Option("--json", "--report", help="Write the JSON report to FILE, "
-                                                    "or - for stdout (--report is the same).")] = None,
-    markdown: Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
+    report_path: ReportPath = None,
+    markdown: Markdown = None,
     html: Annotated[str | None, typer.Option("--html", help="Write a self-contained HTML report (sortable "
                                                 "table, before/after histograms) to FILE.")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Tensors computed at once, in threads; "
                                       "peak memory grows with it.")] = 1,
+    stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Statistics, error metrics and histograms "
+                                        "per tensor; --no-stats reports only the steps and what changed.")] = True,
     quiet: Quiet = False,
     rows: Rows = report.SHOW_ROWS,
 ) -> None:
@@ -411,22 +446,16 @@ def apply(
     """
     outputs = _Outputs(output)
     with _guard(_debug(ctx), outputs):
-        if transform and recipe:
-            raise UsageError("give steps either with -t or in --recipe, not both "
-                             "(put all steps in the recipe, or all on the command line)")
         if output is None and not dry_run:
             raise UsageError("missing OUTPUT (or pass --dry-run to only print the plan)")
         reports = _check_reports(outputs, {"--report": report_path, "--markdown": markdown, "--html": html}, force)
-        options = {"allow_empty": allow_empty, "nonfinite": nonfinite}
-        if recipe:
-            pipe = pipeline.Pipeline.from_recipe(recipe, include=include, exclude=exclude, **options)
-        else:
-            pipe = pipeline.Pipeline.from_specs(transform, selector=Selector(tuple(include), tuple(exclude)), **options)
+        pipe = _pipeline(transform, recipe, include, exclude, allow_empty=allow_empty, nonfinite=nonfinite)
         shard = parse_size(max_shard_size) if max_shard_size else None
         with _Bar("apply", not quiet and not dry_run) as bar:
             result = pipeline.run(pipe, source, output, force=force, max_shard_size=shard, dry_run=dry_run,
                                   copy_model_files=model_files, update_config=update_config, jobs=jobs,
-                                  progress=bar, reports=reports, reads=[recipe] if recipe else [])
+                                  stats=stats, progress=bar, reports=list(reports.values()),
+                                  reads=[recipe] if recipe else [])
         stdout_taken = "-" in (report_path, markdown)
         console = _stderr() if stdout_taken else _stdout()
         if report_path:
@@ -462,6 +491,72 @@ def _print_plan(result: report.Report, console: Console) -> None:
                   f"{len(result.tensors)} tensors would change; "
                   f"{report.arrow(report.human_bytes(totals['bytes_in']), report.human_bytes(totals['bytes_out']))} "
                   "in total)[/]")
+
+
+@app.command(name="batch")
+def batch_command(
+    ctx: typer.Context,
+    inputs: Annotated[list[str], typer.Argument(help="Checkpoint files, model folders, folders holding "
+                                                "checkpoints, or quoted globs.", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Outputs go here, named as their inputs.",
+                                          show_default=False)],
+    transform: Transforms = [],  # noqa: B006
+    recipe: Recipe = None,
+    include: Include = [],  # noqa: B006
+    exclude: Exclude = [],  # noqa: B006
+    allow_empty: AllowEmpty = False,
+    nonfinite: NonFinite = "error",
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Inputs converted at once.")] = 1,
+    executor: Annotated[str | None, typer.Option("--executor", "-e", help="serial, threads, processes or ray "
+                                                 "(pip install 'wtool\\[ray]'; RAY_ADDRESS picks a cluster). "
+                                                 "Default: serial, or processes with --jobs > 1.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip inputs whose output is complete and made by this "
+                                         "pipeline; redo those made by another.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace every existing output.")] = False,
+    model_files: ModelFiles = True,
+    report_path: ReportPath = None,
+    markdown: Markdown = None,
+    quiet: Quiet = False,
+) -> None:
+    """Run one pipeline over many checkpoints; a failing input never stops the others.
+
+    Exit 0 when every input succeeded (or was skipped by --resume), 1 when any failed.
+
+    Example: wtool batch 'runs/*/' --out-dir quantized/ -t quantize:bits=4 --jobs 2 --resume --report batch.json
+    """
+    outputs = _Outputs()
+    with _guard(_debug(ctx), outputs):
+        replace = force or resume  # a report of the previous run is replaced too
+        reports = _check_reports(outputs, {"--report": report_path, "--markdown": markdown}, replace)
+        pipe = _pipeline(transform, recipe, include, exclude, allow_empty=allow_empty, nonfinite=nonfinite)
+        job = batch.Batch.plan(inputs, out_dir, pipe, force=force, resume=resume, reports=list(reports.values()),
+                               executor=executor or ("serial" if jobs == 1 else "processes"), workers=jobs,
+                               copy_model_files=model_files)
+        try:
+            with _Bar("batch", not quiet, unit="inputs") as bar:
+                if bar:
+                    bar.start(len(job.entries), sum(e.nbytes for e in job.entries))
+                result = job.run(on_done=(lambda entry, item: bar.step(entry.nbytes)) if bar else None)
+        except (KeyboardInterrupt, Interrupted) as exc:
+            result = job.report()
+            _batch_results(result, report_path, markdown, outputs, replace, quiet)
+            _stderr().print(f"[yellow]{_stop_word(_signum(exc))}[/]: {escape(report.batch_summary(result))}; the "
+                            "outputs in flight left nothing (rerun with --resume for the rest)", soft_wrap=True)
+            raise typer.Exit(128 + _signum(exc)) from None
+        _batch_results(result, report_path, markdown, outputs, replace, quiet)
+        if result.summary["failed"]:
+            raise typer.Exit(1)
+
+
+def _batch_results(result: report.BatchReport, report_path: str | None, markdown: str | None, outputs: _Outputs,
+                   force: bool, quiet: bool) -> None:
+    console = _stderr() if "-" in (report_path, markdown) else _stdout()
+    if report_path:
+        _write_text(report_path, report.dumps(result.to_json()), outputs, force)
+    if markdown:
+        _write_text(markdown, report.batch_markdown(result), outputs, force)
+    if not quiet:
+        console.print(report.batch_table(result))
 
 
 @app.command()
@@ -506,10 +601,12 @@ def diff(
     b: Annotated[Path, typer.Argument(help="Checkpoint to compare with it.")],
     json_out: Annotated[str | None, typer.Option("--json", help="Write the JSON report to FILE, or - for stdout.")] = None,
     markdown: Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")] = None,
-    fail_above: Annotated[list[str], typer.Option("--fail-above", help="Gate METRIC=VALUE (max_abs, mse, rel_l2): "
-                                                  "exit 1 when any tensor exceeds it; repeatable.")] = [],  # noqa: B006
-    fail_below: Annotated[list[str], typer.Option("--fail-below", help="Gate METRIC=VALUE (cosine, sqnr_db): "
-                                                  "exit 1 when any tensor falls below it; repeatable.")] = [],  # noqa: B006
+    fail_above: Annotated[list[str], typer.Option("--fail-above", help="Gate METRIC=VALUE (max_abs, mse, rel_l2: "
+                                                  "exit 1 when any tensor exceeds it; weighted_rel_l2: when the "
+                                                  "parameter-weighted total does); repeatable.")] = [],  # noqa: B006
+    fail_below: Annotated[list[str], typer.Option("--fail-below", help="Gate METRIC=VALUE (cosine, sqnr_db: "
+                                                  "exit 1 when any tensor falls below it; weighted_sqnr_db: when the "
+                                                  "parameter-weighted total does); repeatable.")] = [],  # noqa: B006
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Tensors present on one side only do not fail.")] = False,
     include: Include = [],  # noqa: B006
     exclude: Exclude = [],  # noqa: B006
@@ -673,5 +770,17 @@ def _range(low: float | None, high: float | None) -> str:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    After a stopping signal the process ends with `os._exit` once its output is flushed:
+    threads still computing abandoned tensors (`--jobs`) would otherwise hold the exit back.
+    """
+    try:
+        app()
+    except SystemExit as exc:
+        if isinstance(exc.code, int) and exc.code > 128 and threading.active_count() > 1:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(exc.code)
+        raise

@@ -203,10 +203,23 @@ def _load(path: Path, base: Path, task: str, device: str) -> Any:
             model = auto.from_pretrained(path, dtype=torch.float32)
         else:
             model = auto.from_config(transformers.AutoConfig.from_pretrained(base), dtype=torch.float32)
-            model.load_state_dict(_state_dict(path, model), strict=True)
+            _load_weights(model, path)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise InputError(f"{path}: cannot load the model: {_first_line(exc)}") from None
     return model.to(device).eval()
+
+
+def _load_weights(model: Any, path: Path) -> None:
+    """Every parameter and buffer from the checkpoint, except those tied to one it has (an LM
+    head tied to the embeddings is saved once); anything else missing or left over is an error."""
+    loaded = model.load_state_dict(_state_dict(path, model), strict=False)
+    model.tie_weights()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    given = {p.data_ptr() for k, p in params.items() if k not in loaded.missing_keys}
+    untied = [k for k in loaded.missing_keys if k not in params or params[k].data_ptr() not in given]
+    if untied or loaded.unexpected_keys:
+        problem = f"no tensor for {untied[0]!r}" if untied else f"unexpected tensor {loaded.unexpected_keys[0]!r}"
+        raise InputError(f"{path}: does not fit {type(model).__name__}: {problem}")
 
 
 def _state_dict(path: Path, model: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ True
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import tomllib
@@ -28,7 +29,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from wtool import __version__
-from wtool.dtypes import by_code, to_storage
+from wtool.advice import data_free_warnings
+from wtool.dtypes import by_code, convert, to_storage
 from wtool.errors import InputError, UsageError
 from wtool.io import (
     Inputs,
@@ -43,7 +45,7 @@ from wtool.io.base import MAX_HEADER_BYTES
 from wtool.io.safetensors import encode_header
 from wtool.report import GroupRecord, Report, SkipRecord, TensorRecord
 from wtool.selection import Selector, no_match_hint
-from wtool.stats import error_metrics, histogram, tensor_stats
+from wtool.stats import compare, histogram, same_bytes, tensor_stats, weighted_error
 from wtool.tensor import TensorInfo
 from wtool.transforms import Context, Group, GroupTransform, Transform
 
@@ -170,6 +172,16 @@ class Pipeline:
             rows.append(row)
         return rows
 
+    def provenance(self) -> dict[str, Any]:
+        """What the output's `wtool` metadata records: version, steps, and the run-wide
+        patterns and NaN policy when they are not the defaults (`batch --resume` compares it)."""
+        recorded: dict[str, Any] = {"version": __version__, "steps": self.describe()}
+        if self.selector.include or self.selector.exclude:
+            recorded["include"], recorded["exclude"] = list(self.selector.include), list(self.selector.exclude)
+        if self.nonfinite != "error":
+            recorded["nonfinite"] = self.nonfinite
+        return recorded
+
 
 # ------------------------------------------------------------------ the node graph
 
@@ -185,7 +197,7 @@ class Node:
 
     def load(self) -> np.ndarray:
         """The value in compute dtype (float32, or float64 for F64 tensors)."""
-        return np.asarray(self.compute(), dtype=self.info.dtype_info.compute)
+        return convert(self.compute(), self.info.dtype_info.compute)
 
 
 class SourceNode(Node):
@@ -472,7 +484,7 @@ class Progress(Protocol):
 
 def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, force: bool = False,
         max_shard_size: int | None = None, dry_run: bool = False, copy_model_files: bool = True,
-        update_config: bool = False, jobs: int = 1, progress: Progress | None = None,
+        update_config: bool = False, jobs: int = 1, stats: bool = True, progress: Progress | None = None,
         reports: Sequence[str | Path] = (), reads: Sequence[str | Path] = ()) -> Report:
     """Stream `source` through the pipeline into `output` and report what changed.
 
@@ -484,7 +496,8 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
     output loads as the input did; `update_config` records a cast's dtype in the copied
     config.json. A single-file input gives a folder with one `model.safetensors` unless
     `max_shard_size` asks for shards. `jobs` tensors are computed at once (peak memory grows
-    with it).
+    with it). Without `stats` the report lists tensors, steps and whether their bytes changed,
+    without statistics, error metrics or histograms.
 
     Everything the run reads (the input, companions such as `decay`'s `grads=`, model files
     and the files in `reads`, e.g. the recipe) is protected: the output and the files in
@@ -520,7 +533,7 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
                 _fit(the_plan)
                 if progress:
                     progress.start(len(infos), sum(i.nbytes for i in infos))
-                for node, (array, record) in _evaluate_in_order(reader, sources, the_plan.nodes, jobs):
+                for node, (array, record) in _evaluate_in_order(reader, sources, the_plan.nodes, jobs, stats):
                     writer.write(node.info.name, array)
                     records.append(record)
                     del array
@@ -564,29 +577,27 @@ def protect(sources: Sequence[str | Path]) -> Inputs:
 
 
 def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes: Sequence[Node],
-                       jobs: int) -> Iterator[tuple[Node, tuple[np.ndarray, TensorRecord]]]:
+                       jobs: int, stats: bool) -> Iterator[tuple[Node, tuple[np.ndarray, TensorRecord]]]:
     """Materialise the output tensors in order, up to `jobs` of them at once in threads
-    (numpy releases the GIL in its kernels); memory grows with `jobs`.
+    (numpy releases the GIL in its kernels); memory grows with `jobs`. The next tensor is
+    computed while the caller writes the previous one, so even one job overlaps the
+    statistics with the writing.
 
     The threads are daemons and nothing waits for them when the run stops early: Ctrl-C or
     SIGTERM takes effect at once, not after every tensor in flight.
     """
-    if jobs <= 1:
-        for node in nodes:
-            yield node, _materialise(reader, sources.get(node.info.name), node)
-        return
+    work = partial(_materialise, reader, stats=stats)
     pending: deque[tuple[Node, Future]] = deque()
     upcoming = iter(nodes)
     for node in upcoming:
-        pending.append((node, _in_thread(_materialise, reader, sources.get(node.info.name), node)))
+        pending.append((node, _in_thread(work, sources.get(node.info.name), node)))
         if len(pending) >= jobs:
             break
     while pending:
         node, future = pending.popleft()
         following = next(upcoming, None)
         if following is not None:
-            pending.append((following, _in_thread(_materialise, reader, sources.get(following.info.name),
-                                                  following)))
+            pending.append((following, _in_thread(work, sources.get(following.info.name), following)))
         yield node, future.result()
 
 
@@ -666,16 +677,18 @@ def _all_nodes(nodes: Sequence[Node]) -> Iterator[Node]:
             stack.extend(node.evaluation.inputs.values())
 
 
-def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple[np.ndarray, TensorRecord]:
+def _materialise(reader: Reader, source: TensorInfo | None, node: Node, *,
+                 stats: bool = True) -> tuple[np.ndarray, TensorRecord]:
     """Evaluate one output tensor in its storage dtype, with its before/after statistics.
 
-    `source` is the input tensor of the same name, if any: the "before" of the report.
+    `source` is the input tensor of the same name, if any: the "before" of the report. A
+    tensor of the same shape is compared in one pass over the pair (`stats.compare`).
     """
     info = node.info
     before = reader.read(info.name) if source is not None else None
     if isinstance(node, SourceNode):
         stored = before
-        after_stats = before_stats = tensor_stats(before)
+        after_stats = before_stats = tensor_stats(before) if stats else None
         return stored, TensorRecord(info.name, info.dtype, list(info.shape), [], False,
                                     before_stats, after_stats, None, {})
     value = node.compute()
@@ -683,20 +696,31 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Node) -> tuple
         stored = _to_storage(value, info)
     except InputError as exc:
         raise InputError(f"{reader.path}: {exc}") from None
-    before_stats = tensor_stats(before) if before is not None else None
-    after_stats = tensor_stats(stored)
+    del value
     comparable = source is not None and source.shape == info.shape
-    changed = not comparable or source.dtype != info.dtype or not _same_bytes(before, stored)
-    error = error_metrics(before, stored) if comparable else None
+    if not stats:
+        changed = not comparable or source.dtype != info.dtype or not same_bytes(before, stored)
+        return stored, TensorRecord(info.name, info.dtype, list(info.shape), list(node.steps), changed,
+                                    None, None, None, dict(node.extras),
+                                    dtype_before=source.dtype if source else None)
+    if comparable:
+        pair = compare(before, stored)
+        changed = source.dtype != info.dtype or not pair.same_bytes
+        before_stats, after_stats, error = pair.before, pair.after, pair.error
+        histograms = pair.histogram if changed else None
+    else:
+        before_stats = tensor_stats(before) if before is not None else None
+        after_stats, error, changed = tensor_stats(stored), None, True
+        histograms = _histograms(before, before_stats, stored, after_stats)
     return stored, TensorRecord(info.name, info.dtype, list(info.shape), list(node.steps), changed,
                                 before_stats, after_stats, error, dict(node.extras),
-                                dtype_before=source.dtype if source else None,
-                                histogram=_histograms(before, before_stats, stored, after_stats) if changed else None)
+                                dtype_before=source.dtype if source else None, histogram=histograms)
 
 
 def _histograms(before: np.ndarray | None, before_stats: dict[str, Any] | None,
                 after: np.ndarray, after_stats: dict[str, Any]) -> dict[str, Any] | None:
-    """Before/after value histograms on one shared range (for sparklines and the HTML report)."""
+    """Before/after value histograms on one shared range, for tensors `compare` cannot pair
+    (created, or reshaped by a group transform)."""
     ends = [v for s in (before_stats, after_stats) if s for v in (s["min"], s["max"]) if v is not None]
     if not ends:
         return None
@@ -711,8 +735,8 @@ def _to_storage(value: np.ndarray, info: TensorInfo) -> np.ndarray:
     dtype = by_code(info.dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         stored = to_storage(value, dtype)
-    narrower = dtype.is_float and dtype.itemsize < np.asarray(value).dtype.itemsize
-    if narrower:
+    value = np.asarray(value)
+    if dtype.is_float and dtype.itemsize < value.dtype.itemsize and _may_overflow(value, dtype.numpy):
         overflow = int(np.count_nonzero(~np.isfinite(stored))) - int(np.count_nonzero(~np.isfinite(value)))
         if overflow > 0:
             raise InputError(f"tensor {info.name!r}: {overflow} value(s) overflow {dtype.user_name} after the "
@@ -720,12 +744,14 @@ def _to_storage(value: np.ndarray, info: TensorInfo) -> np.ndarray:
     return stored
 
 
-def _same_bytes(before: np.ndarray, after: np.ndarray, chunk: int = 1 << 24) -> bool:
-    """Bitwise equality, compared in chunks so no tensor-sized temporary is made."""
-    if before.dtype != after.dtype or before.shape != after.shape:
+def _may_overflow(value: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether casting `value` to `dtype` may create NaN/Inf: rounding is monotonic, so only
+    the extremes can overflow (two fast reductions instead of counting every element)."""
+    if not value.size:
         return False
-    a, b = before.reshape(-1).view(np.uint8), np.ascontiguousarray(after).reshape(-1).view(np.uint8)
-    return all(np.array_equal(a[i:i + chunk], b[i:i + chunk]) for i in range(0, a.size, chunk))
+    extremes = np.array([value.min(), value.max()])
+    with np.errstate(over="ignore", invalid="ignore"):
+        return not (np.isfinite(extremes).all() and np.isfinite(extremes.astype(dtype)).all())
 
 
 def _planned_record(node: Node, source: TensorInfo | None) -> TensorRecord:
@@ -736,7 +762,7 @@ def _planned_record(node: Node, source: TensorInfo | None) -> TensorRecord:
 
 def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline, infos: Sequence[TensorInfo],
                      notes: list[str]) -> dict[str, str]:
-    """The input's metadata plus one `wtool` entry (version and pipeline run).
+    """The input's metadata plus one `wtool` entry (`Pipeline.provenance`).
 
     transformers refuses safetensors metadata without `format`, so `format: pt` is added
     when the input had none. What wtool adds is left out again (with a note) when it would
@@ -744,7 +770,7 @@ def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline, infos: Seq
     """
     out = dict(metadata)
     out.setdefault("format", "pt")
-    out["wtool"] = json.dumps({"version": __version__, "steps": pipeline.describe()}, sort_keys=True)
+    out["wtool"] = json.dumps(pipeline.provenance(), sort_keys=True)
     for added in ("wtool", "format"):
         if len(encode_header(infos, out)) - 8 <= MAX_HEADER_BYTES or added in metadata:
             break
@@ -752,6 +778,23 @@ def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline, infos: Seq
         notes.append(f"metadata entry {added!r} left out: with it the safetensors header would pass the "
                      f"{MAX_HEADER_BYTES:,} byte limit that readers accept")
     return out
+
+
+def _quality_totals(records: list[TensorRecord], reader: Reader, totals: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameter-weighted error and the worst tensors (see `weighted_error`), stored bits per
+    weight before and after, and the grid bits of quantized tensors, scales and offsets counted."""
+    changed = [{"name": r.name, "numel": math.prod(r.shape), "rel_l2": r.error["rel_l2"],
+                "sqnr_db": r.error["sqnr_db"]} for r in records if r.changed and r.error is not None]
+    measured = any(r.after is not None for r in records) or not records  # stats=False measures no error
+    params_in = sum(t.numel for t in reader.tensors)
+    quantized = [(math.prod(r.shape), r.extras["quantize.bits_per_weight"]) for r in records
+                 if "quantize.bits_per_weight" in r.extras]
+    grid = math.fsum(n * b for n, b in quantized) / sum(n for n, _ in quantized) if quantized else None
+    return (weighted_error(changed) if measured else {}) | {
+        "bits_per_weight": {"before": 8 * totals["bytes_in"] / params_in if params_in else None,
+                            "after": 8 * totals["bytes_out"] / totals["params"] if totals["params"] else None},
+        "quantized_bits_per_weight": grid,
+    }
 
 
 def _report(the_plan: Plan, records: list[TensorRecord], output: str | Path | None, seconds: float,
@@ -768,10 +811,13 @@ def _report(the_plan: Plan, records: list[TensorRecord], output: str | Path | No
         "bytes_out": bytes_out,
         "seconds": round(seconds, 3),
     }
+    if not dry_run:
+        totals |= _quality_totals(records, reader, totals)
     return Report(
         wtool_version=__version__, input=str(reader.path), output=None if output is None else str(output),
         steps=the_plan.pipeline.describe(), tensors=records, totals=totals, dropped=dropped,
         skipped=the_plan.skipped, groups=the_plan.groups, notes=the_plan.notes, dry_run=dry_run,
         nonfinite_policy=the_plan.pipeline.nonfinite, model_files=model_files,
+        warnings=data_free_warnings(records),
     )
 

@@ -80,6 +80,8 @@ class Report:
     dry_run: bool = False
     nonfinite_policy: str = "error"
     model_files: list[str] = field(default_factory=list)
+    #: Data-free warnings ({"tensor", "kind", "message"}), see `wtool.advice`.
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return _clean(asdict(self))
@@ -96,8 +98,9 @@ class Report:
 
 
 def step_label(step: dict[str, Any]) -> str:
-    """`op(key=value, ...)` with the step's own include/exclude patterns."""
-    params = {**step.get("params", {}), **{k: step[k] for k in ("include", "exclude") if step.get(k)}}
+    """`op(key=value, ...)` with the step's own include/exclude patterns (unset parameters left out)."""
+    params = {**{k: v for k, v in step.get("params", {}).items() if v is not None},
+              **{k: step[k] for k in ("include", "exclude") if step.get(k)}}
     return f"{step['op']}({', '.join(f'{k}={v}' for k, v in params.items())})"
 
 
@@ -127,6 +130,8 @@ class DiffReport:
     mismatched: list[dict[str, Any]]
     gates: dict[str, float]
     failures: list[dict[str, Any]]
+    #: weighted_rel_l2, weighted_sqnr_db, worst (over tensors whose values differ), bits_per_weight
+    totals: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -159,7 +164,11 @@ class DiffReport:
             metric, above = gate[:-1], gate.endswith(">")
             if metric in failing:
                 continue
-            values = [(r[metric], r["name"]) for r in self.tensors if r[metric] is not None]
+            if metric in self.totals:  # a gate on the weighted totals
+                lines.append(f"passed {metric} {gate[-1]} {fmt(limit)}: {fmt(self.totals[metric])} over the changed "
+                             "tensors")
+                continue
+            values = [(r[metric], r["name"]) for r in self.tensors if r.get(metric) is not None]
             worst_row = min(values, key=lambda v: _severity(v[0], above)) if values else None
             where = f" (worst {fmt(worst_row[0])} on {worst_row[1]})" if worst_row else ""
             lines.append(f"passed {metric} {gate[-1]} {fmt(limit)}: all {len(self.tensors)} tensor(s){where}")
@@ -296,6 +305,24 @@ def _pair(before: dict[str, Any] | None, after: dict[str, Any] | None, key: str)
     return a if a == b else f"{a} → {b}"
 
 
+def totals_lines(totals: dict[str, Any]) -> list[str]:
+    """The honest totals in words: parameter-weighted error, worst tensors, bits per weight."""
+    if "bits_per_weight" not in totals:
+        return []
+    lines = []
+    if totals.get("worst"):
+        sqnr = totals["weighted_sqnr_db"]
+        lines.append(f"parameter-weighted over changed tensors: rel_l2 {fmt(totals['weighted_rel_l2'])}, "
+                     f"SQNR {fmt(sqnr, 3) + ' dB' if sqnr is not None else 'inf'}; worst: "
+                     + ", ".join(f"{w['name']} ({fmt(w['rel_l2'])})" for w in totals["worst"]))
+    stored = totals["bits_per_weight"]
+    line = f"stored bits per weight: {fmt(stored['before'], 3)} → {fmt(stored['after'], 3)}"
+    if totals.get("quantized_bits_per_weight") is not None:
+        line += (f"; quantized tensors' grid: {fmt(totals['quantized_bits_per_weight'], 3)} bits per weight "
+                 "(scales and offsets counted)")
+    return [*lines, line]
+
+
 # ------------------------------------------------------------------ rich tables
 
 def apply_table(report: Report, limit: int = SHOW_ROWS, sparklines: bool = True) -> Table:
@@ -328,7 +355,7 @@ def apply_table(report: Report, limit: int = SHOW_ROWS, sparklines: bool = True)
     t = report.totals
     caption = [f"{t['tensors']} tensors, {t['changed']} changed, {fmt(t['params'])} params, "
                f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])}"
-               + (f", {t['seconds']:.2f} s" if not report.dry_run else "")]
+               + (f", {t['seconds']:.2f} s" if not report.dry_run else ""), *totals_lines(t)]
     if hidden:
         caption.append(f"{hidden} more tensors hidden (the {limit} with the largest error are shown; "
                        "--report FILE.json has all)")
@@ -351,6 +378,7 @@ def plan_details(report: Report) -> list[Text]:
         lines.append(Text("  • " + "; ".join(parts)))
     lines.extend(_skip_lines(report, shown=3))
     lines.extend(Text(f"  • {note}", style="yellow") for note in report.notes)
+    lines.extend(Text(f"  ⚠ {line}", style="bold yellow") for line in warning_lines(report.warnings))
     return lines
 
 
@@ -370,6 +398,19 @@ def _skip_lines(report: Report, shown: int | None = None) -> list[Text]:
             text = ", ".join(listed) + (f" and {more} more" if more else "")
             lines.append(Text(f"  • skipped by {', '.join(ops)} ({reason}): {len(names)} tensor(s): {text}",
                               style="dim"))
+    return lines
+
+
+def warning_lines(warnings: list[dict[str, Any]], per_kind: int = 5) -> list[str]:
+    """'tensor (kind): message', at most `per_kind` of each kind, then how many more there are."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for w in warnings:
+        by_kind.setdefault(w["kind"], []).append(w)
+    lines = []
+    for kind, found in by_kind.items():
+        lines.extend(f"{w['tensor']} ({kind}): {w['message']}" for w in found[:per_kind])
+        if len(found) > per_kind:
+            lines.append(f"… and {len(found) - per_kind} more {kind} warnings (the JSON report lists all)")
     return lines
 
 
@@ -399,7 +440,8 @@ def diff_table(report: DiffReport, limit: int = SHOW_ROWS) -> Table:
         table.add_row(escape(row["name"]), fmt(row["max_abs"]), fmt(row["mse"]), fmt(row["rel_l2"]),
                       fmt(row["cosine"], 6), fmt(row["sqnr_db"], 3))
     caption = [f"{len(report.tensors)} common tensors"
-               + (f" ({len(rows) - limit} with the smallest error hidden)" if len(rows) > limit else "")]
+               + (f" ({len(rows) - limit} with the smallest error hidden)" if len(rows) > limit else ""),
+               *totals_lines(report.totals)]
     if report.only_in_a:
         caption.append(f"only in A: {', '.join(report.only_in_a[:5])}{' …' if len(report.only_in_a) > 5 else ''}")
     if report.only_in_b:
@@ -427,7 +469,8 @@ def apply_markdown(report: Report, limit: int = SHOW_ROWS) -> str:
     steps = " → ".join(f"`{_md(step_label(s))}`" for s in report.steps) or "copy (no steps)"
     out = [f"### wtool apply: `{_md(report.input)}` → `{_md(str(report.output))}`", "",
            f"Pipeline: {steps}  ", f"{t['tensors']} tensors, **{t['changed']} changed**, {fmt(t['params'])} params, "
-           f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])} in {t['seconds']:.2f} s", ""]
+           f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])} in {t['seconds']:.2f} s  ",
+           *(f"{_md(line)}  " for line in totals_lines(t)), ""]
     rows, hidden = report.worst(limit)
     out += ["| tensor | shape | dtype | steps | absmax | sparsity | rel_l2 | sqnr dB |",
             "|---|---:|---|---|---:|---:|---:|---:|"]
@@ -442,12 +485,16 @@ def apply_markdown(report: Report, limit: int = SHOW_ROWS) -> str:
         out += ["", f"Merged groups: {len(report.groups)}; dropped tensors: {len(report.dropped)}"]
     if report.notes:
         out += [""] + [f"- {_md(note)}" for note in report.notes]
+    if report.warnings:
+        out += ["", f"**Warnings** ({len(report.warnings)}):", ""]
+        out += [f"- {_md(line)}" for line in warning_lines(report.warnings)]
     return "\n".join(out) + "\n"
 
 
 def diff_markdown(report: DiffReport, limit: int = SHOW_ROWS) -> str:
     status = "passed" if report.passed else "**FAILED**"
     out = [f"### wtool diff: `{_md(report.a)}` ↔ `{_md(report.b)}` — {status}", "",
+           *(f"{_md(line)}  " for line in totals_lines(report.totals)), "",
            "| tensor | max_abs | mse | rel_l2 | cosine | sqnr dB |", "|---|---:|---:|---:|---:|---:|"]
     rows = sorted(report.tensors, key=lambda r: -(r["rel_l2"] if r["rel_l2"] is not None else math.inf))
     for row in rows[:limit]:
@@ -548,6 +595,8 @@ def apply_html(report: Report) -> str:
     extra += [f"<li>{esc(line.plain.removeprefix('  • '))}</li>" for line in _skip_lines(report)]
     extra += [f"<li>{esc(n)}</li>" for n in report.notes]
     extra += [f"<li>dropped {esc(n)}</li>" for n in report.dropped]
+    extra += [f"<li>{esc(line)}</li>" for line in totals_lines(t)]
+    extra += [f"<li><b>warning</b> {esc(w['tensor'])}: {esc(w['message'])}</li>" for w in report.warnings]
     return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>wtool report</title>"
             f"<style>{_CSS}</style></head><body><h1>wtool apply: {esc(report.input)} → {esc(str(report.output))}</h1>"
             f'<div class="sub">pipeline: {esc(steps)} · {t["tensors"]} tensors, {t["changed"]} changed · '
@@ -612,4 +661,106 @@ def eval_markdown(report: EvalReport) -> str:
     for metric, value in report.metrics.items():
         limits, status = report.gate_status(metric)
         out.append(f"| {metric} | {fmt(value, 6)} | {limits} | {'**FAILED**' if status == 'FAILED' else status} |")
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------ batch
+
+BATCH_STATUSES = ("ok", "failed", "skipped", "interrupted", "not run")
+
+
+@dataclass
+class BatchItem:
+    """One input of `wtool batch`: its status (one of BATCH_STATUSES), the error line of a
+    failure, and its full apply report when it ran."""
+
+    input: str
+    output: str
+    status: str
+    seconds: float = 0.0
+    error: str | None = None
+    note: str | None = None
+    report: Report | None = None
+
+
+@dataclass
+class BatchReport:
+    """The result of `wtool batch`: every input in order, and a summary."""
+
+    wtool_version: str
+    steps: list[dict[str, Any]]
+    out_dir: str
+    executor: str
+    jobs: int
+    inputs: list[BatchItem]
+    seconds: float
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """Counts per status (`not run` as `not_run`), changed tensors, bytes and seconds."""
+        ran = [item.report.totals for item in self.inputs if item.report]
+        counts = {_key(status): sum(item.status == status for item in self.inputs) for status in BATCH_STATUSES}
+        return {"inputs": len(self.inputs), **counts, "changed": sum(t["changed"] for t in ran),
+                "bytes_in": sum(t["bytes_in"] for t in ran), "bytes_out": sum(t["bytes_out"] for t in ran),
+                "seconds": self.seconds}
+
+    def to_json(self) -> dict[str, Any]:
+        data = _clean(asdict(self))
+        data["summary"] = self.summary
+        return data
+
+
+def _key(status: str) -> str:
+    return status.replace(" ", "_")
+
+
+def batch_summary(report: BatchReport) -> str:
+    """`5 inputs: 3 ok, 1 failed, 1 skipped; 1.2 MB → 1.2 MB in 3.4 s (processes, 2 at once)`."""
+    s = report.summary
+    counts = ", ".join(f"{s[_key(status)]} {status}" for status in BATCH_STATUSES if s[_key(status)])
+    return (f"{s['inputs']} inputs: {counts}; {human_bytes(s['bytes_in'])} → {human_bytes(s['bytes_out'])} "
+            f"in {s['seconds']:.2f} s ({report.executor}, {report.jobs} at once)")
+
+
+def _batch_cells(item: BatchItem) -> tuple[str, str, str]:
+    """changed tensors, bytes in → out, and the error (or note) of one input."""
+    if item.report is None:
+        return "-", "-", item.error or item.note or ""
+    t = item.report.totals
+    return f"{t['changed']}/{t['tensors']}", f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])}", \
+        item.note or ""
+
+
+def _seconds(item: BatchItem) -> str:
+    return f"{item.seconds:.2f}" if item.status in ("ok", "failed") else "-"
+
+
+_STATUS_STYLE = {"ok": "green", "failed": "bold red", "skipped": "dim", "interrupted": "yellow", "not run": "dim"}
+
+
+def batch_table(report: BatchReport) -> Table:
+    """One row per input: status, tensors changed, bytes in → out, seconds, the error line."""
+    table = Table(title=f"wtool batch → {escape(report.out_dir)}", title_justify="left")
+    for column, justify in (("input", "left"), ("status", "left"), ("changed", "right"),
+                            ("bytes in → out", "right"), ("seconds", "right"), ("error", "left")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for item in report.inputs:
+        changed, sizes, message = _batch_cells(item)
+        table.add_row(escape(item.input), f"[{_STATUS_STYLE[item.status]}]{item.status}[/]", changed, sizes,
+                      _seconds(item), escape(message))
+    table.caption = escape(batch_summary(report))
+    table.caption_justify = "left"
+    return table
+
+
+def batch_markdown(report: BatchReport) -> str:
+    """The batch summary for `$GITHUB_STEP_SUMMARY`: one row per input."""
+    steps = " → ".join(f"`{s['op']}`" for s in report.steps) or "copy (no steps)"
+    out = [f"### wtool batch → `{_md(report.out_dir)}`", "", f"Pipeline: {steps}  ", _md(batch_summary(report)), "",
+           "| input | status | changed | bytes in → out | seconds | error |", "|---|---|---:|---:|---:|---|"]
+    for item in report.inputs:
+        changed, sizes, message = _batch_cells(item)
+        status = f"**{item.status}**" if item.status == "failed" else item.status
+        out.append(f"| `{_md(item.input)}` | {status} | {changed} | {sizes} | "
+                   f"{_seconds(item)} | {_md(message)} |")
     return "\n".join(out) + "\n"

@@ -111,6 +111,21 @@ def test_at_most_2_to_the_b_values_per_group_and_error_within_half_step(w, bits,
             assert np.all(np.abs(g_out - g_in) <= scale / 2 + 1e-5 * max(np.abs(g_in).max(), 1e-30))
 
 
+@pytest.mark.parametrize("scheme", ["asym", "sym"])
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+def test_blocks_of_rows_give_the_same_bytes_as_one_block(monkeypatch, scheme, granularity):
+    from wtool.transforms import quantize
+
+    w = np.random.default_rng(3).normal(size=(37, 64)).astype(np.float32)
+    w[5, :16] = 0.25  # a constant group inside a later block
+    step = Transform.create("quantize", {"bits": 3, "scheme": scheme, "granularity": granularity, "group_size": 16})
+    whole = step.apply(w, ctx(w))
+    monkeypatch.setattr(quantize, "_BLOCK", 40)  # blocks of 2 groups of 16, or 1 row
+    blocked = step.apply(w, ctx(w))
+    assert blocked.tobytes() == whole.tobytes()
+    np.testing.assert_allclose(blocked, reference(w, 3, scheme, granularity, 16), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("bits, expected", [(2, "group"), (4, "group"), (5, "channel"), (8, "channel")])
 def test_default_granularity_is_group_128_at_4_bits_and_below(bits, expected):
     """A per-channel 4-bit grid lets one outlier flatten its whole row; the default avoids it."""

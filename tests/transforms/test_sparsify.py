@@ -119,3 +119,12 @@ def test_exact_zero_count(w, fraction):
     # zeros are the smallest magnitudes, so existing zeros count towards the target
     assert int((out == 0).sum()) == max(round(fraction * w.size), int((w == 0).sum()))
     np.testing.assert_array_equal(out, reference_fraction([w], fraction)[0])
+
+
+def test_threshold_zeroes_nan_keeps_inf_and_signed_zeros():
+    w = np.array([[np.nan, np.inf, -np.inf, -0.0, 0.3, -0.5, 0.5, -0.2]], np.float32)
+    out = Transform.create("sparsify", {"threshold": 0.5}).apply(w, ctx(w))
+    expected = np.where(np.abs(w) >= 0.5, w, np.float32(0))
+    assert out.tobytes() == expected.tobytes()
+    zero = Transform.create("sparsify", {"threshold": 0}).apply(w, ctx(w))
+    assert zero[0, 0] == 0 and np.signbit(zero[0, 3])  # NaN fails |w| >= 0; -0.0 passes and stays -0.0

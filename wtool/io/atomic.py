@@ -42,7 +42,17 @@ from wtool.io.protect import Inputs
 MANIFEST = ".wtool-files.json"
 #: What `--force` may replace, for messages.
 FORCE_RULE = "--force replaces only a checkpoint wtool wrote (see the README)"
-_HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+def _host() -> str:
+    """This host and PID namespace (containers sharing a folder and a host name do not share PIDs)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return hashlib.sha256(f"{socket.gethostname()}:{namespace}".encode("utf-8", "replace")).hexdigest()[:8]
+
+
+#: Temporary names carry this, so that only a run on the same host judges whether their owner is alive.
+HOST = _host()
 _TEMP = re.compile(r"\..+\.wtool-(?:tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{8}")
 _NAME_LIMIT = 255
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
@@ -74,7 +84,7 @@ def sibling(path: Path, kind: str) -> Path:
     A name too long to carry the suffix is replaced by its hash, so any legal output name works.
     """
     path = absolute(path)
-    suffix = f".wtool-{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+    suffix = f".wtool-{kind}-{HOST}-{os.getpid()}-{secrets.token_hex(4)}"
     stem = path.name
     if len(os.fsencode(f".{stem}{suffix}")) > _NAME_LIMIT:
         stem = hashlib.sha256(os.fsencode(stem)).hexdigest()[:16]
@@ -101,7 +111,7 @@ def remove_stale(folder: Path, inputs: Inputs | None = None) -> None:
         return
     for name in names:
         match = _TEMP.fullmatch(name)
-        if not match or match["host"] != _HOST or _alive(int(match["pid"])):
+        if not match or match["host"] != HOST or _alive(int(match["pid"])):
             continue
         path = folder / name
         if inputs is None or not inputs.holds(path):

@@ -56,4 +56,17 @@ class Cast(Transform, name="cast"):
                 raise InputError(f"tensor {ctx.name!r}: {over} value(s) outside {self.params.dtype}'s range "
                                  f"±{limit:g}; pass saturate=true to clamp them")
         with np.errstate(invalid="ignore"):  # a signalling NaN stays a NaN; no warning for it
-            return array.astype(target).astype(array.dtype)
+            stored = array.astype(target)
+        if ctx is not None:
+            ctx.extras.update(flushed(array, stored))
+        return stored.astype(array.dtype)
+
+
+def flushed(before: np.ndarray, stored: np.ndarray) -> dict[str, int]:
+    """Non-zero values the target dtype turned into zeros (`flushed_to_zero`) or into subnormals
+    (`subnormal`, with fewer significant bits than the dtype's normal numbers)."""
+    smallest = float(ml_dtypes.finfo(stored.dtype).smallest_normal)
+    magnitude = np.abs(stored.astype(np.float32))
+    nonzero = before != 0
+    return {"flushed_to_zero": int(np.count_nonzero(nonzero & (magnitude == 0))),
+            "subnormal": int(np.count_nonzero((magnitude > 0) & (magnitude < smallest)))}

@@ -63,4 +63,6 @@ class Clip(Transform, name="clip"):
         if array.size == 0:
             return array.copy()
         low, high = self.bounds(array)
-        return np.clip(array, low, high)
+        with np.errstate(over="ignore"):  # bounds beyond the dtype's range become ±inf, as numpy casts them
+            low, high = (None if v is None else array.dtype.type(v) for v in (low, high))
+        return np.clip(array, low, high)  # scalars of the array's dtype take numpy's fast path

@@ -16,6 +16,7 @@ from wtool.tensor import TensorInfo
 from wtool.transforms.base import Context, Transform, param
 
 DIGIT = 16  # bits resolved per pass of the global radix select
+CHUNK = 1 << 16  # elements per chunk of the threshold mask
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,17 @@ class Sparsify(Transform, name="sparsify"):
         return cutoffs
 
     def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
+        out = self._zero(array, ctx)
+        if ctx is not None and array.size:
+            ctx.extras.update(energy_figures(array, out))
+        return out
+
+    def _zero(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
         p = self.params
         if array.size == 0:
             return array.copy()
         if p.threshold is not None:
-            return np.where(np.abs(array) >= p.threshold, array, np.zeros((), array.dtype))
+            return _keep_at_least(array, p.threshold)
         if p.nm is not None:
             return self._nm(array, ctx)
         if p.scope == "global":
@@ -148,6 +155,33 @@ class Sparsify(Transform, name="sparsify"):
         drop = np.zeros(rows.shape, dtype=bool)
         np.put_along_axis(drop, order[:, keep:], True, axis=1)
         return np.where(drop, np.zeros((), array.dtype), rows).reshape(array.shape)
+
+
+def energy_figures(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
+    """`energy_kept` = ‖after‖²/‖before‖², and the `knee`: the share of weights with w² below the
+    mean w². Zeroing weights up to the knee removes less than its share of the energy; past it,
+    every further zero removes more than an average weight carries, so the energy drops sharply
+    (for Gaussian weights the knee is 0.68, and zeroing 90 % removes 56 % of the energy)."""
+    squares = np.square(before, dtype=np.float64)
+    total = float(squares.sum())
+    finite = np.isfinite(total) and total > 0
+    return {"energy_kept": float(np.square(after, dtype=np.float64).sum()) / total if finite else 1.0,
+            "knee": float(np.count_nonzero(squares < total / squares.size)) / squares.size if finite else 1.0}
+
+
+def _keep_at_least(array: np.ndarray, threshold: float) -> np.ndarray:
+    """w·[|w| >= τ], NaN and dropped values as +0.0: the bits times the mask (0 or 1), chunk by
+    chunk so the masks stay in cache; several times faster than np.where or a masked copy."""
+    bits = np.dtype(f"u{array.dtype.itemsize}")
+    flat = np.ascontiguousarray(array).reshape(-1)
+    out = np.empty_like(flat)
+    keep, low = np.empty(min(flat.size, CHUNK), bool), np.empty(min(flat.size, CHUNK), bool)
+    for start in range(0, flat.size, CHUNK):
+        part = flat[start:start + CHUNK]
+        mask = np.greater_equal(part, threshold, out=keep[:part.size])
+        mask |= np.less_equal(part, -threshold, out=low[:part.size])
+        np.multiply(part.view(bits), mask, out=out[start:start + CHUNK].view(bits), dtype=bits)
+    return out.reshape(array.shape)
 
 
 def _magnitude_keys(array: np.ndarray, wide: bool) -> np.ndarray:
