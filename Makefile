@@ -26,6 +26,7 @@ demo: $(VENV)/.core
 	$(BIN)/wtool diff fixtures/tiny-llama.safetensors $(DEMO)/tiny-llama-q4.safetensors --rows 5 --fail-below cosine=0.9
 
 test: $(VENV)/.test
+	$(BIN)/ruff check --quiet wtool tests benchmarks fixtures
 	$(BIN)/python -m pytest -q
 
 # the batch tests with Ray installed (its own .venv-ray: the core and `make test` never need it)

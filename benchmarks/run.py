@@ -172,7 +172,7 @@ class Suite:
         times, peak, base = alternate(two, self.wtool_apply("q1", "-t", QUANTIZE), self.repeat)
         median, base_median = statistics.median(times), statistics.median(base)
         same = _digest(self.work / "q1") == _digest(self.work / "q2")
-        self.rows.append(Row(f"  the same with --jobs 2 (vs --jobs 1)", self.size, median, peak, "--jobs 1",
+        self.rows.append(Row("  the same with --jobs 2 (vs --jobs 1)", self.size, median, peak, "--jobs 1",
                              base_median, base_median / median, "≥ 1.5× faster, same bytes",
                              base_median / median >= 1.5 and same, "bytes identical" if same else "BYTES DIFFER",
                              times))
@@ -252,7 +252,7 @@ class Suite:
                              note="its blocks of 32 (wtool: groups of 128); quantize only, no dequantize"))
 
     def statistics_rows(self, x: np.ndarray, repeat: int) -> None:
-        changed = Transform.create("quantize", {"bits": "4", "scheme": "sym", "granularity": "group"}).apply(x, None)
+        changed = Transform.create("quantize", {"bits": "4", "scheme": "sym", "granularity": "group"}).apply(x, Context.of(x))
         narrow = x.astype(ml_dtypes.bfloat16)
         narrow_changed = changed.astype(ml_dtypes.bfloat16)
         for label, array in (("float32", x), ("bfloat16", narrow)):

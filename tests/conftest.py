@@ -18,27 +18,6 @@ settings.register_profile("repeatable", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
-ALL_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
-}
-
-
-def sample(dtype, shape, seed: int = 0) -> np.ndarray:
-    """Random values of any dtype, including bit patterns such as -0.0 and NaN for floats."""
-    rng = np.random.default_rng(seed)
-    dtype = np.dtype(dtype)
-    if dtype == np.bool_:
-        return rng.random(shape) < 0.5
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
-    values = rng.normal(0, 2, size=shape).astype(np.float32).astype(dtype)
-    return values
-
-
 @pytest.fixture
 def llama(tmp_path: Path) -> Path:
     """A tiny Llama-shaped bf16 checkpoint with a 1-D norm, an I64 buffer and metadata."""

@@ -27,9 +27,22 @@ ALL_CODES = list(DTYPES)
 SHAPES = [(), (0,), (7,), (0, 3), (2, 3, 1, 4)]
 
 
-def sample(code: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    """Random bytes viewed as `code` (NaN payloads, -0.0, inf all occur), bools as 0/1."""
+def sample(code: str, shape: tuple[int, ...], seed: int = 0, *, bits: bool = True) -> np.ndarray:
+    """Random data of dtype `code`, the one generator of the test suite.
+
+    `bits=True`: random bytes viewed as the dtype (NaN payloads, -0.0, inf all occur), bools
+    as 0/1. `bits=False`: values a model would hold: normal (σ = 2) rounded to the float
+    dtype, integers over their whole range.
+    """
     dtype = DTYPES[code].numpy
+    if not bits:
+        rng = np.random.default_rng(seed)
+        if code == "BOOL":
+            return rng.random(shape) < 0.5
+        if dtype.kind in "iu":
+            limits = np.iinfo(dtype)
+            return rng.integers(limits.min, limits.max, size=shape, dtype=dtype, endpoint=True)
+        return rng.normal(0, 2, size=shape).astype(np.float32).astype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
     rng = np.random.default_rng([seed, ALL_CODES.index(code), count, len(shape)])
     if code == "BOOL":

@@ -188,6 +188,12 @@ def test_transforms_lists_every_registered_transform():
     assert invoke("transforms", "quantise").exit_code == 2
 
 
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_transforms_detail_shows_each_transforms_own_selection_rule(name):
+    shown = " ".join(invoke("transforms", name).output.split())
+    assert f"applies to: {' '.join(REGISTRY[name].applies_to.split())}" in shown
+
+
 def test_tensor_names_with_markup_are_printed_literally(tmp_path):
     path = tmp_path / "odd.safetensors"
     save_file({"[bold]w[/bold]": np.ones((2, 2), np.float32)}, path)
@@ -249,3 +255,23 @@ def test_a_closed_stdout_ends_quietly(tmp_path):
     finally:
         os.close(write_end)
     assert done.returncode == 141 and done.stderr == b""
+
+
+@pytest.mark.parametrize("name", ["out.gguf", "out.bin", "out.pt", "out.safetensor", "out.v2"])
+def test_an_output_suffix_wtool_cannot_write_is_refused_with_a_hint(llama, tmp_path, name):
+    for args in (["apply", llama, tmp_path / name], ["apply", llama, tmp_path / name, "--dry-run"]):
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        assert "or a folder (no suffix, or end the path with /)" in " ".join(result.output.split())
+    assert list(tmp_path.iterdir()) == [llama]
+    if name == "out.safetensor":
+        assert "did you mean .safetensors?" in result.output
+
+
+@pytest.mark.parametrize("name", ["out.bin/", "Qwen2.5-0.5B-q4", "plain"])
+def test_folder_outputs_need_no_suffix_or_a_trailing_slash(llama, tmp_path, name):
+    result = invoke("apply", llama, f"{tmp_path}/{name}", "-t", "clip:c=1", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / name.rstrip("/")
+    assert (folder / "model.safetensors").is_file()  # a single-file input stays one file in the folder
+    assert json.loads((tmp_path / "r.json").read_text())["output"] == f"{tmp_path}/{name}"

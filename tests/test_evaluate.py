@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from wtool import InputError, Pipeline, evaluate_models, run  # noqa: E402
-from wtool.cli import app  # noqa: E402
-from wtool.evaluate import SAMPLE_TEXT, detect_task, read_texts  # noqa: E402
+from wtool import InputError, Pipeline, evaluate_models, run
+from wtool.cli import app
+from wtool.evaluate import SAMPLE_TEXT, detect_task, read_texts
 
 runner = CliRunner()
 TEXTS = list(SAMPLE_TEXT[:12])

@@ -22,12 +22,12 @@ import pytest
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from safetensors import safe_open  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+from safetensors import safe_open
+from typer.testing import CliRunner
 
-import wtool  # noqa: E402
-from wtool.cli import app  # noqa: E402
-from wtool.tensor import TensorInfo  # noqa: E402
+import wtool
+from wtool.cli import app
+from wtool.tensor import TensorInfo
 
 runner = CliRunner()
 

@@ -42,7 +42,7 @@ CARRIED = {"BF16": np.uint16, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8}
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("code", ALL_CODES)
-def test_round_trip_is_bit_exact(tmp_path, code, shape):
+def test_npz_round_trip_is_bit_exact(tmp_path, code, shape):
     arrays = {"first": sample(code, shape), "second": sample(code, shape, seed=1)}
     path = save(tmp_path / "out.npz", arrays, {"k": "v"})
     with open_checkpoint(path) as reader:
@@ -54,7 +54,7 @@ def test_round_trip_is_bit_exact(tmp_path, code, shape):
 
 
 @pytest.mark.parametrize("code", [code for code in ALL_CODES if DTYPES[code].is_float])
-def test_every_special_value_survives(tmp_path, code):
+def test_npz_every_special_value_survives(tmp_path, code):
     values = every_bit_pattern(code)
     loaded, _ = load(save(tmp_path / "out.npz", {"x": values}))
     assert same_bits(loaded["x"], values)
@@ -141,7 +141,7 @@ names = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, ma
                                                st.lists(st.integers(0, 3), max_size=3).map(tuple)),
                              min_size=1, max_size=4),
        metadata=st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=2))
-def test_round_trip_property(tmp_path, specs, metadata):
+def test_npz_round_trip_property(tmp_path, specs, metadata):
     arrays = {name: sample(code, shape, seed=i) for i, (name, (code, shape)) in enumerate(specs.items())}
     loaded, found_metadata = load(save(tmp_path / "prop.npz", arrays, metadata, force=True))
     assert list(loaded) == list(arrays) and found_metadata == metadata
@@ -181,7 +181,7 @@ def test_wtool_member_with_same_dtype_is_accepted(tmp_path):
 ARRAYS = {"a": np.arange(1000, dtype=np.float32), "b": np.ones(10, ml_dtypes.bfloat16)}
 
 
-def test_exception_mid_write_leaves_nothing(tmp_path):
+def test_npz_exception_mid_write_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         with create_writer(tmp_path / "out.npz", infos_for(ARRAYS), {}) as writer:
             writer.write("a", ARRAYS["a"])
@@ -189,7 +189,7 @@ def test_exception_mid_write_leaves_nothing(tmp_path):
     assert listing(tmp_path) == {}
 
 
-def test_existing_target_needs_force(tmp_path):
+def test_npz_existing_target_needs_force(tmp_path):
     target = write(tmp_path / "out.npz", OLD_NPZ)
     with pytest.raises(UsageError, match=r"out\.npz exists; pass --force"):
         save(target, ARRAYS)
@@ -198,7 +198,7 @@ def test_existing_target_needs_force(tmp_path):
     assert load(target)[0].keys() == ARRAYS.keys() and len(listing(tmp_path)) == 1
 
 
-def test_disk_full_is_an_output_error(tmp_path, monkeypatch):
+def test_npz_disk_full_is_an_output_error(tmp_path, monkeypatch):
     class FullDisk:
         def __init__(self, handle):
             self.handle, self.room = handle, 2000

@@ -54,7 +54,7 @@ FLOATS = [code for code in ALL_CODES if DTYPES[code].is_float]
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("code", ALL_CODES)
-def test_round_trip_is_bit_exact(tmp_path, code, shape):
+def test_safetensors_round_trip_is_bit_exact(tmp_path, code, shape):
     arrays = {"first": sample(code, shape), "second": sample(code, shape, seed=1)}
     path = save(tmp_path / "out.safetensors", arrays, {"k": "v"})
     with open_checkpoint(path) as reader:
@@ -68,7 +68,7 @@ def test_round_trip_is_bit_exact(tmp_path, code, shape):
 
 
 @pytest.mark.parametrize("code", FLOATS)
-def test_every_special_value_survives(tmp_path, code):
+def test_safetensors_every_special_value_survives(tmp_path, code):
     """All NaN payloads, -0.0 and infinities of the small floats; chosen patterns of the wide ones."""
     values = every_bit_pattern(code)
     loaded, _ = load(save(tmp_path / "out.safetensors", {"x": values}))
@@ -157,7 +157,7 @@ tensor_specs = st.dictionaries(
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(specs=tensor_specs, metadata=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3))
-def test_round_trip_property(tmp_path, specs, metadata):
+def test_safetensors_round_trip_property(tmp_path, specs, metadata):
     arrays = {name: sample(code, shape, seed=i) for i, (name, (code, shape)) in enumerate(specs.items())}
     path = save(tmp_path / "prop.safetensors", arrays, metadata, force=True)
     loaded, found_metadata = load(path)
@@ -357,7 +357,7 @@ ARRAYS = {"a": np.arange(1000, dtype=np.float32), "b": np.arange(10, dtype=np.in
 
 
 @pytest.mark.parametrize("interrupt", [RuntimeError("boom"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
-def test_exception_mid_write_leaves_nothing(tmp_path, interrupt):
+def test_safetensors_exception_mid_write_leaves_nothing(tmp_path, interrupt):
     with pytest.raises(type(interrupt)):
         with create_writer(tmp_path / "out.safetensors", infos_for(ARRAYS), {}) as writer:
             writer.write("a", ARRAYS["a"])
@@ -366,7 +366,7 @@ def test_exception_mid_write_leaves_nothing(tmp_path, interrupt):
     assert listing(tmp_path) == {}
 
 
-def test_existing_target_needs_force(tmp_path):
+def test_safetensors_existing_target_needs_force(tmp_path):
     target = write(tmp_path / "out.safetensors", OLD_SAFETENSORS)
     with pytest.raises(UsageError, match=r"out\.safetensors exists; pass --force to replace it"):
         create_writer(target, infos_for(ARRAYS), {})
@@ -413,7 +413,7 @@ class FullDisk:
 
 
 @pytest.mark.parametrize("room", [0, 200, 3000], ids=["header", "first-tensor", "second-tensor"])
-def test_disk_full_is_an_output_error(tmp_path, monkeypatch, room):
+def test_safetensors_disk_full_is_an_output_error(tmp_path, monkeypatch, room):
     real = wtool.io.atomic.create_file
     monkeypatch.setattr(wtool.io.atomic, "create_file", lambda path: FullDisk(real(path), room))
     target = write(tmp_path / "out.safetensors", OLD_SAFETENSORS)

@@ -46,7 +46,7 @@ def shard_tensors(path):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("code", ALL_CODES)
-def test_round_trip_is_bit_exact(tmp_path, code, shape):
+def test_sharded_round_trip_is_bit_exact(tmp_path, code, shape):
     arrays = {f"layer.{i}": sample(code, shape, seed=i) for i in range(3)}
     folder = save(tmp_path / "out", arrays, {"format": "pt"}, max_shard_size=max(1, 2 * sample(code, shape).nbytes))
     with open_checkpoint(folder) as reader:
@@ -110,7 +110,7 @@ def test_max_shard_size_accepts_text(tmp_path):
 @given(specs=st.lists(st.tuples(st.sampled_from(ALL_CODES), st.lists(st.integers(0, 5), max_size=3).map(tuple)),
                       min_size=1, max_size=6),
        limit=st.integers(1, 200))
-def test_round_trip_property(tmp_path, specs, limit):
+def test_sharded_round_trip_property(tmp_path, specs, limit):
     arrays = {f"{i}/../w{i}": sample(code, shape, seed=i) for i, (code, shape) in enumerate(specs)}
     loaded, _ = load(save(tmp_path / "prop", arrays, max_shard_size=limit, force=True))
     assert list(loaded) == list(arrays)
@@ -254,7 +254,7 @@ def test_empty_weight_map_is_an_empty_checkpoint(tmp_path):
 ARRAYS = {f"t{i}": np.full(100, i, np.float32) for i in range(4)}
 
 
-def test_exception_mid_write_leaves_nothing(tmp_path):
+def test_sharded_exception_mid_write_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         with create_writer(tmp_path / "out", infos_for(ARRAYS), {}, max_shard_size=500) as writer:
             for name in ["t0", "t1", "t2"]:
@@ -283,7 +283,7 @@ def test_force_never_replaces_a_file_with_a_folder(tmp_path):
     assert target.read_bytes() == b"a file" and len(listing(tmp_path)) == 1
 
 
-def test_disk_full_is_an_output_error(tmp_path, monkeypatch):
+def test_sharded_disk_full_is_an_output_error(tmp_path, monkeypatch):
     real = wtool.io.sharded.create_file
     written = []
 

@@ -676,7 +676,7 @@ def test_debug_keeps_the_exit_code_of_an_input_error(tmp_path):
 
 # -- 9. NaN and Inf -----------------------------------------------------------------------------------
 
-def test_nonfinite_policies(tmp_path):
+def test_cli_nonfinite_policies(tmp_path):
     values = np.array([[np.nan, np.inf, -1.0, 0.25], [0.5, -0.75, 1.0, 0.0]], np.float32)
     source = save(tmp_path / "nan.safetensors", {"w": values})
 

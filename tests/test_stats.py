@@ -5,12 +5,13 @@ import math
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import ALL_DTYPES, sample
+from corpus import ALL_CODES, sample
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from wtool import stats
+from wtool.dtypes import DTYPES
 
 
 def reference(values: list[float]) -> dict:
@@ -35,10 +36,10 @@ def close(a, b):
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
-@pytest.mark.parametrize("code", list(ALL_DTYPES))
+@pytest.mark.parametrize("code", ALL_CODES)
 @pytest.mark.parametrize("shape", [(0,), (1,), (5, 7), (2, 3, 4)])
 def test_stats_of_every_dtype(code, shape):
-    array = sample(ALL_DTYPES[code], shape, seed=7)
+    array = sample(code, shape, seed=7, bits=False)
     got = stats.tensor_stats(array)
     expected = reference([float(v) for v in array.reshape(-1)])
     assert set(got) == set(stats.STAT_KEYS)
@@ -131,8 +132,8 @@ def test_std_of_values_far_from_zero_is_accurate(monkeypatch):
 
 
 def _pair(code, seed):
-    dtype = ALL_DTYPES[code]
-    before = sample(dtype, (40, 50), seed=seed)
+    dtype = DTYPES[code].numpy
+    before = sample(code, (40, 50), seed=seed, bits=False)
     after = (before.astype(np.float64) * 0.9 + 0.01).astype(dtype) if code != "BOOL" else ~before
     if np.dtype(dtype).kind not in "iub":
         before.reshape(-1)[[3, 700]] = [np.nan, np.inf]  # non-finite before, and in the same chunk after
@@ -140,7 +141,7 @@ def _pair(code, seed):
     return before, after
 
 
-@pytest.mark.parametrize("code", list(ALL_DTYPES))
+@pytest.mark.parametrize("code", ALL_CODES)
 @pytest.mark.parametrize("chunk", [64, 1 << 16])
 def test_compare_matches_the_separate_functions(monkeypatch, code, chunk):
     monkeypatch.setattr(stats, "CHUNK", chunk)

@@ -2,7 +2,7 @@
 
 Both stream tensor by tensor, like `apply`.
 
->>> report = diff("a.safetensors", "b.safetensors", fail_above={"rel_l2": 0.05})
+>>> report = diff("fixtures/tiny-llama.safetensors", "fixtures/tiny-llama.safetensors", fail_above={"rel_l2": 0.05})
 >>> report.passed
 True
 """
@@ -154,14 +154,12 @@ def _total_failures(totals: Mapping[str, Any], above: Mapping[str, float], below
     """Gates on the weighted totals (tensor "totals"); None is an infinite error (above) or no
     error at all (below)."""
     failures = []
-    for metric, limit in above.items():
-        value = totals[metric] if metric in TOTAL_METRICS else 0.0
-        if value is None or value > limit:
-            failures.append(_failure("totals", metric, value, limit))
-    for metric, limit in below.items():
-        value = totals[metric] if metric in TOTAL_METRICS else None
-        if value is not None and value < limit:
-            failures.append(_failure("totals", metric, value, limit))
+    for metric in TOTAL_METRICS:
+        value = totals[metric]
+        if metric in above and (value is None or value > above[metric]):
+            failures.append(_failure("totals", metric, value, above[metric]))
+        if metric in below and value is not None and value < below[metric]:
+            failures.append(_failure("totals", metric, value, below[metric]))
     return failures
 
 

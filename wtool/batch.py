@@ -487,18 +487,16 @@ class Batch:
         except BaseException:
             executor.stop()
             executor.close()
-            for future, index in running.items():
-                finish(index, self._outcome(index, future))
+            for future, index in running.items():  # one that did not return its item was stopped
+                returned = future.done() and not future.cancelled() and future.exception() is None
+                finish(index, future.result() if returned else self._stopped(index))
             if submitting is not None:
                 finish(submitting, self._stopped(submitting))
             raise
         executor.close()
 
     def _outcome(self, index: int, future: Future[BatchItem]) -> BatchItem:
-        """A finished future's item; a crashed worker is that input's failure; a task stopped
-        (or never started) is `interrupted`."""
-        if not future.done() or future.cancelled():
-            return self._stopped(index)
+        """A finished future's item; a crashed worker is that input's failure."""
         try:
             return future.result()
         except Exception as exc:  # e.g. a worker process killed by the system, a Ray node lost

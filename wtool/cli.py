@@ -36,11 +36,11 @@ from typer.core import TyperGroup
 
 from wtool import __version__, analyze, batch, pipeline, report
 from wtool.errors import UsageError, WtoolError
-from wtool.io import atomic, is_folder_output, parse_size
+from wtool.io import Inputs, atomic, is_folder_output, parse_size
 from wtool.new import new_checkpoint
 from wtool.selection import Selector
 from wtool.tensor import TensorInfo
-from wtool.transforms import REGISTRY, GroupTransform
+from wtool.transforms import REGISTRY
 
 OUT_OF_MEMORY = 6
 MIN_COLUMNS = 20
@@ -99,13 +99,14 @@ EXIT_INCOMPLETE = 5
 class _Outputs:
     """What a command writes, in order, so that a message after a failure says truly what is in place."""
 
-    def __init__(self, checkpoint: Path | None = None) -> None:
+    def __init__(self, checkpoint: str | Path | None = None) -> None:
         self.checkpoint = checkpoint
         self.todo: list[str] = []
         self.done: list[str] = []
         self.files: dict[str, Path] = {}  # report as given -> absolute (the working folder may be replaced)
-        self.checkpoint_absolute = atomic.absolute(checkpoint) if checkpoint is not None else None
+        self.checkpoint_absolute = atomic.absolute(Path(checkpoint)) if checkpoint is not None else None
         self.mark = atomic.placements()
+        self.inputs: Inputs | None = None  # what a report describes, checked unchanged before it is written
 
     def complete(self) -> list[str]:
         """What is in place: the checkpoint once committed, then the reports written."""
@@ -354,10 +355,10 @@ def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: boo
             raise UsageError(f"cannot write {target}: it is a folder")
         atomic.check_target(Path(target), force, "report")
         outputs.files[target] = atomic.absolute(Path(target))
-    if inputs and outputs.files:
-        protected = pipeline.protect(inputs)
+    if inputs and outputs.todo:
+        outputs.inputs = pipeline.protect(inputs)
         for shown, target in outputs.files.items():
-            protected.refuse(target, "report", shown)
+            outputs.inputs.refuse(target, "report", shown)
     return outputs.files
 
 
@@ -365,6 +366,8 @@ def _write_text(target: str, text: str | Iterable[str], outputs: _Outputs, force
     """Write a report (text, or pieces of it) as UTF-8 to stdout ('-') or, atomically, to a file;
     then count it as done. UTF-8 whatever the locale; a name that is not valid UTF-8 (a file
     name with a stray byte) is written with "?" in its place."""
+    if outputs.inputs is not None:  # figures from a file that changed meanwhile would be a blend
+        outputs.inputs.check_unchanged()
     if target == "-":
         sys.stdout.flush()
         for chunk in [text] if isinstance(text, str) else text:
@@ -409,7 +412,7 @@ Markdown = Annotated[str | None, typer.Option("--markdown", help="Write a Markdo
 def apply(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Input: .safetensors, .npz, or a sharded folder / its index.")],
-    output: Annotated[Path | None, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded). "
+    output: Annotated[str | None, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded). "
                                                      "Omit with --dry-run.")] = None,
     transform: Transforms = [],  # noqa: B006
     recipe: Recipe = None,
@@ -703,7 +706,7 @@ def new(
     ctx: typer.Context,
     spec: Annotated[Path, typer.Argument(help="TOML (or .json) spec: [defaults], [metadata], [[tensors]] "
                                          "with name, shape, dtype and init options.")],
-    output: Annotated[Path, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded).")],
+    output: Annotated[str, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded).")],
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
                                                        "shards of at most this size, e.g. 5GB.")] = None,
@@ -726,6 +729,8 @@ def new(
 def transforms(
     ctx: typer.Context,
     name: Annotated[str | None, typer.Argument(help="Show one transform in detail.")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the table of every transform as Markdown "
+                                           "(the README's table is this output).")] = False,
 ) -> None:
     """List every transform, or show one: parameters, defaults, applicability, formula.
 
@@ -733,6 +738,9 @@ def transforms(
     """
     with _guard(_debug(ctx)):
         console = _stdout()
+        if markdown:
+            sys.stdout.write(report.transforms_markdown(REGISTRY))
+            return
         if name is None:
             table = Table(title="transforms (wtool transforms NAME for details)", title_justify="left")
             table.add_column("name", style="bold")
@@ -750,8 +758,7 @@ def transforms(
         cls = REGISTRY[name]
         console.print(f"[bold]{name}[/]: {escape(cls.summary())}")
         console.print(f"formula: {escape(cls.formula)}")
-        applies = cls.applies_to if not issubclass(cls, GroupTransform) else "groups of related tensors found by name"
-        console.print(f"applies to: {escape(applies)}")
+        console.print(f"applies to: {escape(cls.applies_to)}")
         console.print(f"example: wtool apply in.safetensors out.safetensors -t {escape(cls.example)}")
         table = Table(title="parameters", title_justify="left")
         for column in ("name", "type", "default", "range / choices", "help"):

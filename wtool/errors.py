@@ -12,12 +12,6 @@ class WtoolError(Exception):
     exit_code = 1
 
 
-class GateFailed(WtoolError):
-    """A `diff --fail-above` gate was exceeded, or tensors were missing (exit 1)."""
-
-    exit_code = 1
-
-
 class UsageError(WtoolError):
     """Bad options: unknown transform or parameter, ill-typed value, existing output (exit 2)."""
 

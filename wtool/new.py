@@ -77,7 +77,7 @@ class Planned:
     fill: Any = 0
 
 
-def new_checkpoint(spec_path: Path, out: Path, *, force: bool = False,
+def new_checkpoint(spec_path: Path, out: str | Path, *, force: bool = False,
                    max_shard_size: int | None = None) -> list[TensorInfo]:
     """Write the checkpoint `spec_path` describes to `out` (format by suffix, as every output).
 

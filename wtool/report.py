@@ -3,9 +3,12 @@
 The JSON keys are a public contract (scripts and CI jobs parse them); non-finite numbers
 are written as null, never as NaN tokens.
 
->>> report = wtool.run(pipeline, "in.safetensors", "out.safetensors")
->>> print(dumps(report.to_json()))          # the --report FILE.json contents
->>> print(apply_markdown(report))           # the --markdown summary
+>>> import json, wtool
+>>> report = wtool.run(wtool.Pipeline.from_specs(["clip:c=0.1"]), "fixtures/tiny-llama.safetensors", None)
+>>> json.loads(dumps(report.to_json()))["dry_run"]     # dumps: the --report FILE.json contents
+True
+>>> apply_markdown(report).startswith("### wtool apply")  # the --markdown summary
+True
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -262,11 +265,11 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 def human_bytes(count: int) -> str:
     size = float(count)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
         size /= 1000
-    return f"{count} B"  # pragma: no cover
+    return f"{size:.2f} TB"
 
 
 SPARKS = " ▁▂▃▄▅▆▇█"
@@ -606,6 +609,26 @@ def apply_html(report: Report) -> str:
             + "<table><thead><tr>" + "".join(f'<th class="{"name" if h in ("tensor", "dtype", "steps") else ""}">{esc(h)}</th>'
                                              for h in head)
             + f"</tr></thead><tbody>{''.join(rows)}</tbody></table><script>{_JS}</script></body></html>\n")
+
+
+# ------------------------------------------------------------------ the transforms table
+
+def transforms_markdown(registry: Mapping[str, Any]) -> str:
+    """Every transform as one Markdown table row, from its own declarations (the README's table).
+
+    >>> from wtool.transforms import REGISTRY
+    >>> transforms_markdown(REGISTRY).splitlines()[0]
+    '| transform | what it does | applies to | formula | parameters | example |'
+    """
+    rows = ["| transform | what it does | applies to | formula | parameters | example |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name in sorted(registry):
+        cls = registry[name]
+        params = ", ".join(f"`{p['name']}`" + (f" ({' / '.join(p['choices'])})" if p["choices"] else "")
+                           for p in cls.describe_params())
+        cells = [f"`{name}`", cls.summary(), cls.applies_to, cls.formula, params or "-", f"`-t {cls.example}`"]
+        rows.append("| " + " | ".join(_md(cell) for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
 
 
 # ------------------------------------------------------------------ eval

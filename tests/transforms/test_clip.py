@@ -82,5 +82,9 @@ def test_clip_bounds_hold(w, percentile):
 def test_clip_does_not_mutate_and_keeps_bf16_values_representable():
     w = np.linspace(-2, 2, 64, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32).reshape(8, 8)
     before = w.copy()
-    Transform.create("clip", {"c": "1"}).apply(w, ctx(w))
+    out = Transform.create("clip", {"c": "1"}).apply(w, ctx(w))
     np.testing.assert_array_equal(w, before)
+    # every value is an input or the bound, so storing back in bf16 rounds nothing
+    np.testing.assert_array_equal(out, np.clip(before, -1, 1))
+    np.testing.assert_array_equal(out.astype(ml_dtypes.bfloat16).astype(np.float32), out)
+    assert (np.abs(out) == 1).sum() == (np.abs(before) >= 1).sum() > 0

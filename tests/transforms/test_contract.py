@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -68,3 +70,43 @@ def test_group_transforms_plan_nothing_on_an_empty_checkpoint(name):
     transform = Step.parse(REGISTRY[name].example).transform
     plan = transform.plan([], lambda _: True)
     assert isinstance(plan, GroupPlan) and plan.groups == ()
+
+
+def _declared(cls: type[Transform], key: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls.Params) if f.metadata.get(key)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_first_pass_is_declared_exactly_when_fit_is_implemented(name):
+    cls = REGISTRY[name]
+    assert bool(_declared(cls, "fit_when")) == (cls.fit is not Transform.fit)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_companions_are_declared_not_listed_by_hand(name):
+    assert REGISTRY[name].companion_paths is Transform.companion_paths, "use param(kind='checkpoint')"
+
+
+@pytest.mark.parametrize("spec, finite, fit", [
+    ("clip:c=1", False, False), ("clip:percentile=99", True, False), ("clip:sigma=3", True, False),
+    ("sparsify:threshold=0.1", False, False), ("sparsify:fraction=0.5", True, False),
+    ("sparsify:fraction=0.5,scope=global", True, True), ("sparsify:nm=2:4", True, False),
+    ("quantize", True, False), ("cast:dtype=float16", False, False), ("fold-bn", True, False),
+])
+def test_what_is_derived_from_the_declarations(spec, finite, fit):
+    transform = Step.parse(spec).transform
+    assert (transform.needs_finite, transform.needs_fit) == (finite, fit)
+
+
+def test_decay_companions_follow_its_declared_parameters():
+    transform = Step.parse("decay:lr=0.1,wd=0.1,anchor=a.safetensors,grads=g.safetensors").transform
+    assert transform.companion_paths() == {"grads": "g.safetensors", "anchor": "a.safetensors"}
+
+
+@pytest.mark.parametrize("name", SINGLE)
+def test_min_ndim_is_the_default_skip_rule(name):
+    transform = Step.parse(REGISTRY[name].example).transform
+    below = TensorInfo("v", "F32", (4,) * (transform.min_ndim - 1)) if transform.min_ndim else None
+    if below is not None:
+        assert transform.skip(below) is not None
+    assert transform.skip(TensorInfo("ids", "I64", (4, 4))).hard

@@ -145,7 +145,7 @@ def test_applies_to_every_float_tensor():
     ({"lr": 0.1, "wd": -1}, "must be >= 0"),
     ({"lr": 0.1, "wd": 0.1, "missing": "skip"}, "expected one of error, zero"),
 ])
-def test_bad_options(options, message):
+def test_decay_bad_options(options, message):
     with pytest.raises(UsageError, match=message):
         step(**options)
 

@@ -130,7 +130,7 @@ def test_input_values_are_ignored_and_not_mutated():
     assert np.array_equal(out, draw({"seed": 1}, (32, 16)))
 
 
-def test_float64_stays_float64():
+def test_init_float64_stays_float64():
     out = draw({"scheme": "he"}, (64, 64), dtype=np.float64, code="F64")
     assert out.dtype == np.float64
 
@@ -178,7 +178,7 @@ def test_zero_size_tensor():
     ({"seed": -1}, "must be >= 0"),
     ({"sheme": "he"}, "did you mean 'scheme'"),
 ])
-def test_bad_options(options, message):
+def test_init_bad_options(options, message):
     with pytest.raises(UsageError, match=message):
         Transform.create("init", options)
 

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from wtool import Pipeline, UsageError, run
 from wtool.tensor import TensorInfo
-from wtool.transforms import Transform
+from wtool.transforms import Context, Transform
 from wtool.transforms._mixed import allocate
 
 
@@ -65,7 +65,7 @@ def test_auto_meets_the_budget_and_each_tensor_is_its_chosen_grid(tmp_path, avg_
         bits, scheme, size = re.fullmatch(r"(\d)-bit (asym|sym) group (\d+)", label).groups()
         plain = Transform.create("quantize", {"bits": bits, "scheme": scheme, "granularity": "group",
                                               "group_size": size, "remainder": "ok"})
-        np.testing.assert_array_equal(result[record.name], plain.apply(weights[record.name], None))
+        np.testing.assert_array_equal(result[record.name], plain.apply(weights[record.name], Context.of(weights[record.name], record.name)))
         shape = weights[record.name].shape
         assert record.extras["quantize.bits_per_weight"] == pytest.approx(_grid_bits(label, shape))
         sizes += weights[record.name].size
@@ -99,7 +99,7 @@ def test_allocation_is_near_the_brute_force_optimum():
                   for b, s, g in [(2, "asym", 128), (3, "sym", 64), (4, "asym", 128), (4, "asym", 32), (6, "sym", 128)]]
     infos = [(TensorInfo(n, "F32", w.shape), (lambda w=w: w)) for n, w in weights.items()]
     size = sum(w.size for w in weights.values())
-    table = {(n, i): (_bulk_damage(w, c.apply(w, None)), c.bits_per_weight(w.shape)) for n, w in weights.items()
+    table = {(n, i): (_bulk_damage(w, c.apply(w, Context.of(w))), c.bits_per_weight(w.shape)) for n, w in weights.items()
              for i, c in enumerate(candidates)}
     for budget in (3.0, 3.6, 4.4, 5.2):
         best = min(sum(table[n, i][0] for n, i in zip(weights, combo))
@@ -114,7 +114,9 @@ def test_allocation_is_near_the_brute_force_optimum():
 @pytest.mark.parametrize("spec, message", [
     ("quantize:bits=auto", "go together"),
     ("quantize:bits=4,avg_bits=4", "go together"),
-    ("quantize:bits=auto,avg_bits=4,granularity=channel", "leave granularity out"),
+    ("quantize:bits=auto,avg_bits=4,granularity=channel", "leave them out"),
+    ("quantize:bits=auto,avg_bits=4,scheme=sym", "leave them out"),
+    ("quantize:bits=auto,avg_bits=4,group_size=32", "leave them out"),
     ("quantize:bits=many", r"parameter bits=.many.: expected an int in \[2, 8\] or auto"),
 ])
 def test_bad_auto_specs(spec, message):

@@ -87,7 +87,7 @@ def test_empty_tensor():
 
 @pytest.mark.parametrize("options", [{"bits": 1}, {"bits": 9}, {"group_size": 0}, {"scheme": "nf4"},
                                      {"granularity": "row"}])
-def test_bad_options(options):
+def test_quantize_bad_options(options):
     with pytest.raises(UsageError):
         Transform.create("quantize", options)
 

@@ -184,7 +184,7 @@ def test_bits_means_two_to_the_bits():
     ({"init": "kmeans++"}, "expected one of linear, density, random"),
     ({"iters": 0}, "must be >= 1"),
 ])
-def test_bad_options(options, message):
+def test_share_bad_options(options, message):
     with pytest.raises(UsageError, match=message):
         Transform.create("share", options)
 
@@ -222,7 +222,7 @@ def test_nonfinite_values_stay_in_place():
     assert extras["distinct"] == 2
 
 
-def test_float64_stays_float64():
+def test_share_float64_stays_float64():
     x = np.random.default_rng(1).normal(size=(30, 30))
     y, extras = share(x, clusters=7)
     assert y.dtype == np.float64

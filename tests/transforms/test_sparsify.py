@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from wtool.errors import InputError, UsageError
+from wtool.errors import UsageError
 from wtool.tensor import TensorInfo
 from wtool.transforms import Context, Transform
 
@@ -105,7 +105,7 @@ def test_n_m_needs_divisible_last_axis():
     ({}, "exactly one"), ({"fraction": 0.5, "threshold": 1}, "exactly one"), ({"nm": "4:2"}, "0 < N <= M"),
     ({"nm": "two:four"}, "N:M"), ({"threshold": 0.1, "scope": "global"}, "needs fraction"), ({"fraction": 1.5}, "<= 1"),
 ])
-def test_bad_options(options, message):
+def test_sparsify_bad_options(options, message):
     with pytest.raises(UsageError, match=message):
         Transform.create("sparsify", options)
 

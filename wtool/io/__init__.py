@@ -14,8 +14,11 @@ streamed and atomic (a hidden temporary beside the target, renamed into place on
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from wtool.errors import InputError, UsageError
@@ -26,6 +29,7 @@ from wtool.io.base import (
     Writer,
     WriterMisuse,
     check_output_tensors,
+    model_folder,
     open_regular,
     parse_size,
 )
@@ -34,42 +38,27 @@ from wtool.io.safetensors import SafetensorsReader, SafetensorsWriter
 from wtool.io.sharded import INDEX_NAME, ModelFiles, ShardedReader, ShardedWriter, model_files
 from wtool.tensor import TensorInfo
 
-__all__ = ["Inputs", "Reader", "Writer", "WriterMisuse", "open_checkpoint", "create_writer", "is_folder_output",
-           "check_target", "ModelFiles", "model_files", "parse_size"]
+__all__ = ["FORMATS", "Format", "Inputs", "Reader", "Writer", "WriterMisuse", "open_checkpoint", "create_writer",
+           "is_folder_output", "check_target", "ModelFiles", "model_files", "model_folder", "output_format",
+           "parse_size"]
 
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+#: A name ending like this is meant as a file, never as a folder (`.5-7B` in `Qwen2.5-7B` is not).
+_FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9_]*")
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> Reader:
-    """Open a `.safetensors` file, an `.npz` archive, a sharded folder or its index file.
+@dataclass(frozen=True)
+class Format:
+    """One way a checkpoint is stored: the name ending that says so, its reader and writer."""
 
-    A folder is read through `model.safetensors.index.json`, else `model.safetensors`, else
-    its only `*.safetensors.index.json` or only `*.safetensors` file.
-    """
-    path = Path(path)
-    if path.is_dir():
-        return _open_folder(path)
-    if not (path.exists() or path.is_symlink()):
-        raise InputError(f"{path}: no such file or folder")
-    name = path.name.lower()
-    if name.endswith(".json"):
-        return ShardedReader(path, path)
-    if name.endswith(".safetensors"):
-        return SafetensorsReader(path)
-    if name.endswith(".npz"):
-        return NpzReader(path)
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise InputError(f"{path}: pickle-based checkpoints are not read (loading them can run code); "
-                         f"convert to safetensors first")
-    if name.endswith(".npy"):
-        raise InputError(f"{path}: a single .npy array is not a checkpoint; save it in an .npz")
-    with open_regular(path) as handle:
-        start = handle.read(9)
-    if start[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        return NpzReader(path)
-    if len(start) == 9 and start[8:9] == b"{":
-        return SafetensorsReader(path)
-    raise InputError(f"{path}: not a recognised checkpoint (expected .safetensors, .npz or a sharded folder)")
+    suffix: str
+    reader: Callable[[Path], Reader]
+    writer: Callable[..., Writer] | None
+    folder: bool = False
+
+
+def _open_index(path: Path) -> Reader:
+    return ShardedReader(path, path)
 
 
 def _open_folder(path: Path) -> Reader:
@@ -86,9 +75,80 @@ def _open_folder(path: Path) -> Reader:
     raise InputError(f"{path}: folder holds no {INDEX_NAME} or model.safetensors")
 
 
+SAFETENSORS = Format(".safetensors", SafetensorsReader, SafetensorsWriter)
+NPZ = Format(".npz", NpzReader, NpzWriter)
+#: A Hugging Face sharded folder; read through its index file too.
+FOLDER = Format("/", _open_folder, ShardedWriter, folder=True)
+INDEX = Format(".json", _open_index, None)
+#: Every format a path's name selects, looked up by suffix (case-insensitive).
+FORMATS = (SAFETENSORS, NPZ, INDEX)
+
+
+def _by_suffix(path: Path) -> Format | None:
+    name = path.name.lower()
+    return next((fmt for fmt in FORMATS if name.endswith(fmt.suffix)), None)
+
+
+def output_format(path: str | os.PathLike[str]) -> Format:
+    """What `create_writer` writes at `path`: `.safetensors` or `.npz`, else a sharded folder
+    for a name with no suffix, a trailing `/` or an existing folder. Other suffixes are a
+    UsageError with a hint, never silently a folder.
+
+    >>> output_format("out.npz").suffix, output_format("Qwen2.5-7B-q4").folder, output_format("out.bin/").folder
+    ('.npz', True, True)
+    >>> output_format("out.safetensor")
+    Traceback (most recent call last):
+    wtool.errors.UsageError: out.safetensor: cannot write '.safetensor' files (did you mean .safetensors?); \
+the output is a .safetensors or .npz file, or a folder (no suffix, or end the path with /)
+    """
+    text = os.fspath(path)
+    if text.endswith(("/", os.sep)):
+        return FOLDER
+    fmt = _by_suffix(Path(text))
+    if fmt is not None and fmt.writer is not None:
+        return fmt
+    suffix = Path(text).suffix
+    if not _FILE_SUFFIX.fullmatch(suffix) or Path(text).is_dir():
+        return FOLDER
+    writable = [f.suffix for f in FORMATS if f.writer is not None]
+    close = difflib.get_close_matches(suffix.lower(), writable, n=1, cutoff=0.8)
+    hint = f" (did you mean {close[0]}?)" if close else \
+        " (wtool writes no pickle checkpoints)" if suffix.lower() in _PICKLE_SUFFIXES else ""
+    raise UsageError(f"{text}: cannot write {suffix!r} files{hint}; the output is a "
+                     f"{' or '.join(writable)} file, or a folder (no suffix, or end the path with /)")
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Reader:
+    """Open a `.safetensors` file, an `.npz` archive, a sharded folder or its index file.
+
+    A folder is read through `model.safetensors.index.json`, else `model.safetensors`, else
+    its only `*.safetensors.index.json` or only `*.safetensors` file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return FOLDER.reader(path)
+    if not (path.exists() or path.is_symlink()):
+        raise InputError(f"{path}: no such file or folder")
+    fmt = _by_suffix(path)
+    if fmt is not None:
+        return fmt.reader(path)
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise InputError(f"{path}: pickle-based checkpoints are not read (loading them can run code); "
+                         f"convert to safetensors first")
+    if path.name.lower().endswith(".npy"):
+        raise InputError(f"{path}: a single .npy array is not a checkpoint; save it in an .npz")
+    with open_regular(path) as handle:
+        start = handle.read(9)
+    if start[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return NPZ.reader(path)
+    if len(start) == 9 and start[8:9] == b"{":
+        return SAFETENSORS.reader(path)
+    raise InputError(f"{path}: not a recognised checkpoint (expected .safetensors, .npz or a sharded folder)")
+
+
 def is_folder_output(path: str | os.PathLike[str]) -> bool:
-    """Whether `create_writer` would write a sharded folder at `path` (anything but *.safetensors / *.npz)."""
-    return not Path(path).name.lower().endswith((".safetensors", ".npz"))
+    """Whether `create_writer` writes a sharded folder at `path` (see `output_format`)."""
+    return output_format(path).folder
 
 
 def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | None,
@@ -97,17 +157,18 @@ def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], m
                   inputs: Inputs | None = None) -> Writer:
     """A streaming, atomic writer; the format follows the path.
 
-    `*.safetensors` -> one file, `*.npz` -> npz, anything else -> a Hugging Face sharded folder
-    (one shard when `max_shard_size` is None, or a lone `model.safetensors` with `one_file`), into
-    which `extra_files` (relative name -> source file or bytes: config, tokenizer, modules) are
-    copied before the folder is put in place. An existing target is a UsageError unless `force`,
-    and even then only a checkpoint wtool wrote is replaced (`atomic.replace_problem`). `inputs`,
-    when given, may not be touched by the output and must not change before the commit.
+    `*.safetensors` -> one file, `*.npz` -> npz, a folder name -> a Hugging Face sharded folder
+    (`output_format`; one shard when `max_shard_size` is None, or a lone `model.safetensors` with
+    `one_file`), into which `extra_files` (relative name -> source file or bytes: config,
+    tokenizer, modules) are copied before the folder is put in place. An existing target is a
+    UsageError unless `force`, and even then only a checkpoint wtool wrote is replaced
+    (`atomic.replace_problem`). `inputs`, when given, may not be touched by the output and must
+    not change before the commit.
     """
+    fmt = output_format(path)
     path = Path(path)
     metadata = dict(metadata or {})
-    name = path.name.lower()
-    single = not is_folder_output(path)
+    single = not fmt.folder
     if extra_files and single:
         raise UsageError(f"{path}: extra files can only go into a folder output")
     if max_shard_size is not None:
@@ -122,8 +183,8 @@ def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], m
     if inputs is not None:
         inputs.refuse(path, "output")
     check_target(path, force, "file" if single else "folder")
-    if name.endswith(".safetensors"):
-        return SafetensorsWriter(path, tensors, metadata, force=force, inputs=inputs)
-    if name.endswith(".npz"):
-        return NpzWriter(path, tensors, metadata, force=force, inputs=inputs)
-    return ShardedWriter(path, tensors, metadata, max_shard_size, extra_files, one_file, force=force, inputs=inputs)
+    if fmt.folder:
+        return ShardedWriter(path, tensors, metadata, max_shard_size, extra_files, one_file, force=force,
+                             inputs=inputs)
+    assert fmt.writer is not None
+    return fmt.writer(path, tensors, metadata, force=force, inputs=inputs)

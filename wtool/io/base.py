@@ -177,6 +177,18 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+def model_folder(path: Path) -> Path | None:
+    """The Hugging Face model folder a checkpoint path stands for (config, tokenizer and
+    shards live there): the folder itself or the folder of an index file; None for a file.
+
+    >>> model_folder(Path("fixtures/tiny-llama.safetensors")) is None, model_folder(Path("m/model.index.json"))
+    (True, PosixPath('m'))
+    """
+    if path.is_dir():
+        return path
+    return path.parent if path.name.lower().endswith(".json") else None
+
+
 class Reader:
     """One opened checkpoint. Subclasses fill the attributes and implement `_read`.
 
@@ -221,8 +233,7 @@ class Reader:
 
         Group transforms read facts such as `tie_word_embeddings` from it.
         """
-        folder = self.path if self.path.is_dir() else self.path.parent
-        candidate = folder / "config.json"
+        candidate = (model_folder(self.path) or self.path.parent) / "config.json"
         if not candidate.is_file():
             return None
         try:

@@ -286,10 +286,6 @@ class ShardedWriter(Writer):
     def placed(self) -> bool:
         return self._folder.placed
 
-    @property
-    def shard_names(self) -> list[str]:
-        return [name for name, _ in self._shards]
-
     def _write(self, info: TensorInfo, array: np.ndarray) -> None:
         number = self._shard_of[self._next]
         name, shard = self._shards[number]

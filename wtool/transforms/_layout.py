@@ -89,11 +89,6 @@ def unselected(names: Iterable[str], selected: Callable[[str], bool]) -> list[st
     return [n for n in names if not selected(n)]
 
 
-def first_position(order: dict[str, int], names: Iterable[str]) -> int:
-    """Where the first of `names` sits in the checkpoint (for ordering groups)."""
-    return min(order[n] for n in names)
-
-
 class AlongDim(Transform):
     """Base of the transforms that work slice by slice along `params.dim` (weight-norm,
     spectral-norm, standardize): a tensor without that axis is skipped, and no include lifts it."""

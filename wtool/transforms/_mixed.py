@@ -15,12 +15,13 @@ multiplied) to 3 bits and the FFN output projections, which carry outliers, to 5
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from wtool.errors import UsageError
 from wtool.tensor import TensorInfo
+from wtool.transforms.base import Context
 
 STEPS = 20_000  # the budget's resolution in the knapsack: rounding costs up loses at most tensors/STEPS of it
 SAMPLE = 1 << 18  # weights per tensor on which each candidate's damage is measured
@@ -30,7 +31,7 @@ CHI2_MEDIAN = 0.454936423119572  # median of w²/σ² for Gaussian w: the chi-sq
 class Grid(Protocol):
     """A candidate: a transform that can say what it costs."""
 
-    def apply(self, array: np.ndarray, ctx: Any) -> np.ndarray: ...
+    def apply(self, array: np.ndarray, ctx: Context) -> np.ndarray: ...
 
     def bits_per_weight(self, shape: tuple[int, ...]) -> float: ...
 
@@ -72,7 +73,7 @@ def _damages(sample: np.ndarray, candidates: Sequence[Grid]) -> list[float]:
     power = float(np.median(squares)) / CHI2_MEDIAN * sample.size if squares.size else 0.0
     out = []
     for candidate in candidates:
-        noise = float(np.square(candidate.apply(sample, None) - sample, dtype=np.float64).sum())
+        noise = float(np.square(candidate.apply(sample, Context.of(sample)) - sample, dtype=np.float64).sum())
         out.append(noise / power if power > 0 else (0.0 if noise == 0 else float("inf")))
     return out
 

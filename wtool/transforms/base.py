@@ -10,6 +10,9 @@ validated before any tensor is read.
 ...     formula = "w' = -w"
 ...     def apply(self, array, ctx):
 ...         return -array
+>>> Transform.create("negate").apply(np.array([1.0, -2.0]), Context.of(np.zeros(2)))
+array([-1.,  2.])
+>>> del REGISTRY["negate"]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from wtool.dtypes import by_numpy
 from wtool.errors import UsageError
 from wtool.tensor import TensorInfo
 
@@ -40,14 +44,20 @@ def param(
     low_open: bool = False,
     choices: Sequence[str] | None = None,
     kind: str = "",
+    spreads_nonfinite: bool = False,
+    fit_when: Any = None,
 ) -> Any:
     """Declare one transform parameter: default, help text, inclusive range [low, high], choices.
 
     `low_open=True` excludes `low` itself (e.g. a learning rate > 0). `kind="checkpoint"`
     marks a path to a companion checkpoint that the pipeline streams alongside the input.
+    `spreads_nonfinite=True`: when this parameter is set (not None) the math spreads NaN/Inf
+    (e.g. clip's percentile), so the `--nonfinite` policy runs first. `fit_when=VALUE`: this
+    parameter at VALUE needs a first pass over every selected tensor (`Transform.fit`).
     """
-    return field(default=default, metadata={"help": help, "low": low, "high": high,
-                                            "low_open": low_open, "choices": choices, "kind": kind})
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "low_open": low_open,
+                                            "choices": choices, "kind": kind,
+                                            "spreads_nonfinite": spreads_nonfinite, "fit_when": fit_when})
 
 
 @dataclass(frozen=True)
@@ -66,13 +76,22 @@ class Skip:
 
 @dataclass
 class Context:
-    """What `apply` may know besides the array: the tensor, the seed-derived stream, fitted state."""
+    """What `apply` may know besides the array: the tensor, the seed-derived stream, fitted state.
+
+    >>> Context.of(np.zeros((2, 3), np.float32), "fc.weight").info
+    TensorInfo(name='fc.weight', dtype='F32', shape=(2, 3))
+    """
 
     info: TensorInfo
     state: Any = None
     companions: Mapping[str, np.ndarray | None] = field(default_factory=dict)
     #: Per-tensor figures a transform reports (e.g. sigma before/after); shown in the report.
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, array: np.ndarray, name: str = "w", **fields: Any) -> Context:
+        """The context of `array` seen as tensor `name` (for examples and tests)."""
+        return cls(TensorInfo(name, by_numpy(array.dtype).code, array.shape), **fields)
 
     @property
     def name(self) -> str:
@@ -85,18 +104,21 @@ class Context:
 
 
 class Transform:
-    """Base of every transform. Subclasses set `Params`, `formula` and implement `apply`.
+    """Base of every transform: subclass with `name=`, a docstring, `Params`, `formula`, `example`.
 
-    `apply(array, ctx)` receives the tensor in its compute dtype (float32, or float64 for
-    F64 tensors), must not modify it, and returns an array of the same shape.
+    Implement `apply(array, ctx)`: the tensor in compute dtype (float32, float64 for F64) to a new
+    array of its shape, never mutating it. Declare the rest: `min_ndim`, `spreads_nonfinite`,
+    companions as `param(kind="checkpoint")`, a first pass as `param(fit_when=...)` plus `fit`.
     """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     formula: ClassVar[str] = ""
-    #: True when the math would spread NaN/Inf to other values (norms, ranges, k-means);
-    #: the pipeline then applies the user's `--nonfinite` policy before calling `apply`.
+    #: True when the math spreads NaN/Inf to other values (norms, ranges, k-means) whatever the
+    #: parameters; the pipeline then applies the user's `--nonfinite` policy before `apply`.
     spreads_nonfinite: ClassVar[bool] = False
+    #: Float tensors with fewer dimensions are skipped by default (a step-level include lifts it).
+    min_ndim: ClassVar[int] = 2
     #: Human summary of the default `skip` rule, shown by `wtool transforms`.
     applies_to: ClassVar[str] = "float tensors with ndim >= 2"
     #: A working `-t` spec, shown in help and used by the contract tests.
@@ -173,6 +195,27 @@ class Transform:
         """The parameters as plain values, for the report and the output metadata."""
         return dataclasses.asdict(self.params)
 
+    # ---- derived from the declarations ----
+    @property
+    def needs_finite(self) -> bool:
+        """Whether the `--nonfinite` policy runs before this step: the class spreads NaN/Inf, or
+        a parameter declared `spreads_nonfinite` is set."""
+        return self.spreads_nonfinite or any(getattr(self.params, f.name) is not None
+                                             for f in dataclasses.fields(self.Params)
+                                             if f.metadata.get("spreads_nonfinite"))
+
+    @property
+    def needs_fit(self) -> bool:
+        """Whether `fit` runs first: a parameter declared `fit_when` has that value."""
+        return any(f.metadata.get("fit_when") is not None and getattr(self.params, f.name) == f.metadata["fit_when"]
+                   for f in dataclasses.fields(self.Params))
+
+    def companion_paths(self) -> dict[str, str]:
+        """Companion checkpoints to stream alongside the input, by role: the parameters declared
+        `kind="checkpoint"` that are set (e.g. {"grads": path})."""
+        return {f.name: getattr(self.params, f.name) for f in dataclasses.fields(self.Params)
+                if f.metadata.get("kind") == "checkpoint" and getattr(self.params, f.name) is not None}
+
     # ---- what subclasses override ----
     def check(self) -> None:
         """Validate combinations of parameters (single values are checked from their `param`)."""
@@ -181,8 +224,8 @@ class Transform:
         """Why this transform leaves `info` alone by default, or None when it applies."""
         if not info.dtype_info.is_float:
             return Skip(f"{info.dtype} is not a float dtype", hard=True)
-        if info.ndim < 2:
-            return Skip(f"{info.ndim}-D tensor (default: ndim >= 2)")
+        if info.ndim < self.min_ndim:
+            return Skip(f"{info.ndim}-D tensor (default: ndim >= {self.min_ndim})")
         return None
 
     def problem(self, info: TensorInfo) -> str | None:
@@ -195,21 +238,11 @@ class Transform:
         """The storage dtype of a tensor after this step (only `cast` changes it)."""
         return dtype
 
-    def companion_paths(self) -> dict[str, str]:
-        """Companion checkpoints to stream alongside the input, by role (e.g. {"grads": path})."""
-        return {}
-
     def fit(self, tensors: Iterable[tuple[TensorInfo, Callable[[], np.ndarray]]]) -> Any:
-        """Optional first pass over the selected tensors (e.g. one global threshold).
-
-        Receives (info, load) pairs; `load()` returns the step's input in compute dtype.
-        Returns a state passed to every `apply` as `ctx.state`. Override together with
-        `needs_fit`.
-        """
-        return None
-
-    def needs_fit(self) -> bool:
-        return False
+        """The first pass over the selected tensors (e.g. one global threshold), run when
+        `needs_fit`: (info, load) pairs, `load()` giving the step's input in compute dtype.
+        Returns the state every `apply` then finds in `ctx.state`."""
+        raise NotImplementedError(f"{self.name} declares fit_when but does not implement fit")
 
     def apply(self, array: np.ndarray, ctx: Context) -> np.ndarray:
         raise NotImplementedError
@@ -265,7 +298,7 @@ class GroupTransform(Transform):
         """Map the group's input arrays (compute dtype) to its output arrays, by name."""
         raise NotImplementedError
 
-    def apply(self, array: np.ndarray, ctx: Context) -> np.ndarray:  # pragma: no cover
+    def apply(self, array: np.ndarray, ctx: Context) -> np.ndarray:
         raise TypeError(f"{self.name} works on groups of tensors; use apply_group")
 
 

@@ -13,8 +13,7 @@ import numpy as np
 
 from wtool.dtypes import by_user_name
 from wtool.errors import InputError
-from wtool.tensor import TensorInfo
-from wtool.transforms.base import Context, Skip, Transform, param
+from wtool.transforms.base import Context, Transform, param
 
 FLOAT_TARGETS = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
 
@@ -31,12 +30,8 @@ class Cast(Transform, name="cast"):
     Params = CastParams
     formula = "w' = round_to_dtype(w); |w| > finfo(dtype).max is an error (saturate: clamp to ±max)"
     applies_to = "float tensors of any shape"
+    min_ndim = 0
     example = "cast:dtype=bfloat16"
-
-    def skip(self, info: TensorInfo) -> Skip | None:
-        if not info.dtype_info.is_float:
-            return Skip(f"{info.dtype} is not a float dtype", hard=True)
-        return None
 
     def output_dtype(self, dtype: str) -> str:
         return by_user_name(self.params.dtype).code
@@ -57,8 +52,7 @@ class Cast(Transform, name="cast"):
                                  f"±{limit:g}; pass saturate=true to clamp them")
         with np.errstate(invalid="ignore"):  # a signalling NaN stays a NaN; no warning for it
             stored = array.astype(target)
-        if ctx is not None:
-            ctx.extras.update(flushed(array, stored))
+        ctx.extras.update(flushed(array, stored))
         return stored.astype(array.dtype)
 
 

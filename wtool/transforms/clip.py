@@ -1,6 +1,7 @@
 """Clipping: bound every weight to [-c, c] (or [min, max]).
 
->>> Transform.create("clip", {"c": "1.5"}).apply(np.array([-3.0, 0.5, 2.0]), None)
+>>> w = np.array([-3.0, 0.5, 2.0])
+>>> Transform.create("clip", {"c": "1.5"}).apply(w, Context.of(w))
 array([-1.5,  0.5,  1.5])
 """
 
@@ -20,8 +21,9 @@ class ClipParams:
     min: float | None = param(None, "lower bound (with or without max)")
     max: float | None = param(None, "upper bound (with or without min)")
     percentile: float | None = param(None, "c = this percentile of |w| per tensor (numpy linear interpolation)",
-                                     low=0.0, high=100.0)
-    sigma: float | None = param(None, "c = sigma · std(w) per tensor (population std)", low=0.0)
+                                     low=0.0, high=100.0, spreads_nonfinite=True)
+    sigma: float | None = param(None, "c = sigma · std(w) per tensor (population std)", low=0.0,
+                                spreads_nonfinite=True)
 
 
 class Clip(Transform, name="clip"):
@@ -42,10 +44,6 @@ class Clip(Transform, name="clip"):
         if p.min is not None and p.max is not None and p.min > p.max:
             raise UsageError(f"clip: min={p.min} is greater than max={p.max}")
 
-    @property
-    def spreads_nonfinite(self) -> bool:  # type: ignore[override]
-        return self.params.percentile is not None or self.params.sigma is not None
-
     def bounds(self, array: np.ndarray) -> tuple[float | None, float | None]:
         """The (low, high) interval for this tensor."""
         p = self.params
@@ -59,7 +57,7 @@ class Clip(Transform, name="clip"):
             return -c, c
         return p.min, p.max
 
-    def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
+    def apply(self, array: np.ndarray, ctx: Context) -> np.ndarray:
         if array.size == 0:
             return array.copy()
         low, high = self.bounds(array)

@@ -5,10 +5,9 @@ one SGD step with decoupled decay (AdamW's form, without Adam's moments); with `
 weights are pulled toward a reference model instead of zero (L2-SP).
 
 >>> import numpy as np
->>> from wtool.tensor import TensorInfo
 >>> from wtool.transforms import Context, Transform
 >>> step = Transform.create("decay", {"lr": "0.5", "wd": "0.2"})
->>> step.apply(np.array([1.0, -2.0], np.float32), Context(TensorInfo("b", "F32", (2,))))
+>>> step.apply(np.array([1.0, -2.0], np.float32), Context.of(np.zeros(2, np.float32), "b"))
 array([ 0.9, -1.8], dtype=float32)
 """
 
@@ -20,8 +19,7 @@ from typing import ClassVar
 import numpy as np
 
 from wtool.errors import InputError, UsageError
-from wtool.tensor import TensorInfo
-from wtool.transforms.base import Context, Skip, Transform, param
+from wtool.transforms.base import Context, Transform, param
 
 
 @dataclass(frozen=True)
@@ -47,6 +45,7 @@ class Decay(Transform, name="decay"):
     Params = DecayParams
     formula = "w' = w - lr·(g + wd·(w - w_ref)); g = 0 without grads, w_ref = 0 without anchor"
     applies_to: ClassVar[str] = "float tensors of any ndim"
+    min_ndim = 0
     example = "decay:lr=0.1,wd=0.01"
 
     def check(self) -> None:
@@ -56,15 +55,6 @@ class Decay(Transform, name="decay"):
                              "give wd > 0 or grads=PATH")
         if p.anchor is not None and p.wd == 0:
             raise UsageError("decay: anchor pulls with strength lr*wd; give wd > 0")
-
-    def skip(self, info: TensorInfo) -> Skip | None:
-        if not info.dtype_info.is_float:
-            return Skip(f"{info.dtype} is not a float dtype", hard=True)
-        return None
-
-    def companion_paths(self) -> dict[str, str]:
-        p = self.params
-        return {role: path for role, path in (("grads", p.grads), ("anchor", p.anchor)) if path is not None}
 
     def _companion(self, role: str, array: np.ndarray, ctx: Context) -> np.ndarray | None:
         path = self.companion_paths()[role]

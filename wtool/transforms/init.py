@@ -5,10 +5,10 @@ one freshly built by torch; the draws themselves come from `ctx.rng(seed)`, whic
 only on the seed and the tensor's name.
 
 >>> import numpy as np
->>> from wtool.tensor import TensorInfo
 >>> from wtool.transforms import Context, Transform
 >>> step = Transform.create("init", {"scheme": "he", "seed": 1})
->>> w = step.apply(np.zeros((512, 256), np.float32), Context(TensorInfo("fc.weight", "F32", (512, 256))))
+>>> zeros = np.zeros((512, 256), np.float32)
+>>> w = step.apply(zeros, Context.of(zeros, "fc.weight"))
 >>> round(float(w.std()), 3), round((2 / 256) ** 0.5, 3)
 (0.088, 0.088)
 """
@@ -131,14 +131,10 @@ class Init(Transform, name="init"):
         return self.gain / math.sqrt(fan)
 
     def skip(self, info: TensorInfo) -> Skip | None:
-        if not info.dtype_info.is_float:
-            return Skip(f"{info.dtype} is not a float dtype", hard=True)
-        if info.ndim < 2:
-            if self.params.value is None:
-                return Skip(f"{info.ndim}-D tensor has no fan_in/fan_out: give value= to fill it",
-                            hard=True)
-            return Skip(f"{info.ndim}-D tensor (default: ndim >= 2)")
-        return None
+        reason = super().skip(info)
+        if reason is not None and not reason.hard and self.params.value is None:
+            return Skip(f"{info.ndim}-D tensor has no fan_in/fan_out: give value= to fill it", hard=True)
+        return reason
 
     def apply(self, array: np.ndarray, ctx: Context) -> np.ndarray:
         p = self.params

@@ -1,7 +1,8 @@
 """Min-max fake quantization: snap values to a b-bit grid, stored in the original dtype.
 
 >>> q = Transform.create("quantize", {"bits": "2", "granularity": "tensor"})
->>> q.apply(np.array([[0.0, 0.1, 0.9, 3.0]]), None)
+>>> w = np.array([[0.0, 0.1, 0.9, 3.0]])
+>>> q.apply(w, Context.of(w))
 array([[0., 0., 1., 3.]])
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from wtool.errors import InputError, UsageError
+from wtool.errors import UsageError
 from wtool.tensor import TensorInfo
 from wtool.transforms._mixed import allocate
 from wtool.transforms.base import Context, Transform, param
@@ -28,7 +29,8 @@ AUTO_CHOICES = tuple((bits, scheme, size) for bits in (2, 3, 4, 5, 6, 8) for sch
 @dataclass(frozen=True)
 class QuantizeParams:
     bits: int | str = param(8, "bits per weight: 2^bits grid levels; auto: bits, scheme and group size chosen per "
-                            "tensor to meet avg_bits (a fit pass over the selected tensors)", low=2, high=8)
+                            "tensor to meet avg_bits (a fit pass over the selected tensors)", low=2, high=8,
+                            fit_when="auto")
     avg_bits: float | None = param(None, "with bits=auto: the most grid bits per weight on average over the selected "
                                    "tensors, float16 scales and offsets counted", low=2.0, high=9.0)
     scheme: str = param("asym", "asym: min-max grid; sym: zero-centred grid, scale = absmax/(2^(b-1)-1)",
@@ -57,11 +59,10 @@ class Quantize(Transform, name="quantize"):
             raise UsageError(f"quantize: parameter bits={p.bits!r}: expected an int in [2, 8] or auto")
         if (p.bits == "auto") != (p.avg_bits is not None):
             raise UsageError("quantize: bits=auto and avg_bits=B go together (e.g. bits=auto,avg_bits=4.3)")
-        if p.bits == "auto" and p.granularity != "auto":
-            raise UsageError("quantize: bits=auto chooses the granularity per tensor; leave granularity out")
-
-    def needs_fit(self) -> bool:
-        return self.params.bits == "auto"
+        defaults = QuantizeParams()
+        if p.bits == "auto" and (p.granularity, p.scheme, p.group_size) != \
+                (defaults.granularity, defaults.scheme, defaults.group_size):
+            raise UsageError("quantize: bits=auto chooses granularity, scheme and group size per tensor; leave them out")
 
     def fit(self, tensors: Iterable[tuple[TensorInfo, Callable[[], np.ndarray]]]) -> dict[str, Quantize]:
         """bits=auto: each tensor's grid, chosen among `AUTO_CHOICES` (see `_mixed.allocate`)."""
@@ -98,28 +99,27 @@ class Quantize(Transform, name="quantize"):
         size = f" {self.params.group_size}" if granularity == "group" else ""
         return f"{self.params.bits}-bit {self.params.scheme} {granularity}{size}"
 
-    def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
+    def apply(self, array: np.ndarray, ctx: Context) -> np.ndarray:
         p = self.params
         if p.bits == "auto":
             return ctx.state[ctx.name].apply(array, ctx)
         granularity = self.granularity()
-        if ctx is not None:
-            ctx.extras["grid"] = self.label()
-            ctx.extras["bits_per_weight"] = self.bits_per_weight(array.shape)
+        ctx.extras["grid"] = self.label()
+        ctx.extras["bits_per_weight"] = self.bits_per_weight(array.shape)
         if array.size == 0:
             return array.copy()
         if granularity in ("tensor", "channel"):
             whole = granularity == "tensor" or array.ndim < 2
             grids = array.reshape(1, -1) if whole else array.reshape(array.shape[0], -1)
-            if ctx is not None and p.bits <= 4:
+            if p.bits <= 4:
                 ctx.extras.update(crowding(grids, p.bits, p.scheme))
             return self._snap(grids).reshape(array.shape)
         rows = array.reshape(-1, array.shape[-1])
         width = rows.shape[1]
         full = width - width % p.group_size
-        problem = self.problem(TensorInfo(ctx.name if ctx else "?", "F32", array.shape))
+        problem = self.problem(TensorInfo(ctx.name, "F32", array.shape))
         if problem:
-            raise UsageError(f"tensor {ctx.name if ctx else '?'!r}: {problem}")
+            raise UsageError(f"tensor {ctx.name!r}: {problem}")
         out = np.empty_like(rows)
         if full:
             head = rows[:, :full].reshape(-1, p.group_size)

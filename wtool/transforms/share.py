@@ -9,10 +9,9 @@ would rise; it stops, either way, only at a Lloyd fixed point. The final mapping
 to centroids goes through a lookup table on the values' leading bits, not a search per value.
 
 >>> import numpy as np
->>> from wtool.tensor import TensorInfo
 >>> from wtool.transforms import Context, Transform
 >>> w = np.array([[0.0, 0.1, 0.9], [1.0, 2.0, 2.2]], dtype=np.float32)
->>> Transform.create("share", {"clusters": 3}).apply(w, Context(TensorInfo("w", "F32", (2, 3))))
+>>> Transform.create("share", {"clusters": 3}).apply(w, Context.of(w))
 array([[0.05, 0.05, 0.95],
        [0.95, 2.1 , 2.1 ]], dtype=float32)
 """
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
@@ -62,7 +60,7 @@ class Share(Transform, name="share"):
 
     Params = ShareParams
     formula = "w' = c[argmin_j |w - c_j|], c = Lloyd fixed point of 1-D k-means"
-    spreads_nonfinite: ClassVar[bool] = True
+    spreads_nonfinite = True
     example = "share:bits=4,init=density"
 
     def check(self) -> None:

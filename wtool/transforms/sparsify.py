@@ -1,6 +1,7 @@
 """Magnitude sparsification: zero the smallest weights by threshold, fraction or N:M pattern.
 
->>> Transform.create("sparsify", {"threshold": "0.5"}).apply(np.array([[0.1, -0.7, 0.4, 2.0]]), None)
+>>> w = np.array([[0.1, -0.7, 0.4, 2.0]])
+>>> Transform.create("sparsify", {"threshold": "0.5"}).apply(w, Context.of(w))
 array([[ 0. , -0.7,  0. ,  2. ]])
 """
 
@@ -23,10 +24,11 @@ CHUNK = 1 << 16  # elements per chunk of the threshold mask
 class SparsifyParams:
     threshold: float | None = param(None, "zero every |w| < threshold", low=0.0)
     fraction: float | None = param(None, "share of weights set to zero: exactly round(fraction·numel)",
-                                   low=0.0, high=1.0)
+                                   low=0.0, high=1.0, spreads_nonfinite=True)
     scope: str = param("tensor", "fraction per tensor, or one magnitude threshold across all selected tensors",
-                       choices=("tensor", "global"))
-    nm: str | None = param(None, "N:M structured sparsity, e.g. 2:4 keeps the 2 largest of every 4 along the last axis")
+                       choices=("tensor", "global"), fit_when="global")
+    nm: str | None = param(None, "N:M structured sparsity, e.g. 2:4 keeps the 2 largest of every 4 along the last axis",
+                           spreads_nonfinite=True)
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,6 @@ class Sparsify(Transform, name="sparsify"):
             raise UsageError(f"sparsify: nm={text!r} needs 0 < N <= M")
         return keep, group
 
-    @property
-    def spreads_nonfinite(self) -> bool:  # type: ignore[override]
-        return self.params.threshold is None
-
-    def needs_fit(self) -> bool:
-        return self.params.scope == "global"
-
     def fit(self, tensors: Iterable[tuple[TensorInfo, Callable[[], np.ndarray]]]) -> dict[str, Cutoff]:
         """One exact magnitude cutoff across every selected tensor, found by a radix select
         over the float bit patterns (16 bits per pass), so no pass holds more than one tensor."""
@@ -110,13 +105,13 @@ class Sparsify(Transform, name="sparsify"):
             cutoffs[info.name] = Cutoff(prefix, take, wide)
         return cutoffs
 
-    def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
+    def apply(self, array: np.ndarray, ctx: Context) -> np.ndarray:
         out = self._zero(array, ctx)
-        if ctx is not None and array.size:
+        if array.size:
             ctx.extras.update(energy_figures(array, out))
         return out
 
-    def _zero(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
+    def _zero(self, array: np.ndarray, ctx: Context) -> np.ndarray:
         p = self.params
         if array.size == 0:
             return array.copy()
@@ -145,11 +140,11 @@ class Sparsify(Transform, name="sparsify"):
             return f"last axis {info.shape[-1]} is not divisible by M={group} (nm={self.params.nm})"
         return None
 
-    def _nm(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
+    def _nm(self, array: np.ndarray, ctx: Context) -> np.ndarray:
         keep, group = self.pattern()
-        problem = self.problem(TensorInfo(ctx.name if ctx else "?", "F32", array.shape))
+        problem = self.problem(TensorInfo(ctx.name, "F32", array.shape))
         if problem:
-            raise UsageError(f"tensor {ctx.name if ctx else '?'!r}: {problem}")
+            raise UsageError(f"tensor {ctx.name!r}: {problem}")
         rows = array.reshape(-1, group)
         order = np.argsort(-np.abs(rows), axis=1, kind="stable")
         drop = np.zeros(rows.shape, dtype=bool)

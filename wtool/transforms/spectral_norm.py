@@ -4,8 +4,9 @@ The largest singular value comes from Lanczos (ARPACK's implicitly restarted Lan
 smaller Gram matrix WᵀW or WWᵀ, through matrix-vector products only), which reaches a tight
 relative tolerance even when σ1 ≈ σ2, where plain power iteration needs ~1/(1 - σ2/σ1) steps.
 
+>>> from wtool.transforms import Context, Transform
 >>> w = np.diag([4.0, 2.0, 1.0])
->>> Transform.create("spectral-norm", {"method": "svd"}).apply(w, Context(TensorInfo("w", "F64", (3, 3)))).diagonal()
+>>> Transform.create("spectral-norm", {"method": "svd"}).apply(w, Context.of(w)).diagonal()
 array([1.  , 0.5 , 0.25])
 """
 

@@ -1,6 +1,8 @@
 """Weight standardization: zero mean and unit variance per output slice.
 
->>> out = Transform.create("standardize", {"eps": "0"}).apply(np.array([[1.0, 3.0], [2.0, 2.0]]), None)
+>>> from wtool.transforms import Context, Transform
+>>> w = np.array([[1.0, 3.0], [2.0, 2.0]])
+>>> out = Transform.create("standardize", {"eps": "0"}).apply(w, Context.of(w))
 >>> out[0]
 array([-1.,  1.])
 """
@@ -31,7 +33,7 @@ class Standardize(AlongDim, name="standardize"):
     example = "standardize:dim=0,eps=1e-5"
     spreads_nonfinite = True
 
-    def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
+    def apply(self, array: np.ndarray, ctx: Context) -> np.ndarray:
         axes = other_axes(array.ndim, normalize_dim(self.params.dim, array.ndim))
         wide = array.astype(np.float64)
         mean = wide.mean(axis=axes, keepdims=True)

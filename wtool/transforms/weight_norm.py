@@ -1,6 +1,8 @@
 """Weight normalization: rescale slices to a fixed norm, fold torch's (g, v) pairs, or split them.
 
->>> Transform.create("weight-norm", {"norm": "2"}).apply(np.array([[3.0, 4.0], [0.0, 1.0]]), None)
+>>> from wtool.transforms import Context, Transform
+>>> w = np.array([[3.0, 4.0], [0.0, 1.0]])
+>>> Transform.create("weight-norm", {"norm": "2"}).apply(w, Context.of(w))
 array([[1.2, 1.6],
        [0. , 2. ]])
 """
@@ -58,7 +60,7 @@ class WeightNorm(AlongDim, name="weight-norm"):
     example = "weight-norm:dim=0,norm=1.0"
     spreads_nonfinite = True
 
-    def apply(self, array: np.ndarray, ctx: Context | None) -> np.ndarray:
+    def apply(self, array: np.ndarray, ctx: Context) -> np.ndarray:
         return _direction_times(array, self.params.norm, normalize_dim(self.params.dim, array.ndim))
 
 

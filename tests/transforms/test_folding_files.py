@@ -15,7 +15,7 @@ from wtool import Pipeline, open_checkpoint, run
 from wtool.io import create_writer
 from wtool.tensor import TensorInfo
 
-REFERENCE = Path(__file__).parent.parent / "fixtures" / "reference"
+REFERENCE = Path(__file__).parents[2] / "fixtures" / "reference"
 MANIFEST = json.loads((REFERENCE / "manifest.json").read_text())["cases"]
 OPS = {"weight_norm": "fold-weight-norm", "spectral_norm": "fold-spectral-norm", "prune": "fold-prune"}
 CASES = [case for case in MANIFEST if any(case.startswith(prefix) for prefix in OPS)]
