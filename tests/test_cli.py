@@ -22,7 +22,7 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("command", ["apply", "batch", "inspect", "diff", "transforms", "new", "eval"])
+@pytest.mark.parametrize("command", ["apply", "batch", "inspect", "diff", "transforms", "new", "eval", "decompress"])
 def test_every_command_has_help_with_an_example(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0

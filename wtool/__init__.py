@@ -17,13 +17,13 @@ from wtool.errors import InputError, OutputError, UsageError, WtoolError
 from wtool.evaluate import evaluate_models  # imports torch only when called
 from wtool.io import create_writer, open_checkpoint
 from wtool.new import new_checkpoint
-from wtool.pipeline import Pipeline, Step, plan, run
+from wtool.pipeline import Pipeline, Step, decompress, plan, run
 from wtool.report import DiffReport, EvalReport, InspectReport, Report
 from wtool.transforms import REGISTRY as TRANSFORMS
 from wtool.transforms import Transform
 
 __all__ = [
     "__version__", "diff", "inspect", "evaluate_models", "open_checkpoint", "create_writer", "new_checkpoint",
-    "Pipeline", "Step", "plan", "run", "Report", "InspectReport", "DiffReport", "EvalReport", "Transform",
+    "Pipeline", "Step", "plan", "run", "decompress", "Report", "InspectReport", "DiffReport", "EvalReport", "Transform",
     "TRANSFORMS", "WtoolError", "UsageError", "InputError", "OutputError",
 ]

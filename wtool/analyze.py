@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from wtool.compressed import DecompressedReader
 from wtool.errors import UsageError
 from wtool.io import Reader, open_checkpoint
 from wtool.pipeline import Progress
@@ -28,27 +31,46 @@ TOTAL_METRICS = ("weighted_rel_l2", "weighted_sqnr_db")
 
 def inspect(path: str | Path, selector: Selector | None = None, *, allow_empty: bool = False,
             progress: Progress | None = None) -> InspectReport:
-    """Statistics of every (selected) tensor, totals by dtype, metadata and format."""
+    """Statistics of every (selected) tensor, totals by dtype, metadata and format.
+
+    A weight stored in a compressed layout (packed int, fp8 + scale, codebook) is one row with
+    the statistics of its dense values and a `layout`: scheme, bytes stored, bits per weight
+    (scales and zero points included) and compression ratio against its dense dtype. Totals:
+    `bytes` as stored, `dense_bytes` as they would be decompressed; `by_dtype` counts what is stored.
+    """
     selector = selector or Selector()
-    with open_checkpoint(path) as reader:
+    with open_checkpoint(path) as stored, DecompressedReader(stored) as reader:
         names = [t.name for t in reader.tensors]
         _check_patterns(selector, names, allow_empty, str(reader.path))
         chosen = [t for t in reader.tensors if selector.admits(t.name)]
         if progress:
             progress.start(len(chosen), sum(t.nbytes for t in chosen))
         rows, by_dtype = [], {}
+        dense_bytes = 0
         for info in chosen:
-            rows.append({"name": info.name, "dtype": info.dtype, "shape": list(info.shape),
-                         **tensor_stats(reader.read(info.name))})
-            bucket = by_dtype.setdefault(info.dtype, {"tensors": 0, "params": 0, "bytes": 0})
-            bucket["tensors"] += 1
-            bucket["params"] += info.numel
-            bucket["bytes"] += info.nbytes
+            row = {"name": info.name, "dtype": info.dtype, "shape": list(info.shape),
+                   **tensor_stats(reader.read(info.name))}
+            layout = reader.layouts.get(info.name)
+            pieces = layout.pieces if layout else (info,)
+            if layout:
+                row["layout"] = {"format": layout.scheme.format, "scheme": layout.scheme.label(),
+                                 "stored_bytes": layout.stored_bytes,
+                                 "bits_per_weight": round(layout.bits_per_weight, 4),
+                                 "ratio": round(info.nbytes / layout.stored_bytes, 4),
+                                 "tensors": [p.name for p in layout.pieces]}
+            rows.append(row)
+            dense_bytes += info.nbytes
+            for piece in pieces:
+                bucket = by_dtype.setdefault(piece.dtype, {"tensors": 0, "params": 0, "bytes": 0})
+                bucket["tensors"] += 1
+                bucket["params"] += piece.numel
+                bucket["bytes"] += piece.nbytes
             if progress:
                 progress.advance(info)
-        totals = {"tensors": len(rows), "params": sum(b["params"] for b in by_dtype.values()),
-                  "bytes": sum(b["bytes"] for b in by_dtype.values()), "by_dtype": by_dtype}
-        return InspectReport(str(reader.path), reader.format, dict(reader.metadata), rows, totals)
+        totals = {"tensors": len(rows), "params": sum(int(np.prod(r["shape"], dtype=np.int64)) for r in rows),
+                  "bytes": sum(b["bytes"] for b in by_dtype.values()), "dense_bytes": dense_bytes,
+                  "by_dtype": by_dtype}
+        return InspectReport(str(reader.path), reader.format, dict(stored.metadata), rows, totals)
 
 
 def value_histogram(path: str | Path, name: str, bins: int = 24) -> tuple[list[int], float, float]:

@@ -181,11 +181,17 @@ def _convert_in_worker(task: Task) -> BatchItem:
 
 
 class ProcessExecutor:
-    """Tasks in worker processes, started fresh with `spawn` (nothing inherited); `stop` sets
-    an event the running tasks check between tensors, so finished results still come back."""
+    """Tasks in worker processes that inherit nothing from this one: forked from a fresh server
+    that has imported wtool once (`forkserver`), or started with `spawn` where there is no
+    fork. `stop` sets an event the running tasks check between tensors, so finished results
+    still come back."""
 
     def __init__(self, workers: int) -> None:
-        context = multiprocessing.get_context("spawn")
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["wtool.batch"])
+        else:
+            context = multiprocessing.get_context("spawn")
         self.stopping = context.Event()
         self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                         initargs=(self.stopping,))

@@ -434,6 +434,9 @@ def apply(
                                                 "table, before/after histograms) to FILE.")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Tensors computed at once, in threads; "
                                       "peak memory grows with it.")] = 1,
+    allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Read compressed weights (packed, "
+                                                   "fp8, codebook) as dense floats so steps may change them; "
+                                                   "without it such steps are refused.")] = False,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Statistics, error metrics and histograms "
                                         "per tensor; --no-stats reports only the steps and what changed.")] = True,
     quiet: Quiet = False,
@@ -452,7 +455,8 @@ def apply(
         if output is None and not dry_run:
             raise UsageError("missing OUTPUT (or pass --dry-run to only print the plan)")
         reports = _check_reports(outputs, {"--report": report_path, "--markdown": markdown, "--html": html}, force)
-        pipe = _pipeline(transform, recipe, include, exclude, allow_empty=allow_empty, nonfinite=nonfinite)
+        pipe = _pipeline(transform, recipe, include, exclude, allow_empty=allow_empty, nonfinite=nonfinite,
+                         allow_requantize=allow_requantize)
         shard = parse_size(max_shard_size) if max_shard_size else None
         with _Bar("apply", not quiet and not dry_run) as bar:
             result = pipeline.run(pipe, source, output, force=force, max_shard_size=shard, dry_run=dry_run,
@@ -470,6 +474,42 @@ def apply(
         if dry_run:
             _print_plan(result, console)
         elif not quiet:
+            report.print_apply(result, console, rows)
+
+
+@app.command()
+def decompress(
+    ctx: typer.Context,
+    source: Annotated[Path, typer.Argument(help="A compressed checkpoint: .safetensors or a model folder.")],
+    output: Annotated[Path, typer.Argument(help="Output: .safetensors, .npz, or a folder (sharded).")],
+    dtype: Annotated[str | None, typer.Option("--dtype", help="bfloat16, float16 or float32 for every decompressed "
+                                              "weight (default: the dtype of its scale).")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
+    max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
+                                                          "shards of at most this size, e.g. 5GB.")] = None,
+    report_path: Annotated[str | None, typer.Option("--report", help="Write the JSON report to FILE, or - for stdout.")] = None,
+    quiet: Quiet = False,
+    rows: Rows = report.SHOW_ROWS,
+) -> None:
+    """Turn packed int (pack-quantized), fp8 (float-quantized) and codebook weights, written by
+    wtool or by compressed-tensors / llm-compressor, back into a plain dense checkpoint; a
+    folder's config.json loses its quantization_config.
+
+    Example: wtool decompress model-w4a16/ model-dense/ --dtype bfloat16
+    """
+    outputs = _Outputs(output)
+    with _guard(_debug(ctx), outputs):
+        if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
+            raise UsageError(f"--dtype {dtype!r}: expected bfloat16, float16 or float32")
+        reports = _check_reports(outputs, {"--report": report_path}, force)
+        shard = parse_size(max_shard_size) if max_shard_size else None
+        with _Bar("decompress", not quiet) as bar:
+            result = pipeline.decompress(source, output, dtype, force=force, max_shard_size=shard, progress=bar,
+                                         reports=reports)
+        console = _stderr() if report_path == "-" else _stdout()
+        if report_path:
+            _write_text(report_path, report.dumps(result.to_json()), outputs, force)
+        if not quiet:
             report.print_apply(result, console, rows)
 
 

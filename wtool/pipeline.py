@@ -31,7 +31,16 @@ import numpy as np
 
 from wtool import __version__
 from wtool.advice import data_free_warnings
-from wtool.dtypes import by_code, to_storage
+from wtool.compressed import (
+    QUANTIZATION_CONFIG,
+    DecompressedReader,
+    Scheme,
+    config_json,
+    find_layouts,
+    quantization_config,
+    without_quantization_config,
+)
+from wtool.dtypes import by_code, by_user_name, to_storage
 from wtool.errors import InputError, UsageError
 from wtool.io import (
     Inputs,
@@ -68,6 +77,11 @@ class Plan:
     chains: list[Chain]
     steps: list[StepPlan]
     notes: list[str]
+
+    @property
+    def stored(self) -> dict[str, Scheme]:
+        """Weights written in a compressed layout, by their name before compression."""
+        return {g.inputs[0]: g.data for step in self.steps for g in step.layouts}
 
     @property
     def skipped(self) -> list[SkipRecord]:
@@ -145,10 +159,19 @@ class Progress(Protocol):
     def advance(self, info: TensorInfo) -> None: ...
 
 
+def decompress(source: str | Path, output: str | Path | None, dtype: str | None = None, **options: Any) -> Report:
+    """Write `source` with every compressed weight (pack-quantized, float-quantized, nvfp4,
+    codebook) turned back into a dense tensor of `dtype` (default: its scale's dtype); config.json
+    loses its `quantization_config`. `options` as for `run`."""
+    code = by_user_name(dtype).code if dtype else None
+    return run(Pipeline(), source, output, decompress_to=code or "", **options)
+
+
 def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, force: bool = False,
         max_shard_size: int | None = None, dry_run: bool = False, copy_model_files: bool = True,
         update_config: bool = False, jobs: int = 1, stats: bool = True, progress: Progress | None = None,
-        reports: Sequence[str | Path] = (), reads: Sequence[str | Path] = ()) -> Report:
+        reports: Sequence[str | Path] = (), reads: Sequence[str | Path] = (),
+        decompress_to: str | None = None) -> Report:
     """Stream `source` through the pipeline into `output` and report what changed.
 
     With `dry_run` (or no output) nothing is read beyond headers and nothing is written; the
@@ -174,13 +197,22 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
         output_format(output)  # an output suffix wtool cannot write is refused before any work
     started = time.perf_counter()
     with open_checkpoint(source) as reader:
+        if decompress_to is not None or pipeline.allow_requantize:
+            reader = DecompressedReader(reader, decompress_to or None)
+        elif pipeline.steps:
+            _refuse_requantizing(pipeline, reader)
         the_plan = plan(pipeline, reader)
         try:
             inputs = _protect(the_plan, reads)
             for target in reports:
                 inputs.refuse(Path(target), "report")
+            qconfig = quantization_config(the_plan.stored)
             extra, copied = ({}, []) if output is None else _model_files(
-                reader, output, pipeline, the_plan.notes, copy=copy_model_files, update_config=update_config)
+                reader, output, pipeline, the_plan.notes, copy=copy_model_files, update_config=update_config,
+                qconfig=qconfig)
+            if qconfig and not extra and output is not None:
+                the_plan.notes.append(f"{QUANTIZATION_CONFIG} stored in the output's metadata "
+                                      f"(no config.json travels with this output)")
             sources = {t.name: t for t in reader.tensors}
             if dry_run or output is None:
                 if output is not None:
@@ -190,13 +222,14 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
                 return _report(the_plan, records, output, time.perf_counter() - started, dry_run=True,
                                model_files=copied)
             infos = [node.info for node in the_plan.chains]
-            metadata = _output_metadata(reader.metadata, pipeline, infos, the_plan.notes)
+            metadata = _output_metadata(reader.metadata, pipeline, infos, the_plan.notes, qconfig)
             writer = create_writer(output, infos, metadata, max_shard_size=max_shard_size, force=force,
                                    extra_files=extra, one_file=reader.format != "sharded", inputs=inputs)
             records = []
             with writer:
                 for step in the_plan.steps:
                     fit_step(step, the_plan.chains)
+                    step.run.measure = stats
                 if progress:
                     progress.start(len(infos), sum(i.nbytes for i in infos))
                 for node, (array, record) in _evaluate_in_order(reader, sources, the_plan.chains, jobs, stats):
@@ -244,14 +277,17 @@ def protect(sources: Sequence[str | Path]) -> Inputs:
 def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes: Sequence[Chain],
                        jobs: int, stats: bool) -> Iterator[tuple[Chain, tuple[np.ndarray, TensorRecord]]]:
     """Materialise the output tensors in order, up to `jobs` of them at once in threads
-    (numpy releases the GIL in its kernels); memory grows with `jobs`. The next tensor is
-    computed while the caller writes the previous one, so even one job overlaps the
-    statistics with the writing.
+    (numpy releases the GIL in its kernels); memory grows with `jobs`. One job computes in
+    the calling thread: overlapping the next tensor with the writing would double its memory.
 
     The threads are daemons and nothing waits for them when the run stops early: Ctrl-C or
     SIGTERM takes effect at once, not after every tensor in flight.
     """
     work = partial(_materialise, reader, stats=stats)
+    if jobs <= 1:
+        for node in nodes:
+            yield node, work(sources.get(node.info.name), node)
+        return
     pending: deque[tuple[Chain, Future]] = deque()
     upcoming = iter(nodes)
     for node in upcoming:
@@ -260,10 +296,11 @@ def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes:
             break
     while pending:
         node, future = pending.popleft()
+        yield node, future.result()
+        del future  # the written tensor is freed before the next one starts: `jobs` tensors at most
         following = next(upcoming, None)
         if following is not None:
             pending.append((following, _in_thread(work, sources.get(following.info.name), following)))
-        yield node, future.result()
 
 
 def _in_thread(function: Callable[..., Any], *args: Any) -> Future:
@@ -280,10 +317,26 @@ def _in_thread(function: Callable[..., Any], *args: Any) -> Future:
     return future
 
 
+def _refuse_requantizing(pipeline: Pipeline, reader: Reader) -> None:
+    """A step that would change a piece of a compressed layout (a scale, fp8 values) would
+    break it: refuse, unless --allow-requantize has the pieces read as one dense weight."""
+    for layout in find_layouts(reader):
+        for step in pipeline.steps:
+            for piece in layout.pieces:
+                if pipeline.selector.admits(piece.name) and step.selector.admits(piece.name) \
+                        and step.transform.skip(piece) is None:
+                    raise UsageError(f"{reader.path}: {step.op} would change {piece.name!r}, part of "
+                                     f"{layout.name!r} stored as {layout.scheme.label()}; pass "
+                                     f"--allow-requantize to decompress it and {step.op} the dense weight")
+
+
 def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: list[str], *,
-                 copy: bool, update_config: bool) -> tuple[dict[str, Path | bytes], list[str]]:
+                 copy: bool, update_config: bool,
+                 qconfig: Mapping[str, Any] | None = None) -> tuple[dict[str, Path | bytes], list[str]]:
     """The files of a folder input that travel to a folder output (relative name -> source, or
-    the rewritten config.json with `update_config`), the names copied, and a note for each fact."""
+    the rewritten config.json), the names copied, and a note for each fact. config.json gets
+    `qconfig` as its `quantization_config` (a reader that decompresses, `DecompressedReader`,
+    has it removed) and, with `update_config`, the dtype of the last cast."""
     folder = model_folder(Path(reader.path))
     casts = [s.transform.params.dtype for s in pipeline.steps if s.op == "cast"]
     if casts and casts[-1].startswith("float8"):
@@ -303,15 +356,24 @@ def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: 
         notes.append(f"left behind (weights in another format, or not a regular file): {', '.join(found.left)}")
     config = reader.config() or {}
     declared = config.get("torch_dtype") or config.get("dtype")
+    rewritten = False
+    if "config.json" in extra and (qconfig is not None or isinstance(reader, DecompressedReader)):
+        config = without_quantization_config(config)
+        if qconfig is not None:
+            config[QUANTIZATION_CONFIG] = dict(qconfig)
+        notes.append(f"config.json: {QUANTIZATION_CONFIG} {'written' if qconfig is not None else 'removed'}")
+        rewritten = True
     if update_config:
         for key in ("torch_dtype", "dtype"):
             if key in config or key == "torch_dtype":
                 config[key] = casts[-1]
-        extra["config.json"] = (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         notes.append(f"config.json: torch_dtype set to {casts[-1]} (--update-config)")
+        rewritten = True
     elif casts and declared and declared != casts[-1]:
         notes.append(f"config.json declares dtype {declared} but tensors were cast to {casts[-1]}; "
                      "pass --update-config to record the new dtype")
+    if rewritten:
+        extra["config.json"] = config_json(config)
     return extra, found.copied
 
 
@@ -328,19 +390,22 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Chain, *,
         stored = before
         after_stats = before_stats = tensor_stats(before) if stats else None
         return stored, TensorRecord(info.name, info.dtype, list(info.shape), [], False,
-                                    before_stats, after_stats, None, {})
+                                    before_stats, after_stats, None, {},
+                                    bytes_before=info.nbytes, bytes_after=info.nbytes)
     value, extras = node.evaluate()
     try:
         stored = _to_storage(value, info)
     except InputError as exc:
         raise InputError(f"{reader.path}: {exc}") from None
     del value
-    comparable = source is not None and source.shape == info.shape
+    piece = node.compressed_piece  # e.g. fp8 values without their scale: not comparable to the weight
+    comparable = source is not None and source.shape == info.shape and piece is None
+    sizes = {"bytes_before": source.nbytes if source else None, "bytes_after": info.nbytes}
     if not stats:
         changed = not comparable or source.dtype != info.dtype or not same_bytes(before, stored)
         return stored, TensorRecord(info.name, info.dtype, list(info.shape), node.ops(), changed,
                                     None, None, None, extras,
-                                    dtype_before=source.dtype if source else None)
+                                    dtype_before=source.dtype if source else None, **sizes)
     if comparable:
         pair = compare(before, stored)
         changed = source.dtype != info.dtype or not pair.same_bytes
@@ -350,9 +415,11 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Chain, *,
         before_stats = tensor_stats(before) if before is not None else None
         after_stats, error, changed = tensor_stats(stored), None, True
         histograms = _histograms(before, before_stats, stored, after_stats)
+    if piece is not None and piece.evaluation.group.outputs[0].name == info.name:  # the layout's error
+        error = piece.evaluation.error
     return stored, TensorRecord(info.name, info.dtype, list(info.shape), node.ops(), changed,
                                 before_stats, after_stats, error, extras,
-                                dtype_before=source.dtype if source else None, histogram=histograms)
+                                dtype_before=source.dtype if source else None, histogram=histograms, **sizes)
 
 
 def _histograms(before: np.ndarray | None, before_stats: dict[str, Any] | None,
@@ -400,8 +467,9 @@ def _planned_record(node: Chain, source: TensorInfo | None) -> TensorRecord:
 
 
 def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline, infos: Sequence[TensorInfo],
-                     notes: list[str]) -> dict[str, str]:
-    """The input's metadata plus one `wtool` entry (`Pipeline.provenance`).
+                     notes: list[str], qconfig: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The input's metadata plus one `wtool` entry (`Pipeline.provenance`), and the
+    compressed-tensors `quantization_config` (JSON) when weights were packed.
 
     transformers refuses safetensors metadata without `format`, so `format: pt` is added
     when the input had none. What wtool adds is left out again (with a note) when it would
@@ -410,6 +478,8 @@ def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline, infos: Seq
     out = dict(metadata)
     out.setdefault("format", "pt")
     out["wtool"] = json.dumps(pipeline.provenance(), sort_keys=True)
+    if qconfig is not None:
+        out[QUANTIZATION_CONFIG] = json.dumps(qconfig, sort_keys=True)
     for added in ("wtool", "format"):
         if len(encode_header(infos, out)) - 8 <= MAX_HEADER_BYTES or added in metadata:
             break
@@ -446,7 +516,7 @@ def _report(the_plan: Plan, records: list[TensorRecord], output: str | Path | No
         "tensors": len(records),
         "changed": sum(r.changed for r in records),
         "params": sum(int(np.prod(r.shape, dtype=np.int64)) for r in records),
-        "bytes_in": sum(t.nbytes for t in reader.tensors),
+        "bytes_in": sum(t.nbytes for t in (reader.inner if isinstance(reader, DecompressedReader) else reader).tensors),
         "bytes_out": bytes_out,
         "seconds": round(seconds, 3),
     }

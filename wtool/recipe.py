@@ -99,6 +99,8 @@ class Pipeline:
     selector: Selector = field(default_factory=Selector)
     allow_empty: bool = False
     nonfinite: str = "error"
+    #: Read compressed weights (packed, fp8, codebook) as dense floats, so steps may change them.
+    allow_requantize: bool = False
 
     def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE_POLICIES:

@@ -43,6 +43,9 @@ class TensorRecord:
     extras: dict[str, Any]
     dtype_before: str | None = None
     histogram: dict[str, Any] | None = None
+    #: Bytes of the input tensor of the same name (None when new) and of this output tensor.
+    bytes_before: int | None = None
+    bytes_after: int | None = None
 
 
 @dataclass
@@ -64,6 +67,11 @@ class GroupRecord:
     outputs: list[str]
     created: list[str]
     dropped: list[str]
+    #: Bytes of the group's inputs and of its outputs (for a compressed layout: dense → stored).
+    bytes_before: int | None = None
+    bytes_after: int | None = None
+    #: For one weight stored in a compressed layout: its scheme, e.g. "int4 sym group 128".
+    layout: str | None = None
 
 
 @dataclass
@@ -244,8 +252,14 @@ def _severity(value: float | None, above: bool) -> float:
 
 
 def _rel(record: TensorRecord) -> float:
+    """Rank for `worst`: the relative error; a changed tensor without one ranks first, unless it is
+    new (a created tensor, a piece of a compressed layout), which ranks after every error."""
     value = (record.error or {}).get("rel_l2")
-    return value if value is not None else (math.inf if record.changed else -1.0)
+    if value is not None:
+        return value
+    if not record.changed:
+        return -1.0
+    return math.inf if record.before is not None else 0.0
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -296,6 +310,14 @@ def _hist_pair(record: TensorRecord) -> str:
 def arrow(before: str | None, after: str) -> str:
     """`before → after`, or just `after` when nothing changes (or nothing came before)."""
     return after if not before or before == after else f"{before} → {after}"
+def _bytes_pair(record: TensorRecord | GroupRecord) -> str:
+    """`before → after` in bytes, `→ after` for a new tensor, one figure when unchanged."""
+    if record.bytes_after is None:
+        return "-"
+    after = human_bytes(record.bytes_after)
+    if record.bytes_before is None:
+        return f"→ {after}"
+    return after if record.bytes_before == record.bytes_after else f"{human_bytes(record.bytes_before)} → {after}"
 
 
 def _shape(shape: list[int]) -> str:
@@ -341,8 +363,8 @@ def apply_table(report: Report, limit: int = SHOW_ROWS, sparklines: bool = True)
         table.title += escape(f"\n{report.pipeline_label()}")
     for column, justify in (("tensor", "left"), ("shape", "right"), ("dtype", "left"),
                             ("steps", "left"), ("absmax", "right"), ("std", "right"), ("sparsity", "right"),
-                            ("rel_l2", "right"), ("sqnr dB", "right"), ("values before → after", "left"))[
-                                :None if sparklines else -1]:
+                            ("rel_l2", "right"), ("sqnr dB", "right"), ("bytes", "right"),
+                            ("values before → after", "left"))[:None if sparklines else -1]:
         table.add_column(column, justify=justify, overflow="fold",
                          min_width=min(longest, 32) if column == "tensor" and sparklines else None)
     for r in rows:
@@ -353,7 +375,7 @@ def apply_table(report: Report, limit: int = SHOW_ROWS, sparklines: bool = True)
         table.add_row(escape(r.name), _shape(r.shape), dtype, steps,
                       _pair(r.before, r.after, "absmax"), _pair(r.before, r.after, "std"),
                       _pair(r.before, r.after, "sparsity"), fmt(error.get("rel_l2")),
-                      fmt(error.get("sqnr_db"), 3) if error.get("mse") else "-",
+                      fmt(error.get("sqnr_db"), 3) if error.get("mse") else "-", _bytes_pair(r),
                       *([_hist_pair(r)] if sparklines else []), style=style)
     t = report.totals
     caption = [f"{t['tensors']} tensors, {t['changed']} changed, {fmt(t['params'])} params, "
@@ -372,13 +394,23 @@ def apply_table(report: Report, limit: int = SHOW_ROWS, sparklines: bool = True)
 def plan_details(report: Report) -> list[Text]:
     """Lines under the table: groups merged, tensors skipped and why, notes."""
     lines = []
+    stored: dict[tuple[str, str], list[GroupRecord]] = {}
     for g in report.groups:
+        if g.layout:
+            stored.setdefault((g.op, g.layout), []).append(g)
+            continue
         parts = [f"{g.op}: {g.note}"]
         if g.created:
             parts.append(f"created {', '.join(g.created)}")
         if g.dropped:
             parts.append(f"dropped {', '.join(g.dropped)}")
+        if g.bytes_before != g.bytes_after:
+            parts.append(_bytes_pair(g))
         lines.append(Text("  • " + "; ".join(parts)))
+    for (op, layout), records in stored.items():
+        total = GroupRecord(op, "", [], [], [], [], sum(g.bytes_before or 0 for g in records),
+                            sum(g.bytes_after or 0 for g in records))
+        lines.append(Text(f"  • {op}: {len(records)} weight(s) stored as {layout}: {_bytes_pair(total)}"))
     lines.extend(_skip_lines(report, shown=3))
     lines.extend(Text(f"  • {note}", style="yellow") for note in report.notes)
     lines.extend(Text(f"  ⚠ {line}", style="bold yellow") for line in warning_lines(report.warnings))
@@ -418,16 +450,27 @@ def warning_lines(warnings: list[dict[str, Any]], per_kind: int = 5) -> list[str
 
 
 def inspect_table(report: InspectReport, limit: int = 200) -> Table:
+    """One row per tensor; a compressed weight is one row with its scheme, bits/weight and ratio."""
     table = Table(title=f"{escape(report.path)} ({report.format})", title_justify="left")
-    for column in ("tensor", "shape", "dtype", "min", "max", "mean", "std", "sparsity", "nan/inf"):
-        table.add_column(column, justify="left" if column in ("tensor", "dtype") else "right", overflow="fold")
+    compressed = any("layout" in row for row in report.tensors)
+    columns = ("tensor", "shape", "dtype", "min", "max", "mean", "std", "sparsity", "nan/inf")
+    for column in columns + (("stored as", "bits/w", "ratio") if compressed else ()):
+        table.add_column(column, justify="left" if column in ("tensor", "dtype", "stored as") else "right",
+                         overflow="fold")
     for row in report.tensors[:limit]:
+        layout = row.get("layout")
+        extra = (layout["scheme"], f"{layout['bits_per_weight']:.3g}", f"{layout['ratio']:.2f}×") if layout else \
+            ("-", "-", "-")
         table.add_row(escape(row["name"]), _shape(row["shape"]), row["dtype"], fmt(row["min"]), fmt(row["max"]),
                       fmt(row["mean"]), fmt(row["std"]), fmt(row["sparsity"]),
-                      f"{row['nan']}/{row['inf']}" if row["nan"] or row["inf"] else "-")
+                      f"{row['nan']}/{row['inf']}" if row["nan"] or row["inf"] else "-",
+                      *(extra if compressed else ()))
     t = report.totals
     by_dtype = ", ".join(f"{d}: {v['tensors']} ({human_bytes(v['bytes'])})" for d, v in t["by_dtype"].items())
-    caption = f"{t['tensors']} tensors, {fmt(t['params'])} params, {human_bytes(t['bytes'])}; {by_dtype}"
+    size = human_bytes(t["bytes"])
+    if t.get("dense_bytes", t["bytes"]) != t["bytes"]:
+        size = f"{human_bytes(t['dense_bytes'])} dense → {size} stored"
+    caption = f"{t['tensors']} tensors, {fmt(t['params'])} params, {size}; {by_dtype}"
     if len(report.tensors) > limit:
         caption += f"\n{len(report.tensors) - limit} more tensors hidden (--json has all)"
     table.caption, table.caption_justify = escape(caption), "left"
@@ -475,13 +518,14 @@ def apply_markdown(report: Report, limit: int = SHOW_ROWS) -> str:
            f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])} in {t['seconds']:.2f} s  ",
            *(f"{_md(line)}  " for line in totals_lines(t)), ""]
     rows, hidden = report.worst(limit)
-    out += ["| tensor | shape | dtype | steps | absmax | sparsity | rel_l2 | sqnr dB |",
-            "|---|---:|---|---|---:|---:|---:|---:|"]
+    out += ["| tensor | shape | dtype | steps | absmax | sparsity | rel_l2 | sqnr dB | bytes |",
+            "|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         error = r.error or {}
         out.append(f"| `{_md(r.name)}` | {_shape(r.shape)} | {r.dtype} | {_md(' → '.join(r.steps)) or '-'} | "
                    f"{_md(_pair(r.before, r.after, 'absmax'))} | {_md(_pair(r.before, r.after, 'sparsity'))} | "
-                   f"{fmt(error.get('rel_l2'))} | {fmt(error.get('sqnr_db'), 3) if error.get('mse') else '-'} |")
+                   f"{fmt(error.get('rel_l2'))} | {fmt(error.get('sqnr_db'), 3) if error.get('mse') else '-'} | "
+                   f"{_bytes_pair(r)} |")
     if hidden:
         out += ["", f"_{hidden} more tensors hidden; the JSON report has all._"]
     if report.groups or report.dropped:

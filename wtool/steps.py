@@ -30,11 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from wtool.dtypes import convert
+from wtool.compressed import Layout, Scheme, dequantize
+from wtool.dtypes import convert, to_storage
 from wtool.errors import InputError, UsageError
 from wtool.io import Reader, open_checkpoint
 from wtool.recipe import Step
 from wtool.report import GroupRecord, SkipRecord
+from wtool.stats import error_metrics
 from wtool.tensor import TensorInfo
 from wtool.transforms import Context, Group, GroupTransform
 
@@ -51,6 +53,8 @@ class StepRun:
     source: str
     companion_readers: dict[str, Reader] = field(default_factory=dict)
     state: Any = None
+    #: Whether the run takes statistics (apply --no-stats does not), e.g. a layout's decoding error.
+    measure: bool = True
 
     def open(self) -> StepRun:
         """Open the companion checkpoints the transform declares (e.g. decay's grads)."""
@@ -100,6 +104,22 @@ class StepRun:
                                          f"member of the group {group.note or key}; use --nonfinite=zero")
                     arrays[key] = guarded
             outputs = transform.apply_group(group, arrays)
+        except InputError as exc:
+            raise self._refused(exc) from None
+        missing = {o.name for o in group.outputs} - set(outputs)
+        if missing:
+            raise RuntimeError(f"{transform.name} did not produce {sorted(missing)}")  # transform bug
+        return outputs
+
+    def apply_split(self, group: Group, info: TensorInfo, array: np.ndarray) -> dict[str, np.ndarray]:
+        """Run a per-tensor step that stores `info` as several tensors (`Transform.split`)."""
+        transform = self.step.transform
+        try:
+            guarded = self._guard(info.name, array, {}) if transform.needs_finite else array
+            if guarded is None:
+                raise InputError(f"tensor {info.name!r}: non-finite values; {transform.name} cannot leave a "
+                                 f"tensor it stores as {group.note or 'several'} alone; use --nonfinite=zero")
+            outputs = transform.apply_split(guarded, Context(info, self.state, {}))
         except InputError as exc:
             raise self._refused(exc) from None
         missing = {o.name for o in group.outputs} - set(outputs)
@@ -188,6 +208,15 @@ class Chain:
         self.info = run.output_info(self.info)
 
     @property
+    def compressed_piece(self) -> GroupOutput | None:
+        """The origin, when this chain is one piece of a compressed layout and no step follows."""
+        origin = self.origin
+        if isinstance(origin, GroupOutput) and not self.runs and \
+                not isinstance(origin.evaluation.run.step.transform, GroupTransform):
+            return origin
+        return None
+
+    @property
     def untouched(self) -> bool:
         """True for an input tensor that no step changes."""
         return isinstance(self.origin, Source) and not self.runs
@@ -257,6 +286,8 @@ class GroupEvaluation:
 
     def __init__(self, run: StepRun, group: Group, inputs: Mapping[str, Chain]) -> None:
         self.run, self.group, self.inputs = run, group, inputs
+        #: For one tensor stored in a compressed layout: the error of what the layout decodes to.
+        self.error: dict[str, Any] | None = None
         self._waiting: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()  # outputs of one group may be taken by two threads
 
@@ -279,7 +310,23 @@ class GroupEvaluation:
         for key, chain in self.inputs.items():
             value = chain.evaluate()[0]
             arrays[key] = convert(value, chain.info.dtype_info.compute) if chain.info.dtype_info.is_float else value
-        return self.run.apply_group(self.group, arrays)
+        if isinstance(self.run.step.transform, GroupTransform):
+            return self.run.apply_group(self.group, arrays)
+        (name,) = self.group.inputs
+        info = self.inputs[name].info
+        outputs = self.run.apply_split(self.group, info, arrays[name])
+        if isinstance(self.group.data, Scheme) and self.run.measure:
+            self.error = _decoding_error(self.group, info, arrays[name], outputs)
+        return outputs
+
+
+def _decoding_error(group: Group, info: TensorInfo, array: np.ndarray,
+                    outputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Decode a layout as a reader will (pieces in their storage dtypes); its error against `array`."""
+    stored = {o.name: to_storage(outputs[o.name], o.dtype_info) for o in group.outputs}
+    layout = Layout(info.name, group.data, info.shape, info.dtype, group.outputs)
+    decoded = to_storage(dequantize(layout, stored.__getitem__), info.dtype_info)
+    return error_metrics(to_storage(array, info.dtype_info), decoded)
 
 
 # ------------------------------------------------------------------ planning one step
@@ -294,6 +341,8 @@ class StepPlan:
     skipped: list[SkipRecord] = field(default_factory=list)
     groups: list[GroupRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: Tensors this step stores in a compressed layout (groups of one input, `data` a Scheme).
+    layouts: list[Group] = field(default_factory=list)
 
     @property
     def touched(self) -> int:
@@ -312,9 +361,15 @@ def plan_step(run: StepRun, chains: list[Chain], selected: Callable[[str], bool]
 def _plan_each(run: StepRun, chains: list[Chain], selected: Callable[[str], bool]) -> tuple[list[Chain], StepPlan]:
     step = run.step
     result = StepPlan(run)
+    out: list[Chain] = []
     for chain in chains:
+        out.append(chain)
         name = chain.info.name
         if not selected(name):
+            continue
+        piece = chain.compressed_piece
+        if piece is not None:
+            result.skipped.append(SkipRecord(name, step.op, f"part of a compressed layout ({piece.evaluation.group.note})"))
             continue
         reason = step.transform.skip(chain.info)
         if reason is not None and (reason.hard or not step.selector.included_explicitly(name)):
@@ -323,9 +378,25 @@ def _plan_each(run: StepRun, chains: list[Chain], selected: Callable[[str], bool
         problem = step.transform.problem(chain.info)
         if problem:
             raise UsageError(f"{step.op}: tensor {name!r}: {problem}")
-        result.members.append((chain, len(chain.runs)))
-        chain.extend(run)
-    return chains, result
+        group = step.transform.split(chain.info)
+        if group is None:
+            result.members.append((chain, len(chain.runs)))
+            chain.extend(run)
+            continue
+        out.pop()
+        evaluation = GroupEvaluation(run, group, {name: chain})
+        out.extend(Chain(GroupOutput(evaluation, info, chain)) for info in group.outputs)
+        result.groups.append(_group_record(step.op, group, [chain.info]))
+        if isinstance(group.data, Scheme):
+            result.layouts.append(group)
+    return out, result
+
+
+def _group_record(op: str, group: Group, inputs: Sequence[TensorInfo]) -> GroupRecord:
+    return GroupRecord(op, group.note, list(group.inputs), [o.name for o in group.outputs], list(group.created),
+                       list(group.dropped), bytes_before=sum(i.nbytes for i in inputs),
+                       bytes_after=sum(o.nbytes for o in group.outputs),
+                       layout=group.data.label() if isinstance(group.data, Scheme) else None)
 
 
 def _plan_group(run: StepRun, chains: list[Chain], selected: Callable[[str], bool],
@@ -353,8 +424,7 @@ def _plan_group(run: StepRun, chains: list[Chain], selected: Callable[[str], boo
             history = by_name.get(info.name) or by_name[first]
             anchor = info.name if info.name in group.inputs else first
             placed.setdefault(anchor, []).append(Chain(GroupOutput(evaluation, info, history)))
-        result.groups.append(GroupRecord(step.op, group.note, list(group.inputs), [o.name for o in group.outputs],
-                                         list(group.created), list(group.dropped)))
+        result.groups.append(_group_record(step.op, group, [by_name[n].info for n in group.inputs]))
     out: list[Chain] = []
     for chain in chains:
         name = chain.info.name

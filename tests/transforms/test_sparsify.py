@@ -121,7 +121,11 @@ def test_exact_zero_count(w, fraction):
     np.testing.assert_array_equal(out, reference_fraction([w], fraction)[0])
 
 
-def test_threshold_zeroes_nan_keeps_inf_and_signed_zeros():
+@pytest.mark.parametrize("chunk", [3, 1 << 17])
+def test_threshold_zeroes_nan_keeps_inf_and_signed_zeros(monkeypatch, chunk):
+    from wtool.transforms import sparsify
+
+    monkeypatch.setattr(sparsify, "CHUNK", chunk)
     w = np.array([[np.nan, np.inf, -np.inf, -0.0, 0.3, -0.5, 0.5, -0.2]], np.float32)
     out = Transform.create("sparsify", {"threshold": 0.5}).apply(w, ctx(w))
     expected = np.where(np.abs(w) >= 0.5, w, np.float32(0))

@@ -17,6 +17,7 @@ import math
 import os
 import struct
 import tempfile
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -134,6 +135,8 @@ class SafetensorsReader(Reader):
     Bytes come through pread, not a memory map: a map of a file that another process
     truncates kills the reader with SIGBUS, which Python cannot catch, while pread sees a
     short read and says the input changed. Threads may read at once (pread keeps no offset).
+    A tensor read again while an array of it is still alive (the report's "before" and the
+    first step's input) is that same read-only array, not a second copy.
     """
 
     format = "safetensors"
@@ -155,6 +158,7 @@ class SafetensorsReader(Reader):
         self._handle: BinaryIO | None = handle
         self._released = False
         self._offsets = {info.name: offset for info, offset in entries}
+        self._alive: weakref.WeakValueDictionary[str, np.ndarray] = weakref.WeakValueDictionary()
 
     def release(self) -> None:
         """Close the file until the next read, so that a folder of many shards keeps few open."""
@@ -169,6 +173,9 @@ class SafetensorsReader(Reader):
             self._released = False
         if self._handle is None:
             raise InputError(f"{self.file}: reader is closed")
+        array = self._alive.get(info.name)
+        if array is not None:
+            return array
         array = np.empty(info.shape, dtype=info.dtype_info.numpy)
         if info.nbytes:
             read_exactly(self._handle.fileno(), memoryview(array.reshape(-1).view(np.uint8)),
@@ -176,6 +183,7 @@ class SafetensorsReader(Reader):
         if info.dtype == "BOOL":
             check_bool_bytes(array, f"{self.file}: tensor {show(info.name)}")
         array.setflags(write=False)  # steps must not change what they were given
+        self._alive[info.name] = array
         return array
 
     def close(self) -> None:

@@ -247,6 +247,15 @@ class Transform:
     def apply(self, array: np.ndarray, ctx: Context) -> np.ndarray:
         raise NotImplementedError
 
+    def split(self, info: TensorInfo) -> Group | None:
+        """When this step stores `info` as several tensors (a compressed layout), the group of
+        one input it writes instead; `data` describes the layout. None: one tensor, same shape."""
+        return None
+
+    def apply_split(self, array: np.ndarray, ctx: Context) -> dict[str, np.ndarray]:
+        """The arrays of the group `split` declared for this tensor, by name."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class Group:

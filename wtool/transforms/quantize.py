@@ -1,4 +1,5 @@
-"""Min-max fake quantization: snap values to a b-bit grid, stored in the original dtype.
+"""Min-max quantization: snap values to a b-bit grid, stored in the original dtype (fake
+quantization) or in the compressed-tensors layouts that serving stacks load (`storage=packed`).
 
 >>> q = Transform.create("quantize", {"bits": "2", "granularity": "tensor"})
 >>> w = np.array([[0.0, 0.1, 0.9, 3.0]])
@@ -9,15 +10,32 @@ array([[0., 0., 1., 3.]])
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
-from wtool.errors import UsageError
+from wtool.compressed import (
+    NVFP4_GROUP,
+    PACK_BITS,
+    IntGrid,
+    Scheme,
+    dequantize_int,
+    fp8_params,
+    fp8_quantize,
+    module_of,
+    nvfp4_decode,
+    nvfp4_encode,
+    pack_fp4,
+    pack_int32,
+    packed_width,
+)
+from wtool.dtypes import by_code
+from wtool.errors import InputError, UsageError
 from wtool.tensor import TensorInfo
 from wtool.transforms._mixed import allocate
-from wtool.transforms.base import Context, Transform, param
+from wtool.transforms.base import Context, Group, Skip, Transform, param
 
 #: Bits stored per grid: a float16 scale, plus a float16 offset (the min) for asym.
 GRID_BITS = {"sym": 16, "asym": 32}
@@ -42,14 +60,30 @@ class QuantizeParams:
     remainder: str = param("error", "last axis not divisible by group_size with granularity=group: error, or ok "
                            "(short tail group; always ok for auto)",
                            choices=("error", "ok"))
+    zero: str | None = param(None, "float: the seed formula (offset w_min, the default for fake storage); int: "
+                             "the storable integer grid (asym: integer zero point, range widened to include 0; "
+                             "the scale rounded to the tensor's dtype; implied by packed storage)",
+                             choices=("float", "int"))
+    sym_range: str = param("narrow", "sym grid: narrow (q in ±(2^(b-1)-1), scale absmax/(2^(b-1)-1)) or full "
+                           "(q in [-2^(b-1), 2^(b-1)-1], scale absmax/(2^(b-1)-0.5), as compressed-tensors)",
+                           choices=("narrow", "full"))
+    type: str = param("int", "int: a b-bit integer grid; fp8: float8_e4m3fn values times a float32 scale; "
+                      "nvfp4: float4_e2m1fn values, an fp8 scale per 16 and a float32 global scale",
+                      choices=("int", "fp8", "nvfp4"))
+    storage: str | None = param(None, "fake: values stored in the tensor's dtype (default for int); packed: "
+                                "the compressed-tensors layout (pack-quantized for int, float-quantized, the "
+                                "default, for fp8)", choices=("fake", "packed"))
+
 
 
 class Quantize(Transform, name="quantize"):
-    """Fake-quantize to a b-bit min-max (asym) or absmax (sym) grid per tensor, channel or group."""
+    """Quantize to a b-bit min-max (asym) or absmax (sym) grid per tensor, channel or group; fake or packed."""
 
     Params = QuantizeParams
     formula = ("asym: w_q = round((w - min)/(max - min)·(2^b - 1))·(max - min)/(2^b - 1) + min;  "
-               "sym: s = absmax/(2^(b-1) - 1), w_q = round(w/s)·s  (round half to even)")
+               "sym: s = absmax/(2^(b-1) - 1), w_q = round(w/s)·s  (round half to even);  "
+               "zero=int: s = (max' - min')/(2^b - 1) with [min', max'] ∋ 0, z = round(-2^(b-1) - min'/s), "
+               "w_q = (clamp(round(w/s) + z) - z)·s;  fp8: s = absmax/448, w_q = e4m3(w/s)·s")
     spreads_nonfinite = True
     example = "quantize:bits=4,granularity=group,group_size=128"
 
@@ -63,6 +97,34 @@ class Quantize(Transform, name="quantize"):
         if p.bits == "auto" and (p.granularity, p.scheme, p.group_size) != \
                 (defaults.granularity, defaults.scheme, defaults.group_size):
             raise UsageError("quantize: bits=auto chooses granularity, scheme and group size per tensor; leave them out")
+        if p.bits == "auto" and (p.type != "int" or p.storage == "packed"):
+            raise UsageError("quantize: bits=auto fakes quantization with int grids; it cannot store packed or fp8")
+        if p.bits == "auto":
+            return
+        if p.type == "nvfp4":
+            if p.granularity != "auto" or p.group_size not in (16, 128) or p.bits != 8 or p.scheme != "asym" \
+                    or p.zero or p.sym_range != "narrow":
+                raise UsageError("quantize: type=nvfp4 is symmetric in groups of 16 (group_size=16 at most); "
+                                 "it takes no bits, scheme, zero, sym_range or granularity")
+            return
+        if p.type == "fp8":
+            if self.granularity() == "group" or p.bits != 8 or p.scheme != "asym" or p.zero or p.sym_range != "narrow":
+                raise UsageError("quantize: type=fp8 is symmetric with one float32 scale per tensor or channel; "
+                                 "it takes no bits, scheme, zero, sym_range or granularity=group")
+            return
+        if p.zero == "float" and p.sym_range == "full":
+            raise UsageError("quantize: sym_range=full is an integer grid; it cannot take zero=float")
+        if p.scheme == "asym" and p.sym_range != "narrow":
+            raise UsageError("quantize: sym_range= applies to scheme=sym only")
+        if not self.packed:
+            return
+        if p.zero == "float":
+            raise UsageError("quantize: storage=packed needs an integer zero point (zero=int), "
+                             "the seed's float offset cannot be stored")
+        if p.bits not in PACK_BITS:
+            raise UsageError(f"quantize: storage=packed supports bits {', '.join(map(str, PACK_BITS))}, not {p.bits}")
+        if p.granularity == "group" and p.remainder == "ok":
+            raise UsageError("quantize: storage=packed needs whole groups (remainder=error)")
 
     def fit(self, tensors: Iterable[tuple[TensorInfo, Callable[[], np.ndarray]]]) -> dict[str, Quantize]:
         """bits=auto: each tensor's grid, chosen among `AUTO_CHOICES` (see `_mixed.allocate`)."""
@@ -70,6 +132,11 @@ class Quantize(Transform, name="quantize"):
                                        group_size=size, remainder="ok", avg_bits=None))
                       for bits, scheme, size in AUTO_CHOICES]
         return allocate(list(tensors), candidates, self.params.avg_bits)
+
+    @property
+    def packed(self) -> bool:
+        p = self.params
+        return p.storage == "packed" or (p.storage is None and p.type != "int")
 
     def granularity(self) -> str:
         """The granularity in force: `auto` is group for bits <= 4, else channel."""
@@ -99,10 +166,81 @@ class Quantize(Transform, name="quantize"):
         size = f" {self.params.group_size}" if granularity == "group" else ""
         return f"{self.params.bits}-bit {self.params.scheme} {granularity}{size}"
 
+    def grid(self) -> IntGrid | None:
+        """The integer grid, or None for the seed's float-offset formula."""
+        p = self.params
+        if p.type != "int" or (p.zero != "int" and not self.packed and p.sym_range == "narrow"):
+            return None
+        return IntGrid(p.bits, p.scheme == "sym", full=p.sym_range == "full")
+
+    # ---- the default rule and the stored layout
+    def skip(self, info: TensorInfo) -> Skip | None:
+        reason = super().skip(info)
+        if not self.packed:
+            return reason
+        if reason is not None:  # an include cannot lift it: a packed layout needs a 2-D weight
+            return Skip(reason.reason, hard=True)
+        if info.ndim != 2 or module_of(info.name) is None:
+            return Skip("storage=packed stores 2-D module weights named P.weight", hard=True)
+        return None
+
+    def scheme_for(self) -> Scheme:
+        p = self.params
+        if p.type == "nvfp4":
+            return Scheme("nvfp4-pack-quantized", 4, "float", True, "tensor_group", NVFP4_GROUP)
+        if p.type == "fp8":
+            return Scheme("float-quantized", 8, "float", True, self.granularity())
+        return Scheme("pack-quantized", p.bits, "int", p.scheme == "sym", self.granularity(),
+                      p.group_size if self.granularity() == "group" else None)
+
+    def split(self, info: TensorInfo) -> Group | None:
+        if not self.packed:
+            return None
+        p = self.params
+        name, (out, cols) = info.name, info.shape
+        if p.type == "nvfp4":
+            if cols % NVFP4_GROUP:
+                raise UsageError(f"quantize: tensor {name!r}: {cols} columns are not a multiple of 16 (nvfp4)")
+            outputs = (TensorInfo(name + "_packed", "U8", (out, cols // 2)),
+                       TensorInfo(name + "_scale", "F8_E4M3", (out, cols // NVFP4_GROUP)),
+                       TensorInfo(name + "_global_scale", "F32", (1,)))
+            return Group((name,), outputs, note=f"{name} stored as {self.scheme_for().label()}",
+                         data=self.scheme_for())
+        if self.granularity() == "group" and cols % p.group_size:
+            raise UsageError(f"quantize: tensor {name!r}: {cols} columns are not divisible by "
+                             f"group_size={p.group_size}; packed groups must be whole (or use granularity=channel)")
+        per_row = self._scales_per_row(cols)
+        scale_shape = (out, per_row) if per_row else (1,)
+        if p.type == "fp8":
+            outputs = (TensorInfo(name, "F8_E4M3", info.shape), TensorInfo(name + "_scale", "F32", scale_shape))
+        else:
+            outputs = (TensorInfo(name + "_packed", "I32", (out, packed_width(cols, p.bits))),
+                       TensorInfo(name + "_scale", info.dtype, scale_shape))
+            if p.scheme == "asym":
+                zero_shape = (packed_width(out, p.bits), per_row) if per_row else (1,)
+                outputs += (TensorInfo(name + "_zero_point", "I32" if per_row else "I8", zero_shape),)
+            outputs += (TensorInfo(name + "_shape", "I64", (2,)),)
+        return Group((name,), outputs, note=f"{name} stored as {self.scheme_for().label()}",
+                     data=self.scheme_for())
+
+    # ---- the math
     def apply(self, array: np.ndarray, ctx: Context) -> np.ndarray:
         p = self.params
         if p.bits == "auto":
             return ctx.state[ctx.name].apply(array, ctx)
+        if p.type == "nvfp4":  # one global scale: the tensor is quantized whole
+            if array.shape[-1] % NVFP4_GROUP:
+                raise InputError(f"tensor {ctx.name!r}: last axis {array.shape[-1]} is not a "
+                                 f"multiple of {NVFP4_GROUP} (nvfp4 groups)")
+            values = nvfp4_decode(*nvfp4_encode(array.reshape(-1, array.shape[-1])))
+            return values.reshape(array.shape).astype(array.dtype)
+        if p.type == "fp8" or self.grid() is not None:  # the grids packed storage can hold
+            if array.size == 0:
+                return array.copy()
+            out = np.empty_like(array)
+            for index, groups in self._groups(array, ctx):
+                out[index] = self._snap_stored(groups, by_code(ctx.info.dtype).numpy).reshape(out[index].shape)
+            return out
         granularity = self.granularity()
         ctx.extras["grid"] = self.label()
         ctx.extras["bits_per_weight"] = self.bits_per_weight(array.shape)
@@ -135,6 +273,68 @@ class Quantize(Transform, name="quantize"):
         width = info.shape[-1]
         return (f"last axis {width} is not divisible by group_size={p.group_size}; pass remainder=ok to "
                 f"quantize the tail group of {width % p.group_size} on its own")
+
+    def apply_split(self, array: np.ndarray, ctx: Context) -> dict[str, np.ndarray]:
+        """The pieces of the packed layout (see `split`), by name."""
+        p = self.params
+        name, (out, cols) = ctx.name, array.shape
+        if p.type == "nvfp4":
+            values, scale, global_scale = nvfp4_encode(array)
+            return {name + "_packed": pack_fp4(values), name + "_scale": scale, name + "_global_scale": global_scale}
+        per_row = self._scales_per_row(cols)
+        groups = array.reshape(out * per_row, -1) if per_row else array.reshape(1, -1)
+        scale_shape = (out, per_row) if per_row else (1,)
+        grid = self.grid()
+        if grid is None:  # fp8
+            scale = fp8_params(groups)
+            values = fp8_quantize(groups, scale)
+            pieces = {name: values.reshape(array.shape), name + "_scale": scale.reshape(scale_shape)}
+        else:
+            scale, zero = grid.params(groups, by_code(ctx.info.dtype).numpy)
+            q = grid.quantize(groups, scale, zero)
+            pieces = {name + "_packed": pack_int32(q.reshape(out, cols), p.bits),
+                      name + "_scale": scale.reshape(scale_shape)}
+            if zero is not None:
+                pieces[name + "_zero_point"] = (pack_int32(zero.reshape(out, per_row).T, p.bits).T if per_row
+                                                else zero.astype(np.int8))
+            pieces[name + "_shape"] = np.array([out, cols], dtype=np.int64)
+        return pieces
+
+    def _scales_per_row(self, cols: int) -> int:
+        """Scales per output row of a packed weight: 0 for one per tensor."""
+        return {"tensor": 0, "channel": 1, "group": cols // self.params.group_size}[self.granularity()]
+
+    def _groups(self, array: np.ndarray, ctx: Context | None) -> Iterator[tuple[Any, np.ndarray]]:
+        """(index into the tensor, 2-D rows that each get one grid) pairs covering `array`."""
+        p = self.params
+        granularity = self.granularity()
+        if granularity == "tensor" or (granularity == "channel" and array.ndim < 2):
+            yield ..., array.reshape(1, -1)
+            return
+        if granularity == "channel":
+            yield ..., array.reshape(array.shape[0], -1)
+            return
+        rows = array.reshape(-1, array.shape[-1])
+        width = rows.shape[1]
+        full = width - width % p.group_size
+        if full != width and p.remainder == "error" and p.granularity == "group":
+            name = ctx.name if ctx else "?"
+            raise InputError(f"tensor {name!r}: last axis {width} is not divisible by group_size={p.group_size}; "
+                             f"pass remainder=ok to quantize the tail group of {width - full} on its own")
+        if full:
+            yield (..., slice(0, full)), rows[:, :full].reshape(-1, p.group_size)
+        if full != width:
+            yield (..., slice(full, width)), rows[:, full:]
+
+    def _snap_stored(self, groups: np.ndarray, scale_dtype: np.dtype) -> np.ndarray:
+        """Quantize each row of a 2-D array on its own grid; values in the array's dtype."""
+        if self.params.type == "fp8":
+            scale = fp8_params(groups)
+            return (fp8_quantize(groups, scale).astype(np.float32) * scale[:, None]).astype(groups.dtype)
+        grid = self.grid()
+        if grid is not None:
+            scale, zero = grid.params(groups, scale_dtype)
+            return dequantize_int(grid.quantize(groups, scale, zero), scale, zero).astype(groups.dtype)
 
     def _snap(self, groups: np.ndarray) -> np.ndarray:
         """Quantize each row of a 2-D array on its own grid."""

@@ -23,8 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wtool.compressed import Scheme
+from wtool.dtypes import to_storage
 from wtool.errors import UsageError
-from wtool.transforms.base import Context, Transform, param
+from wtool.tensor import TensorInfo
+from wtool.transforms.base import Context, Group, Transform, param
 
 DEFAULT_CLUSTERS = 16
 #: Leading key bits of the lookup table that maps values to centroids (2^20 buckets).
@@ -45,6 +48,9 @@ class ShareParams:
     accelerate: bool = param(True, "Nesterov momentum with restarts: the same kind of fixed point in "
                              "~50x fewer iterations; false = plain Lloyd, step for step")
     seed: int = param(0, "seed of the random init (mixed with the tensor name)", low=0)
+    storage: str = param("fake", "fake: centroid values stored in the tensor's dtype; codebook: P_indices "
+                         "(uint8 for k <= 256, else uint16) and P_codebook (k values, ascending)",
+                         choices=("fake", "codebook"))
 
 
 class Share(Transform, name="share"):
@@ -68,6 +74,29 @@ class Share(Transform, name="share"):
         if p.clusters is not None and p.bits is not None:
             raise UsageError("share: give clusters or bits, not both "
                              f"(clusters={p.clusters}, bits={p.bits})")
+        if p.storage == "codebook" and self.k > 1 << 16:
+            raise UsageError(f"share: storage=codebook holds at most 65536 centroids, not {self.k}")
+
+    def split(self, info: TensorInfo) -> Group | None:
+        """storage=codebook: the weight becomes indices into a per-tensor codebook."""
+        if self.params.storage != "codebook":
+            return None
+        index_dtype = "U8" if self.k <= 256 else "U16"
+        outputs = (TensorInfo(info.name + "_indices", index_dtype, info.shape),
+                   TensorInfo(info.name + "_codebook", info.dtype, (self.k,)))
+        scheme = Scheme("codebook", 8 if index_dtype == "U8" else 16, "float", False, "tensor")
+        return Group((info.name,), outputs, note=f"{info.name} stored as {scheme.label()}", data=scheme)
+
+    def apply_split(self, array: np.ndarray, ctx: Context) -> dict[str, np.ndarray]:
+        """The shared values, rounded to the tensor's dtype, as sorted distinct values and indices;
+        the codebook is padded with zeros to k entries."""
+        shared = to_storage(self.apply(array, ctx), ctx.info.dtype_info)
+        values, indices = np.unique(shared.reshape(-1), return_inverse=True)
+        codebook = np.zeros(self.k, dtype=shared.dtype)
+        codebook[:values.size] = values
+        index_dtype = np.uint8 if self.k <= 256 else np.uint16
+        return {ctx.name + "_indices": indices.astype(index_dtype).reshape(array.shape),
+                ctx.name + "_codebook": codebook}
 
     @property
     def k(self) -> int:

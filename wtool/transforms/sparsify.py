@@ -17,7 +17,7 @@ from wtool.tensor import TensorInfo
 from wtool.transforms.base import Context, Transform, param
 
 DIGIT = 16  # bits resolved per pass of the global radix select
-CHUNK = 1 << 16  # elements per chunk of the threshold mask
+CHUNK = 1 << 17  # elements per chunk of the threshold mask
 
 
 @dataclass(frozen=True)
@@ -165,17 +165,16 @@ def energy_figures(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
 
 
 def _keep_at_least(array: np.ndarray, threshold: float) -> np.ndarray:
-    """w·[|w| >= τ], NaN and dropped values as +0.0: the bits times the mask (0 or 1), chunk by
-    chunk so the masks stay in cache; several times faster than np.where or a masked copy."""
+    """w·[|w| >= τ], NaN and dropped values as +0.0: the bits times a 0/1 mask, chunk by chunk so
+    the mask stays in cache; several times faster than np.where or a masked copy."""
     bits = np.dtype(f"u{array.dtype.itemsize}")
     flat = np.ascontiguousarray(array).reshape(-1)
     out = np.empty_like(flat)
-    keep, low = np.empty(min(flat.size, CHUNK), bool), np.empty(min(flat.size, CHUNK), bool)
+    mask = np.empty(min(flat.size, CHUNK), bits)
     for start in range(0, flat.size, CHUNK):
-        part = flat[start:start + CHUNK]
-        mask = np.greater_equal(part, threshold, out=keep[:part.size])
-        mask |= np.less_equal(part, -threshold, out=low[:part.size])
-        np.multiply(part.view(bits), mask, out=out[start:start + CHUNK].view(bits), dtype=bits)
+        part, target = flat[start:start + CHUNK], out[start:start + CHUNK]
+        keep = np.greater_equal(np.abs(part, out=target), threshold, out=mask[:part.size])  # NaN: 0
+        np.multiply(part.view(bits), keep, out=target.view(bits))
     return out.reshape(array.shape)
 
 
