@@ -273,5 +273,5 @@ def test_folder_outputs_need_no_suffix_or_a_trailing_slash(llama, tmp_path, name
     result = invoke("apply", llama, f"{tmp_path}/{name}", "-t", "clip:c=1", "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     folder = tmp_path / name.rstrip("/")
-    assert (folder / "model.safetensors.index.json").is_file()
+    assert (folder / "model.safetensors").is_file()  # a single-file input stays one file in the folder
     assert json.loads((tmp_path / "r.json").read_text())["output"] == f"{tmp_path}/{name}"

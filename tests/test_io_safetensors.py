@@ -272,7 +272,7 @@ def test_empty_folder(tmp_path):
 # -- parse_size -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text,expected", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30),
-                                           ("1.5GB", 1_500_000_000), ("123", 123), (123, 123), ("10kb", 10_000),
+                                           ("1.5GB", 1_500_000_000), ("123B", 123), (123, 123), ("10kb", 10_000),
                                            ("3 MiB", 3 * 2**20), ("5G", 5 * 10**9), ("1.5KiB", 1536)])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
@@ -281,6 +281,12 @@ def test_parse_size(text, expected):
 @pytest.mark.parametrize("text", ["", "GB", "-5GB", "5XB", "1e9", "0", "0.1", "nan", "5 GB extra", True])
 def test_parse_size_refuses(text):
     with pytest.raises(UsageError, match="invalid size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("text", ["5", "123", " 2.5 "])
+def test_parse_size_requires_a_unit(text):
+    with pytest.raises(UsageError, match=r"needs a unit, e\.g\. 5GB"):
         parse_size(text)
 
 

@@ -374,8 +374,8 @@ def test_folder_to_folder_carries_config_and_tokenizer(tmp_path):
     report = run(Pipeline.from_specs(["cast:dtype=bfloat16"]), folder, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         ".wtool-files.json", "config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json",
-        "tokenizer.json"]
-    assert any("copied config.json, tokenizer.json" in n for n in report.notes)
+        "notes.txt", "tokenizer.json"]
+    assert report.model_files == ["config.json", "notes.txt", "tokenizer.json"]
     assert any("declares dtype float32" in n for n in report.notes)
     run(Pipeline(), folder, tmp_path / "bare", copy_model_files=False)
     assert not (tmp_path / "bare" / "config.json").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -69,6 +70,33 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
     assert shot.stat().st_size > 10_000
 
 
+def test_json_chunks_are_the_same_document(report):
+    from wtool.report import dumps, json_chunks
+
+    assert json.loads("".join(json_chunks(report))) == json.loads(dumps(report.to_json()))
+    assert "".join(json_chunks(report)).count("\n") > len(report.tensors)  # one tensor per line, not one blob
+
+
+def test_writing_a_long_report_holds_one_tensor_at_a_time(report, tmp_path):
+    import dataclasses
+    import tracemalloc
+
+    from wtool.io.atomic import write_text
+    from wtool.report import json_chunks
+
+    long = dataclasses.replace(report, tensors=[dataclasses.replace(report.tensors[i % 3], name=f"t{i}")
+                                                for i in range(3000)])
+    tracemalloc.start()
+    try:
+        write_text(tmp_path / "r.json", json_chunks(long))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = (tmp_path / "r.json").stat().st_size
+    assert len(json.loads((tmp_path / "r.json").read_text())["tensors"]) == 3000
+    assert peak < size / 4, (peak, size)  # not the document, nor its dict, at once
+
+
 def _rel(a, b):
     a, b = a.astype(np.float64), b.astype(np.float64)
     return float(np.linalg.norm(b - a) / np.linalg.norm(a))
@@ -118,7 +146,8 @@ def test_diff_totals_match_apply_and_gate(mixed, tmp_path):
     result = diff(mixed, out, fail_above={"weighted_rel_l2": 0.01}, fail_below={"weighted_sqnr_db": 10})
     assert result.totals["weighted_rel_l2"] == pytest.approx(report.totals["weighted_rel_l2"], rel=1e-12)
     assert result.totals["worst"] == report.totals["worst"]
-    assert result.failures == [f"totals: weighted_rel_l2 = {report.totals['weighted_rel_l2']:.6g} > 0.01"]
+    assert result.failures == [{"tensor": "totals", "metric": "weighted_rel_l2",
+                                "value": report.totals["weighted_rel_l2"], "limit": 0.01}]
     assert diff(mixed, mixed, fail_above={"weighted_rel_l2": 0}).passed
     assert "parameter-weighted" in diff_markdown(result)
 

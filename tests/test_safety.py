@@ -276,7 +276,7 @@ def test_force_replaces_what_wtool_wrote(tmp_path):
     """A previous output of wtool (shards, index, copied model files) is replaced whole."""
     source = model_folder(tmp_path / "hf")
     out = tmp_path / "out"
-    assert invoke("apply", source, out, "--max-shard-size", "9000").exit_code == 0
+    assert invoke("apply", source, out, "--max-shard-size", "9000B").exit_code == 0
     assert {"config.json", "README.md", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     result = invoke("apply", source, out, "--force", "-t", "clip:c=0.5")
     assert result.exit_code == 0, result.output

@@ -20,7 +20,7 @@ from wtool.errors import UsageError
 from wtool.io import Reader, open_checkpoint
 from wtool.pipeline import Progress
 from wtool.report import DiffReport, InspectReport
-from wtool.selection import Selector
+from wtool.selection import Selector, no_match_hint
 from wtool.stats import cosine, error_metrics, histogram, tensor_stats, weighted_error
 
 ABOVE_METRICS = ("max_abs", "mse", "rel_l2", "weighted_rel_l2")
@@ -138,7 +138,7 @@ def diff(a: str | Path, b: str | Path, selector: Selector | None = None, *,
                 mismatched.append({"name": name, "a": f"{info_a.dtype} {list(info_a.shape)}",
                                    "b": f"{info_b.dtype} {list(info_b.shape)}"})
             if info_a.shape != info_b.shape:
-                failures.append(f"{name}: shape {list(info_a.shape)} in A but {list(info_b.shape)} in B")
+                failures.append(_failure(name, "shape", f"{list(info_a.shape)} in A, {list(info_b.shape)} in B"))
                 continue
             x, y = left.read(name), right.read(name)
             metrics = error_metrics(x, y)
@@ -152,8 +152,8 @@ def diff(a: str | Path, b: str | Path, selector: Selector | None = None, *,
             if progress:
                 progress.advance(info_a)
         if not allow_missing:
-            failures.extend(f"{n}: only in A" for n in only_a)
-            failures.extend(f"{n}: only in B" for n in only_b)
+            failures.extend(_failure(n, "missing", "only in A") for n in only_a)
+            failures.extend(_failure(n, "missing", "only in B") for n in only_b)
         totals = {"changed": len(changed), **weighted_error(changed),
                   "bits_per_weight": {"before": _stored_bits(left, names_a), "after": _stored_bits(right, names_b)}}
         failures.extend(_total_failures(totals, fail_above, fail_below))
@@ -172,34 +172,37 @@ def _stored_bits(reader: Reader, names: list[str]) -> float | None:
     return 8 * sum(i.nbytes for i in infos) / count if count else None
 
 
-def _total_failures(totals: Mapping[str, Any], above: Mapping[str, float], below: Mapping[str, float]) -> list[str]:
-    """Gates on the weighted totals; None is an infinite error (above) or no error at all (below)."""
+def _total_failures(totals: Mapping[str, Any], above: Mapping[str, float], below: Mapping[str, float]) -> list[dict]:
+    """Gates on the weighted totals (tensor "totals"); None is an infinite error (above) or no
+    error at all (below)."""
     failures = []
     for metric in TOTAL_METRICS:
         value = totals[metric]
         if metric in above and (value is None or value > above[metric]):
-            failures.append(f"totals: {metric} = {'inf' if value is None else f'{value:.6g}'} > {above[metric]:g}")
+            failures.append(_failure("totals", metric, value, above[metric]))
         if metric in below and value is not None and value < below[metric]:
-            failures.append(f"totals: {metric} = {value:.6g} < {below[metric]:g}")
+            failures.append(_failure("totals", metric, value, below[metric]))
     return failures
 
 
-def _gate_failures(row: dict, above: Mapping[str, float], below: Mapping[str, float]) -> list[str]:
+def _failure(tensor: str, metric: str, value: float | str | None, limit: float | None = None) -> dict:
+    """One failure as the JSON report carries it: `{"tensor", "metric", "value", "limit"}`."""
+    return {"tensor": tensor, "metric": metric, "value": value, "limit": limit}
+
+
+def _gate_failures(row: dict, above: Mapping[str, float], below: Mapping[str, float]) -> list[dict]:
     """None means infinite error (above) or a perfect match (sqnr_db) / undefined cosine."""
     failures = []
     for metric, limit in above.items():
         value = row[metric]
         if value is None or value > limit:
-            failures.append(f"{row['name']}: {metric} = {'inf' if value is None else f'{value:.6g}'} > {limit:g}")
+            failures.append(_failure(row["name"], metric, value, limit))
     for metric, limit in below.items():
         value = row[metric]
-        if value is None:
-            identical = row["max_abs"] == 0
-            if identical:
-                continue
-            failures.append(f"{row['name']}: {metric} undefined (a zero tensor against a non-zero one)")
-        elif value < limit:
-            failures.append(f"{row['name']}: {metric} = {value:.6g} < {limit:g}")
+        if value is None and row["max_abs"] == 0:  # identical tensors: nothing to gate
+            continue
+        if value is None or value < limit:
+            failures.append(_failure(row["name"], metric, value, limit))
     return failures
 
 
@@ -207,6 +210,7 @@ def _check_patterns(selector: Selector, names: list[str], allow_empty: bool, whe
     if allow_empty:
         return
     for pattern in selector.unmatched(names):
-        raise UsageError(f"pattern {pattern!r} matches no tensor in {where} (use --allow-empty to allow)")
+        raise UsageError(f"pattern {pattern!r} matches no tensor in {where}{no_match_hint(pattern, names)} "
+                         "(use --allow-empty to allow)")
     if names and not any(selector.admits(n) for n in names):
         raise UsageError(f"include/exclude select no tensor in {where} (use --allow-empty to allow)")

@@ -2,9 +2,9 @@
 
 Exit codes (one place, `_guard`): 0 ok; 1 a gate failed; 2 usage error; 3 invalid input (or an
 input changed during the run); 4 output not writable; 5 the checkpoint is complete but what
-follows it (a report) is not; 70 internal error; 128+N stopped by signal N before anything was
-committed: 129 SIGHUP, 130 Ctrl-C, 131 SIGQUIT, 138/140 SIGUSR1/2, 142 SIGALRM, 143 SIGTERM;
-141 stdout closed early (`| head`).
+follows it (a report) is not; 6 out of memory; 70 internal error; 128+N stopped by signal N
+before anything was committed: 129 SIGHUP, 130 Ctrl-C, 131 SIGQUIT, 138/140 SIGUSR1/2,
+142 SIGALRM, 143 SIGTERM; 141 stdout closed early (`| head`).
 stdout carries only what was asked for; logs, progress and errors go to stderr.
 """
 
@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,6 +31,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
+from typer.core import TyperGroup
 
 from wtool import __version__, analyze, batch, pipeline, report
 from wtool.errors import UsageError, WtoolError
@@ -40,13 +42,41 @@ from wtool.selection import Selector
 from wtool.tensor import TensorInfo
 from wtool.transforms import REGISTRY
 
+OUT_OF_MEMORY = 6
+MIN_COLUMNS = 20
+
+
+class _Group(TyperGroup):
+    """Click's own errors (a missing option value, `-j 0`, a missing recipe file) in wtool's
+    one-line format, exit 2; and standard streams that are safe to write to."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        _prepare_streams()
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            context = getattr(exc, "ctx", None)
+            command = context.command_path if context else "wtool"
+            _stderr().print(f"[bold red]error:[/] {escape(exc.format_message())} (see {escape(command)} --help)",
+                            soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 app = typer.Typer(
     name="wtool",
+    cls=_Group,
     help="Stream neural-network checkpoints through weight transforms and report what changed.\n\n"
          "Example: wtool apply model.safetensors out.safetensors -t quantize:bits=4",
     no_args_is_help=True,
     add_completion=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
 
@@ -96,13 +126,57 @@ class _Outputs:
                f"{', '.join(self.todo) or 'everything that follows'}"
 
 
+_STDOUT_CLOSED = False
+
+
+def _prepare_streams() -> None:
+    """Closed standard streams (`>&-`, `2>&-`) become /dev/null, so no file wtool opens takes
+    their number; text that the stream's encoding cannot hold (PYTHONIOENCODING=ascii) is
+    replaced instead of failing."""
+    global _STDOUT_CLOSED
+    for number in (0, 1, 2):
+        try:
+            os.fstat(number)
+        except OSError:
+            descriptor = os.open(os.devnull, os.O_RDWR)
+            if descriptor != number:
+                os.dup2(descriptor, number)
+                os.close(descriptor)
+            if number == 1:
+                _STDOUT_CLOSED = True
+                sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+            elif number == 2:
+                sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="replace")
+
+
+def _width(stream: Any) -> int:
+    """COLUMNS when it is a usable number, else the terminal's width, or 180 when piped (CI logs, files)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) >= MIN_COLUMNS:
+        return int(columns)
+    if stream.isatty():
+        with contextlib.suppress(OSError, ValueError):
+            return max(os.get_terminal_size(stream.fileno()).columns, MIN_COLUMNS)
+        return 80
+    return 180
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """rich exits 1 here, the gate-failed code; let `_guard` map it to 141 instead."""
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def _console(stderr: bool) -> Console:
-    """Honour NO_COLOR; when piped (CI logs, files) draw tables 180 columns wide instead of 80."""
+    """Honour NO_COLOR and COLUMNS (ignored when not a number of at least MIN_COLUMNS)."""
     stream = sys.stderr if stderr else sys.stdout
-    piped = not stream.isatty() and "COLUMNS" not in os.environ
     plain = bool(os.environ.get("NO_COLOR"))  # no-color.org: wins over FORCE_COLOR
-    return Console(stderr=stderr, no_color=plain or None, color_system=None if plain else "auto",
-                   highlight=False, width=180 if piped else None)
+    return _Console(file=stream, no_color=plain or None, color_system=None if plain else "auto",
+                   highlight=False, emoji=False, width=_width(stream))
 
 
 def _stderr() -> Console:
@@ -152,6 +226,11 @@ def _guard(debug: bool, outputs: _Outputs | None = None) -> Iterator[None]:
         raise typer.Exit(EXIT_INCOMPLETE if outcome else 128 + signum) from None
     except (typer.Exit, SystemExit):
         raise
+    except MemoryError:
+        outcome = outputs.outcome()
+        err.print(f"[bold red]error:[/] out of memory; {escape(outcome or 'no output written')} (try fewer "
+                  "--jobs, or more memory)", soft_wrap=True)
+        raise typer.Exit(EXIT_INCOMPLETE if outcome else OUT_OF_MEMORY) from None
     except BrokenPipeError:  # `wtool ... | head`: the reader left; stop quietly, as SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(141) from None
@@ -255,6 +334,8 @@ def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: boo
     if checkpoint is not None:
         seen[os.path.realpath(checkpoint)] = ("the output", str(checkpoint))
     for option, target in reports.items():
+        if target == "-" and _STDOUT_CLOSED:
+            raise UsageError(f"stdout is closed: cannot write {option} -; give a file name")
         if not target:
             continue
         outputs.todo.append(target if target != "-" else "stdout")
@@ -282,16 +363,23 @@ def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: boo
     return outputs.files
 
 
-def _write_text(target: str, text: str, outputs: _Outputs, force: bool) -> None:
-    """Write a report to stdout ('-') or, atomically, to a file; then count it as done."""
-    text = text if text.endswith("\n") else text + "\n"
+def _write_text(target: str, text: str | Iterable[str], outputs: _Outputs, force: bool) -> None:
+    """Write a report (text, or pieces of it) as UTF-8 to stdout ('-') or, atomically, to a file;
+    then count it as done. UTF-8 whatever the locale; a name that is not valid UTF-8 (a file
+    name with a stray byte) is written with "?" in its place."""
     if outputs.inputs is not None:  # figures from a file that changed meanwhile would be a blend
         outputs.inputs.check_unchanged()
     if target == "-":
-        sys.stdout.write(text)
         sys.stdout.flush()
+        for chunk in [text] if isinstance(text, str) else text:
+            sys.stdout.buffer.write(chunk.encode("utf-8", "replace"))
+        if isinstance(text, str) and not text.endswith("\n"):
+            sys.stdout.buffer.write(b"\n")
+        sys.stdout.buffer.flush()
         outputs.finished("stdout")
         return
+    if isinstance(text, str) and not text.endswith("\n"):
+        text += "\n"
     atomic.write_text(outputs.files[target], text, force=force)
     outputs.finished(target)
 
@@ -313,9 +401,11 @@ Recipe = Annotated[Path | None, typer.Option("--recipe", "-r", exists=True, dir_
                                              help="TOML recipe with [[steps]] (not together with -t).")]
 NonFinite = Annotated[str, typer.Option("--nonfinite", help="NaN/Inf met by a step that would spread them: "
                                         "error, skip (leave that tensor alone) or zero (replace by 0).")]
-ModelFiles = Annotated[bool, typer.Option("--model-files/--no-model-files", help="Folder to folder: copy "
-                                          "config.json, tokenizer and model card beside the weights.")]
-ReportPath = Annotated[str | None, typer.Option("--report", help="Write the JSON report to FILE, or - for stdout.")]
+ModelFiles = Annotated[bool, typer.Option("--model-files/--no-model-files", help="Folder to folder: copy every "
+                                          "non-weight file and sub-folder (config, tokenizer, sentence-transformers "
+                                          "modules, custom code) beside the weights.")]
+ReportPath = Annotated[str | None, typer.Option("--json", "--report", help="Write the JSON report to FILE, or - for "
+                                                "stdout (--report is the same).")]
 Markdown = Annotated[str | None, typer.Option("--markdown", help="Write a Markdown summary to FILE (or -).")]
 
 
@@ -335,6 +425,8 @@ def apply(
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output, if it is a "
                                         "checkpoint wtool may replace (see the README); never an input.")] = False,
     model_files: ModelFiles = True,
+    update_config: Annotated[bool, typer.Option("--update-config", help="Folder to folder with a cast step: "
+                                                "set torch_dtype in the copied config.json.")] = False,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
                                                           "shards of at most this size, e.g. 5GB.")] = None,
     report_path: ReportPath = None,
@@ -369,12 +461,13 @@ def apply(
         shard = parse_size(max_shard_size) if max_shard_size else None
         with _Bar("apply", not quiet and not dry_run) as bar:
             result = pipeline.run(pipe, source, output, force=force, max_shard_size=shard, dry_run=dry_run,
-                                  copy_model_files=model_files, jobs=jobs, stats=stats, progress=bar,
-                                  reports=list(reports.values()), reads=[recipe] if recipe else [])
+                                  copy_model_files=model_files, update_config=update_config, jobs=jobs,
+                                  stats=stats, progress=bar, reports=list(reports.values()),
+                                  reads=[recipe] if recipe else [])
         stdout_taken = "-" in (report_path, markdown)
         console = _stderr() if stdout_taken else _stdout()
         if report_path:
-            _write_text(report_path, report.dumps(result.to_json()), outputs, force)
+            _write_text(report_path, report.json_chunks(result), outputs, force)
         if markdown:
             _write_text(markdown, report.apply_markdown(result, rows), outputs, force)
         if html:
@@ -426,15 +519,22 @@ def _print_plan(result: report.Report, console: Console) -> None:
     table.add_column("tensor", overflow="fold")
     table.add_column("shape", justify="right")
     table.add_column("dtype")
+    table.add_column("bytes", justify="right")
     table.add_column("steps", overflow="fold")
     for r in result.tensors:
-        table.add_row(escape(r.name), "×".join(map(str, r.shape)) or "scalar", r.dtype,
+        before = TensorInfo(r.name, r.dtype_before, tuple(r.shape)).nbytes if r.dtype_before else None
+        after = TensorInfo(r.name, r.dtype, tuple(r.shape)).nbytes
+        table.add_row(escape(r.name), "×".join(map(str, r.shape)) or "scalar", report.arrow(r.dtype_before, r.dtype),
+                      report.arrow(before and report.human_bytes(before), report.human_bytes(after)),
                       escape(" → ".join(r.steps)) or "[dim]unchanged[/]")
     console.print(table)
     for line in report.plan_details(result):
         console.print(line)
+    totals = result.totals
     console.print(f"[dim]dry run: nothing was written ({sum(bool(r.steps) for r in result.tensors)} of "
-                  f"{len(result.tensors)} tensors would change)[/]")
+                  f"{len(result.tensors)} tensors would change; "
+                  f"{report.arrow(report.human_bytes(totals['bytes_in']), report.human_bytes(totals['bytes_out']))} "
+                  "in total)[/]")
 
 
 @app.command(name="batch")
@@ -528,8 +628,8 @@ def inspect(
                                      progress=bar)
         console = _stderr() if json_out == "-" else _stdout()
         if json_out:
-            _write_text(json_out, report.dumps(result.to_json()), outputs, force)
-        if not quiet:
+            _write_text(json_out, report.json_chunks(result), outputs, force)
+        if not quiet and json_out != "-":  # JSON on stdout: nothing else anywhere but errors
             console.print(report.inspect_table(result))
             if result.metadata:
                 console.print("[bold]metadata[/]: " + escape(", ".join(f"{k}={v[:80]}" for k, v in result.metadata.items())))
@@ -576,14 +676,14 @@ def diff(
                                   allow_missing=allow_missing, allow_empty=allow_empty, progress=bar)
         console = _stderr() if "-" in (json_out, markdown) else _stdout()
         if json_out:
-            _write_text(json_out, report.dumps(result.to_json()), outputs, force)
+            _write_text(json_out, report.json_chunks(result), outputs, force)
         if markdown:
             _write_text(markdown, report.diff_markdown(result, rows), outputs, force)
         if not quiet:
             console.print(report.diff_table(result, rows))
         if not result.passed:
-            _stderr().print(f"[bold red]diff failed[/]: {len(result.failures)} problem(s); first: "
-                            f"{escape(result.failures[0])}", soft_wrap=True)
+            failed = [line for line in result.summary() if line.startswith("FAILED")]
+            _stderr().print(f"[bold red]diff failed[/]: {escape('; '.join(failed))}", soft_wrap=True)
             raise typer.Exit(1)
 
 
@@ -707,7 +807,7 @@ def transforms(
         for p in cls.describe_params():
             allowed = ", ".join(p["choices"]) if p["choices"] else _range(p["low"], p["high"])
             default = "(required)" if p["required"] else ("none" if p["default"] is None else str(p["default"]))
-            table.add_row(p["name"], p["type"], default, allowed, escape(p["help"]))
+            table.add_row(*map(escape, (p["name"], p["type"], default, allowed, p["help"])))
         console.print(table)
 
 

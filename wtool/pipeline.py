@@ -45,6 +45,7 @@ from wtool.errors import InputError, UsageError
 from wtool.io import (
     Inputs,
     Reader,
+    check_target,
     create_writer,
     is_folder_output,
     model_files,
@@ -52,7 +53,10 @@ from wtool.io import (
     open_checkpoint,
     output_format,
 )
+from wtool.io.base import MAX_HEADER_BYTES
+from wtool.io.safetensors import encode_header
 from wtool.recipe import Pipeline, Step
+from wtool.selection import no_match_hint
 from wtool.report import GroupRecord, Report, SkipRecord, TensorRecord
 from wtool.stats import compare, histogram, same_bytes, tensor_stats, weighted_error
 from wtool.steps import Chain, Source, StepPlan, StepRun, fit_step, plan_step
@@ -97,7 +101,8 @@ def plan(pipeline: Pipeline, reader: Reader) -> Plan:
     names = [t.name for t in reader.tensors]
     if not pipeline.allow_empty:
         for pattern in pipeline.selector.unmatched(names):
-            raise UsageError(f"pattern {pattern!r} matches no tensor in {reader.path} (use --allow-empty to allow)")
+            raise UsageError(f"pattern {pattern!r} matches no tensor in {reader.path}{no_match_hint(pattern, names)} "
+                             "(use --allow-empty to allow)")
     chains = [Chain(Source(reader, info)) for info in reader.tensors]
     grouped = any(isinstance(step.transform, GroupTransform) for step in pipeline.steps)
     config = reader.config() if grouped else None
@@ -106,9 +111,10 @@ def plan(pipeline: Pipeline, reader: Reader) -> Plan:
     try:
         for index, step in enumerate(pipeline.steps, start=1):
             label = f"step {index} ({step.op})"
+            current = [c.info.name for c in chains]
             if not pipeline.allow_empty:
-                for pattern in step.selector.unmatched([c.info.name for c in chains]):
-                    raise UsageError(f"{label}: pattern {pattern!r} matches no tensor")
+                for pattern in step.selector.unmatched(current):
+                    raise UsageError(f"{label}: pattern {pattern!r} matches no tensor{no_match_hint(pattern, current)}")
             runs.append(StepRun(step, pipeline.nonfinite, str(reader.path)).open())
 
             def selected(name: str, step: Step = step) -> bool:
@@ -117,13 +123,30 @@ def plan(pipeline: Pipeline, reader: Reader) -> Plan:
             chains, decided = plan_step(runs[-1], chains, selected, config)
             planned.append(decided)
             if decided.touched == 0 and not pipeline.allow_empty:
-                why = f" ({decided.notes[-1]})" if decided.notes else ""
+                hint = decided.notes[-1] if decided.notes else \
+                    _default_rule_hint(step, [c.info for c in chains if selected(c.info.name)])
+                why = f" ({hint})" if hint else ""
                 raise UsageError(f"{label} selects no tensor{why}; check include/exclude or use --allow-empty")
     except BaseException:
         for run in runs:
             run.close()
         raise
     return Plan(reader, pipeline, chains, planned, [note for step in planned for note in step.notes])
+
+
+def _default_rule_hint(step: Step, candidates: Sequence[TensorInfo]) -> str:
+    """When a step's default rule left out every tensor it could have taken: say so, and show
+    the step-level include that lifts it."""
+    if isinstance(step.transform, GroupTransform):
+        return ""
+    reasons = [(info, step.transform.skip(info)) for info in candidates]
+    soft = [(info, reason) for info, reason in reasons if reason is not None and not reason.hard]
+    if not soft:
+        return ""
+    leaves = {info.name.rpartition(".")[2] for info, _ in soft}
+    example = f"*.{leaves.pop()}" if len(leaves) == 1 and "." in soft[0][0].name else soft[0][0].name
+    return (f"its default rule left out {len(soft)} tensor(s): {soft[0][1].reason}; a step-level include "
+            f"lifts it, e.g. -t {step.op}:include={example}")
 
 
 # ------------------------------------------------------------------ running
@@ -146,16 +169,21 @@ def decompress(source: str | Path, output: str | Path | None, dtype: str | None 
 
 def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, force: bool = False,
         max_shard_size: int | None = None, dry_run: bool = False, copy_model_files: bool = True,
-        jobs: int = 1, stats: bool = True, progress: Progress | None = None, reports: Sequence[str | Path] = (),
-        reads: Sequence[str | Path] = (), decompress_to: str | None = None) -> Report:
+        update_config: bool = False, jobs: int = 1, stats: bool = True, progress: Progress | None = None,
+        reports: Sequence[str | Path] = (), reads: Sequence[str | Path] = (),
+        decompress_to: str | None = None) -> Report:
     """Stream `source` through the pipeline into `output` and report what changed.
 
     With `dry_run` (or no output) nothing is read beyond headers and nothing is written; the
-    report then holds the plan (tensors and their steps) without statistics. When both input
-    and output are model folders, the config and tokenizer files travel along
-    (`copy_model_files`), so the output loads with `from_pretrained`. `jobs` tensors are
-    computed at once (peak memory grows with it). Without `stats` the report lists tensors,
-    steps and whether their bytes changed, without statistics, error metrics or histograms.
+    report then holds the plan (tensors and their steps) without statistics, and every
+    problem the headers reveal (an existing output without `force` included) is raised. When
+    both input and output are model folders, every non-weight file travels along
+    (`copy_model_files`: config, tokenizer, sentence-transformers modules, custom code), so the
+    output loads as the input did; `update_config` records a cast's dtype in the copied
+    config.json. A single-file input gives a folder with one `model.safetensors` unless
+    `max_shard_size` asks for shards. `jobs` tensors are computed at once (peak memory grows
+    with it). Without `stats` the report lists tensors, steps and whether their bytes changed,
+    without statistics, error metrics or histograms.
 
     Everything the run reads (the input, companions such as `decay`'s `grads=`, model files
     and the files in `reads`, e.g. the recipe) is protected: the output and the files in
@@ -178,19 +206,25 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
             inputs = _protect(the_plan, reads)
             for target in reports:
                 inputs.refuse(Path(target), "report")
-            if dry_run or output is None:
-                records = [_planned_record(node) for node in the_plan.chains]
-                return _report(the_plan, records, output, time.perf_counter() - started, dry_run=True)
             qconfig = quantization_config(the_plan.stored)
-            metadata = _output_metadata(reader.metadata, pipeline, qconfig)
-            infos = [node.info for node in the_plan.chains]
-            extra = _model_files(reader, output, pipeline, the_plan.notes, qconfig) if copy_model_files else []
-            if qconfig and not extra:
+            extra, copied = ({}, []) if output is None else _model_files(
+                reader, output, pipeline, the_plan.notes, copy=copy_model_files, update_config=update_config,
+                qconfig=qconfig)
+            if qconfig and not extra and output is not None:
                 the_plan.notes.append(f"{QUANTIZATION_CONFIG} stored in the output's metadata "
                                       f"(no config.json travels with this output)")
-            writer = create_writer(output, infos, metadata, max_shard_size=max_shard_size, force=force,
-                                   extra_files=extra, inputs=inputs)
             sources = {t.name: t for t in reader.tensors}
+            if dry_run or output is None:
+                if output is not None:
+                    inputs.refuse(Path(output), "output")
+                    check_target(Path(output), force, "folder" if is_folder_output(output) else "file")
+                records = [_planned_record(node, sources.get(node.info.name)) for node in the_plan.chains]
+                return _report(the_plan, records, output, time.perf_counter() - started, dry_run=True,
+                               model_files=copied)
+            infos = [node.info for node in the_plan.chains]
+            metadata = _output_metadata(reader.metadata, pipeline, infos, the_plan.notes, qconfig)
+            writer = create_writer(output, infos, metadata, max_shard_size=max_shard_size, force=force,
+                                   extra_files=extra, one_file=reader.format != "sharded", inputs=inputs)
             records = []
             with writer:
                 for step in the_plan.steps:
@@ -204,7 +238,8 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
                     del array
                     if progress:
                         progress.advance(node.info)
-            return _report(the_plan, records, output, time.perf_counter() - started, dry_run=False)
+            return _report(the_plan, records, output, time.perf_counter() - started, dry_run=False,
+                           model_files=copied)
         finally:
             the_plan.close()
 
@@ -223,7 +258,7 @@ def _protect_reader(inputs: Inputs, reader: Reader) -> None:
     inputs.add_stamps(reader.stamps)
     source = Path(reader.path)
     folder = model_folder(source)
-    beside = model_files(folder) if folder is not None else []
+    beside = [folder / name for name in model_files(folder).copied] if folder is not None else []
     for path in [*beside, (folder or source.parent) / "config.json"]:
         if path.is_file():
             inputs.add(path)
@@ -295,33 +330,51 @@ def _refuse_requantizing(pipeline: Pipeline, reader: Reader) -> None:
                                      f"--allow-requantize to decompress it and {step.op} the dense weight")
 
 
-def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: list[str],
-                 qconfig: Mapping[str, Any] | None = None) -> list[Path | tuple[str, bytes]]:
-    """Config and tokenizer files of a folder input, for a folder output (with a note each).
-
-    config.json gets `qconfig` as its `quantization_config`; a reader that decompresses
-    (`DecompressedReader`) has it removed instead.
-    """
+def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: list[str], *,
+                 copy: bool, update_config: bool,
+                 qconfig: Mapping[str, Any] | None = None) -> tuple[dict[str, Path | bytes], list[str]]:
+    """The files of a folder input that travel to a folder output (relative name -> source, or
+    the rewritten config.json), the names copied, and a note for each fact. config.json gets
+    `qconfig` as its `quantization_config` (a reader that decompresses, `DecompressedReader`,
+    has it removed) and, with `update_config`, the dtype of the last cast."""
     folder = model_folder(Path(reader.path))
-    if folder is None or not is_folder_output(output):
-        return []
-    found: list[Path | tuple[str, bytes]] = list(model_files(folder))
-    if found:
-        notes.append(f"copied {', '.join(p.name for p in found)} beside the weights")
-    config = reader.config()
-    if config is not None and (qconfig is not None or isinstance(reader, DecompressedReader)):
-        updated = without_quantization_config(config)
-        if qconfig is not None:
-            updated[QUANTIZATION_CONFIG] = dict(qconfig)
-        found = [("config.json", config_json(updated)) if isinstance(p, Path) and p.name == "config.json" else p
-                 for p in found]
-        notes.append(f"config.json: {QUANTIZATION_CONFIG} {'written' if qconfig is not None else 'removed'}")
     casts = [s.transform.params.dtype for s in pipeline.steps if s.op == "cast"]
-    declared = (config or {}).get("torch_dtype") or (config or {}).get("dtype")
-    if casts and declared and declared != casts[-1]:
+    if casts and casts[-1].startswith("float8"):
+        notes.append(f"transformers' from_pretrained with its default dtype fails on {casts[-1]} weights; "
+                     f"load with an explicit torch_dtype (--update-config records {casts[-1]} in config.json)")
+    travels = copy and folder is not None and is_folder_output(output)
+    if update_config and not (travels and casts and (folder / "config.json").is_file()):
+        raise UsageError("--update-config needs a cast step, a model folder with config.json as input and a "
+                         "folder output (without --no-model-files)")
+    if not travels:
+        return {}, []
+    found = model_files(folder, skip=[*reader.files, Path(output)])
+    extra: dict[str, Path | bytes] = {name: folder / name for name in found.copied}
+    if found.copied:
+        notes.append(f"copied {len(found.copied)} model file(s) beside the weights: {', '.join(found.copied)}")
+    if found.left:
+        notes.append(f"left behind (weights in another format, or not a regular file): {', '.join(found.left)}")
+    config = reader.config() or {}
+    declared = config.get("torch_dtype") or config.get("dtype")
+    rewritten = False
+    if "config.json" in extra and (qconfig is not None or isinstance(reader, DecompressedReader)):
+        config = without_quantization_config(config)
+        if qconfig is not None:
+            config[QUANTIZATION_CONFIG] = dict(qconfig)
+        notes.append(f"config.json: {QUANTIZATION_CONFIG} {'written' if qconfig is not None else 'removed'}")
+        rewritten = True
+    if update_config:
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "torch_dtype":
+                config[key] = casts[-1]
+        notes.append(f"config.json: torch_dtype set to {casts[-1]} (--update-config)")
+        rewritten = True
+    elif casts and declared and declared != casts[-1]:
         notes.append(f"config.json declares dtype {declared} but tensors were cast to {casts[-1]}; "
-                     "update it if the model should load in the new dtype")
-    return found
+                     "pass --update-config to record the new dtype")
+    if rewritten:
+        extra["config.json"] = config_json(config)
+    return extra, found.copied
 
 
 def _materialise(reader: Reader, source: TensorInfo | None, node: Chain, *,
@@ -406,26 +459,33 @@ def _may_overflow(value: np.ndarray, dtype: np.dtype) -> bool:
         return not (np.isfinite(extremes).all() and np.isfinite(extremes.astype(dtype)).all())
 
 
-def _planned_record(node: Chain) -> TensorRecord:
+def _planned_record(node: Chain, source: TensorInfo | None) -> TensorRecord:
     info = node.info
     steps = node.ops()
     return TensorRecord(info.name, info.dtype, list(info.shape), steps, bool(steps),
-                        None, None, None, {})
+                        None, None, None, {}, dtype_before=source.dtype if source else None)
 
 
-def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline,
-                     qconfig: Mapping[str, Any] | None = None) -> dict[str, str]:
+def _output_metadata(metadata: Mapping[str, str], pipeline: Pipeline, infos: Sequence[TensorInfo],
+                     notes: list[str], qconfig: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The input's metadata plus one `wtool` entry (`Pipeline.provenance`), and the
     compressed-tensors `quantization_config` (JSON) when weights were packed.
 
     transformers refuses safetensors metadata without `format`, so `format: pt` is added
-    when the input had none.
+    when the input had none. What wtool adds is left out again (with a note) when it would
+    push a header that the input kept under the size limit over it.
     """
     out = dict(metadata)
     out.setdefault("format", "pt")
     out["wtool"] = json.dumps(pipeline.provenance(), sort_keys=True)
     if qconfig is not None:
         out[QUANTIZATION_CONFIG] = json.dumps(qconfig, sort_keys=True)
+    for added in ("wtool", "format"):
+        if len(encode_header(infos, out)) - 8 <= MAX_HEADER_BYTES or added in metadata:
+            break
+        del out[added]
+        notes.append(f"metadata entry {added!r} left out: with it the safetensors header would pass the "
+                     f"{MAX_HEADER_BYTES:,} byte limit that readers accept")
     return out
 
 
@@ -447,7 +507,7 @@ def _quality_totals(records: list[TensorRecord], reader: Reader, totals: Mapping
 
 
 def _report(the_plan: Plan, records: list[TensorRecord], output: str | Path | None, seconds: float,
-            *, dry_run: bool) -> Report:
+            *, dry_run: bool, model_files: list[str]) -> Report:
     reader = the_plan.reader
     output_names = {r.name for r in records}
     dropped = [t.name for t in reader.tensors if t.name not in output_names]
@@ -466,6 +526,7 @@ def _report(the_plan: Plan, records: list[TensorRecord], output: str | Path | No
         wtool_version=__version__, input=str(reader.path), output=None if output is None else str(output),
         steps=the_plan.pipeline.describe(), tensors=records, totals=totals, dropped=dropped,
         skipped=the_plan.skipped, groups=the_plan.groups, notes=the_plan.notes, dry_run=dry_run,
-        nonfinite_policy=the_plan.pipeline.nonfinite, warnings=data_free_warnings(records),
+        nonfinite_policy=the_plan.pipeline.nonfinite, model_files=model_files,
+        warnings=data_free_warnings(records),
     )
 

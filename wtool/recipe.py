@@ -50,7 +50,9 @@ class Step:
             key, sep, value = item.partition("=")
             key = key.strip()
             if not sep or not key:
-                raise UsageError(f"step {spec!r}: expected key=value, got {item!r}")
+                hint = ("; a comma ends a -t parameter, so a regex with a comma (such as {1,3}) belongs in "
+                        "--include/--exclude or a recipe") if "re:" in spec else ""
+                raise UsageError(f"step {spec!r}: expected key=value, got {item!r}{hint}")
             if key in RESERVED_KEYS:
                 patterns[key].append(value.strip())
             elif key in options:

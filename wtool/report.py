@@ -16,8 +16,8 @@ from __future__ import annotations
 import html
 import json
 import math
-from dataclasses import asdict, dataclass, field
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from rich.console import Console
@@ -28,7 +28,7 @@ from rich.text import Text
 SHOW_ROWS = 30
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorRecord:
     """One output tensor: what happened to it and its statistics before and after."""
 
@@ -90,6 +90,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     dry_run: bool = False
     nonfinite_policy: str = "error"
+    model_files: list[str] = field(default_factory=list)
     #: Data-free warnings ({"tensor", "kind", "message"}), see `wtool.advice`.
     warnings: list[dict[str, Any]] = field(default_factory=list)
 
@@ -97,13 +98,21 @@ class Report:
         return _clean(asdict(self))
 
     def worst(self, limit: int = SHOW_ROWS) -> tuple[list[TensorRecord], int]:
-        """The rows worth showing: all when they fit, else the changed tensors with the
-        largest relative error, in checkpoint order; and how many were hidden."""
-        rows = self.tensors
-        if len(rows) <= limit:
-            return rows, 0
-        ranked = sorted(range(len(rows)), key=lambda i: (not rows[i].changed, -_rel(rows[i])))[:limit]
-        return [rows[i] for i in sorted(ranked)], len(rows) - limit
+        """The rows worth showing, worst first: changed tensors by decreasing relative error
+        (checkpoint order among equals), unchanged ones last; and how many did not fit."""
+        rows = sorted(self.tensors, key=lambda r: (not r.changed, -_rel(r)))
+        return rows[:limit], max(0, len(rows) - limit)
+
+    def pipeline_label(self) -> str:
+        """Every step with its full parameters, e.g. `clip(percentile=99.9) → quantize(bits=4, ...)`."""
+        return " → ".join(step_label(step) for step in self.steps) or "copy (no steps)"
+
+
+def step_label(step: dict[str, Any]) -> str:
+    """`op(key=value, ...)` with the step's own include/exclude patterns (unset parameters left out)."""
+    params = {**{k: v for k, v in step.get("params", {}).items() if v is not None},
+              **{k: step[k] for k in ("include", "exclude") if step.get(k)}}
+    return f"{step['op']}({', '.join(f'{k}={v}' for k, v in params.items())})"
 
 
 @dataclass
@@ -131,13 +140,50 @@ class DiffReport:
     only_in_b: list[str]
     mismatched: list[dict[str, Any]]
     gates: dict[str, float]
-    failures: list[str]
+    failures: list[dict[str, Any]]
     #: weighted_rel_l2, weighted_sqnr_db, worst (over tensors whose values differ), bits_per_weight
     totals: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    def summary(self, worst: int = 3) -> list[str]:
+        """One line per failing metric (with the worst offenders), per passing gate, and one per
+        dtype change (a cast shows as one line, not one per tensor)."""
+        lines = []
+        changes: dict[tuple[str, str], int] = {}
+        for m in self.mismatched:
+            if m["a"].split(" ", 1)[1] == m["b"].split(" ", 1)[1]:
+                key = (m["a"].split(" ", 1)[0], m["b"].split(" ", 1)[0])
+                changes[key] = changes.get(key, 0) + 1
+        lines += [f"dtype {a} → {b}: {count} tensor(s)" for (a, b), count in changes.items()]
+        failing: dict[str, list[dict[str, Any]]] = {}
+        for f in self.failures:
+            failing.setdefault(f["metric"], []).append(f)
+        for metric, items in failing.items():
+            gate = next((g for g in self.gates if g[:-1] == metric), None)
+            if gate is None:  # shapes, missing tensors
+                shown = ", ".join(f"{f['tensor']} ({f['value']})" for f in items[:worst])
+                lines.append(f"FAILED {metric}: {len(items)} tensor(s): {shown}{' …' if len(items) > worst else ''}")
+                continue
+            above = gate.endswith(">")
+            items = sorted(items, key=lambda f: _severity(f["value"], above))
+            shown = ", ".join(f"{f['tensor']} ({fmt(f['value'])})" for f in items[:worst])
+            lines.append(f"FAILED {metric} {gate[-1]} {fmt(self.gates[gate])}: {len(items)} tensor(s); worst: {shown}")
+        for gate, limit in self.gates.items():
+            metric, above = gate[:-1], gate.endswith(">")
+            if metric in failing:
+                continue
+            if metric in self.totals:  # a gate on the weighted totals
+                lines.append(f"passed {metric} {gate[-1]} {fmt(limit)}: {fmt(self.totals[metric])} over the changed "
+                             "tensors")
+                continue
+            values = [(r[metric], r["name"]) for r in self.tensors if r.get(metric) is not None]
+            worst_row = min(values, key=lambda v: _severity(v[0], above)) if values else None
+            where = f" (worst {fmt(worst_row[0])} on {worst_row[1]})" if worst_row else ""
+            lines.append(f"passed {metric} {gate[-1]} {fmt(limit)}: all {len(self.tensors)} tensor(s){where}")
+        return lines
 
     def to_json(self) -> dict[str, Any]:
         data = _clean(asdict(self))
@@ -163,7 +209,47 @@ def dumps(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False)
 
 
+def _plain(value: Any) -> Any:
+    """Dataclasses (and lists of them) as plain dicts, as `asdict` would make them."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def json_chunks(report: Report | InspectReport | DiffReport) -> Iterator[str]:
+    """The report's JSON (the same document as `dumps(report.to_json())`) in pieces, one tensor
+    per line, so that a report on 100,000 tensors is never one string or one dict in memory."""
+    head = {f.name: _clean(_plain(getattr(report, f.name))) for f in fields(report) if f.name != "tensors"}
+    head = {f.name: head.get(f.name) for f in fields(report)}  # keep the fields' order
+    if isinstance(report, DiffReport):
+        head["passed"] = report.passed
+    yield "{\n"
+    for position, key in enumerate(head):
+        yield f"  {json.dumps(key)}: "
+        if key == "tensors":
+            opened = False
+            for row in report.tensors:
+                yield (",\n    " if opened else "[\n    ") + json.dumps(_clean(_plain(row)), allow_nan=False,
+                                                                   ensure_ascii=False)
+                opened = True
+            yield "\n  ]" if opened else "[]"
+        else:
+            yield dumps(head[key]).replace("\n", "\n  ")
+        yield ",\n" if position + 1 < len(head) else "\n"
+    yield "}\n"
+
+
 # ------------------------------------------------------------------ formatting helpers
+
+def _severity(value: float | None, above: bool) -> float:
+    """Sort key putting the worst value first: largest for an upper gate, smallest for a lower one
+    (None is an infinite error, or an undefined cosine)."""
+    if value is None:
+        return -math.inf
+    return -value if above else value
+
 
 def _rel(record: TensorRecord) -> float:
     """Rank for `worst`: the relative error; a changed tensor without one ranks first, unless it is
@@ -221,6 +307,9 @@ def _hist_pair(record: TensorRecord) -> str:
     return f"{before} → {sparkline(h['after'])}" if before else sparkline(h["after"])
 
 
+def arrow(before: str | None, after: str) -> str:
+    """`before → after`, or just `after` when nothing changes (or nothing came before)."""
+    return after if not before or before == after else f"{before} → {after}"
 def _bytes_pair(record: TensorRecord | GroupRecord) -> str:
     """`before → after` in bytes, `→ after` for a new tensor, one figure when unchanged."""
     if record.bytes_after is None:
@@ -269,9 +358,9 @@ def apply_table(report: Report, limit: int = SHOW_ROWS, sparklines: bool = True)
     table = Table(title=title, title_justify="left", show_footer=False)
     longest = max((len(r.name) for r in rows), default=10)
     step_lists = {tuple(r.steps) for r in rows if r.steps}
-    uniform = len(step_lists) <= 1  # then the title names the steps once, and rows just say yes/no
-    if uniform and step_lists:
-        table.title += escape(f"  [{' → '.join(next(iter(step_lists)))}]")
+    uniform = len(step_lists) <= 1  # then rows just say yes/no
+    if report.steps:
+        table.title += escape(f"\n{report.pipeline_label()}")
     for column, justify in (("tensor", "left"), ("shape", "right"), ("dtype", "left"),
                             ("steps", "left"), ("absmax", "right"), ("std", "right"), ("sparsity", "right"),
                             ("rel_l2", "right"), ("sqnr dB", "right"), ("bytes", "right"),
@@ -279,7 +368,7 @@ def apply_table(report: Report, limit: int = SHOW_ROWS, sparklines: bool = True)
         table.add_column(column, justify=justify, overflow="fold",
                          min_width=min(longest, 32) if column == "tensor" and sparklines else None)
     for r in rows:
-        dtype = r.dtype if not r.dtype_before or r.dtype_before == r.dtype else f"{r.dtype_before} → {r.dtype}"
+        dtype = arrow(r.dtype_before, r.dtype)
         error = r.error or {}
         style = None if r.changed else "dim"
         steps = ("all" if r.steps else "-") if uniform else escape(" → ".join(r.steps)) or "-"
@@ -322,19 +411,28 @@ def plan_details(report: Report) -> list[Text]:
         total = GroupRecord(op, "", [], [], [], [], sum(g.bytes_before or 0 for g in records),
                             sum(g.bytes_after or 0 for g in records))
         lines.append(Text(f"  • {op}: {len(records)} weight(s) stored as {layout}: {_bytes_pair(total)}"))
+    lines.extend(_skip_lines(report, shown=3))
+    lines.extend(Text(f"  • {note}", style="yellow") for note in report.notes)
+    lines.extend(Text(f"  ⚠ {line}", style="bold yellow") for line in warning_lines(report.warnings))
+    return lines
+
+
+def _skip_lines(report: Report, shown: int | None = None) -> list[Text]:
+    """One line per (reason, steps): the tensors a step's default rule left alone; `shown` caps the names."""
     by_reason: dict[str, dict[str, list[str]]] = {}
     for s in report.skipped:
         by_reason.setdefault(s.reason, {}).setdefault(s.name, []).append(s.op)
+    lines = []
     for reason, tensors in by_reason.items():
         by_ops: dict[tuple[str, ...], list[str]] = {}
         for name, ops in tensors.items():
             by_ops.setdefault(tuple(ops), []).append(name)
         for ops, names in by_ops.items():
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            lines.append(Text(f"  • skipped by {', '.join(ops)} ({reason}): {len(names)} tensor(s): {shown}",
+            listed = names if shown is None else names[:shown]
+            more = len(names) - len(listed)
+            text = ", ".join(listed) + (f" and {more} more" if more else "")
+            lines.append(Text(f"  • skipped by {', '.join(ops)} ({reason}): {len(names)} tensor(s): {text}",
                               style="dim"))
-    lines.extend(Text(f"  • {note}", style="yellow") for note in report.notes)
-    lines.extend(Text(f"  ⚠ {line}", style="bold yellow") for line in warning_lines(report.warnings))
     return lines
 
 
@@ -394,9 +492,7 @@ def diff_table(report: DiffReport, limit: int = SHOW_ROWS) -> Table:
         caption.append(f"only in A: {', '.join(report.only_in_a[:5])}{' …' if len(report.only_in_a) > 5 else ''}")
     if report.only_in_b:
         caption.append(f"only in B: {', '.join(report.only_in_b[:5])}{' …' if len(report.only_in_b) > 5 else ''}")
-    for m in report.mismatched:
-        caption.append(f"mismatch {m['name']}: {m['a']} vs {m['b']}")
-    caption.extend(f"FAILED {f}" for f in report.failures)
+    caption.extend(report.summary())
     table.caption, table.caption_justify = escape("\n".join(caption)), "left"
     return table
 
@@ -416,7 +512,7 @@ def _md(text: str) -> str:
 def apply_markdown(report: Report, limit: int = SHOW_ROWS) -> str:
     """A summary fit for `$GITHUB_STEP_SUMMARY`: pipeline, totals, the worst tensors."""
     t = report.totals
-    steps = " → ".join(f"`{s['op']}`" for s in report.steps) or "copy (no steps)"
+    steps = " → ".join(f"`{_md(step_label(s))}`" for s in report.steps) or "copy (no steps)"
     out = [f"### wtool apply: `{_md(report.input)}` → `{_md(str(report.output))}`", "",
            f"Pipeline: {steps}  ", f"{t['tensors']} tensors, **{t['changed']} changed**, {fmt(t['params'])} params, "
            f"{human_bytes(t['bytes_in'])} → {human_bytes(t['bytes_out'])} in {t['seconds']:.2f} s  ",
@@ -434,6 +530,8 @@ def apply_markdown(report: Report, limit: int = SHOW_ROWS) -> str:
         out += ["", f"_{hidden} more tensors hidden; the JSON report has all._"]
     if report.groups or report.dropped:
         out += ["", f"Merged groups: {len(report.groups)}; dropped tensors: {len(report.dropped)}"]
+    if report.notes:
+        out += [""] + [f"- {_md(note)}" for note in report.notes]
     if report.warnings:
         out += ["", f"**Warnings** ({len(report.warnings)}):", ""]
         out += [f"- {_md(line)}" for line in warning_lines(report.warnings)]
@@ -449,7 +547,7 @@ def diff_markdown(report: DiffReport, limit: int = SHOW_ROWS) -> str:
     for row in rows[:limit]:
         out.append(f"| `{_md(row['name'])}` | {fmt(row['max_abs'])} | {fmt(row['mse'])} | {fmt(row['rel_l2'])} | "
                    f"{fmt(row['cosine'], 6)} | {fmt(row['sqnr_db'], 3)} |")
-    out += [""] + [f"- {_md(f)}" for f in report.failures]
+    out += [""] + [f"- {_md(line)}" for line in report.summary()]
     return "\n".join(out) + "\n"
 
 
@@ -487,7 +585,9 @@ document.querySelectorAll('th').forEach((th, col) => th.addEventListener('click'
   th.classList.add(asc ? 'sorted-asc' : 'sorted-desc');
   const key = r => { const v = r.cells[col].dataset.v ?? r.cells[col].textContent;
                      const n = parseFloat(v); return isNaN(n) ? v : n; };
-  [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
+  const same = r => r.classList.contains('same');
+  [...body.rows].sort((a, b) => { if (same(a) !== same(b)) return same(a) ? 1 : -1;
+    const x = key(a), y = key(b);
     return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1); }).forEach(r => body.appendChild(r));
 }));
 """
@@ -522,7 +622,7 @@ def apply_html(report: Report) -> str:
     head = ["tensor", "shape", "dtype", "steps", "absmax before", "absmax after", "std after", "sparsity after",
             "rel_l2", "sqnr dB", "values (grey before, blue after)"]
     rows = []
-    for r in report.tensors:
+    for r in report.worst(len(report.tensors))[0]:
         e = r.error or {}
         after = r.after or {}
         before = r.before or {}
@@ -537,8 +637,9 @@ def apply_html(report: Report) -> str:
                     + cell(before.get("absmax")) + cell(after.get("absmax")) + cell(after.get("std"))
                     + cell(after.get("sparsity")) + cell(e.get("rel_l2")) + cell(e.get("sqnr_db") if e.get("mse") else None, 3)
                     + f"<td>{_svg(r.histogram)}</td></tr>")
-    steps = " → ".join(s["op"] for s in report.steps) or "copy (no steps)"
+    steps = report.pipeline_label()
     extra = [f"<li>{esc(g.op)}: {esc(g.note)}</li>" for g in report.groups]
+    extra += [f"<li>{esc(line.plain.removeprefix('  • '))}</li>" for line in _skip_lines(report)]
     extra += [f"<li>{esc(n)}</li>" for n in report.notes]
     extra += [f"<li>dropped {esc(n)}</li>" for n in report.dropped]
     extra += [f"<li>{esc(line)}</li>" for line in totals_lines(t)]

@@ -18,9 +18,9 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -187,6 +187,21 @@ def _json_float(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def quiet_nan(function: F) -> F:
+    """Run `function` with numpy's "invalid value" warning off: casting a signalling NaN (a
+    legal bit pattern, counted in the statistics) raises it, and it would only be noise."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(invalid="ignore"):
+            return function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _chunks(size: int) -> range:
     return range(0, size, CHUNK)
 
@@ -195,6 +210,7 @@ def _flat(array: np.ndarray) -> np.ndarray:
     return np.asarray(array).reshape(-1)
 
 
+@quiet_nan
 def tensor_stats(array: np.ndarray) -> dict[str, Any]:
     """numel, min, max, mean, std (population), absmax, l2, sparsity (exact zeros), nan, inf.
 
@@ -294,6 +310,7 @@ class _Binning:
         return np.bincount(self.index(wide, "ia"), minlength=self.bins)
 
 
+@quiet_nan
 def histogram(array: np.ndarray, low: float, high: float, bins: int = BINS) -> list[int]:
     """Counts of the finite values in `bins` equal bins over [low, high], chunked like the stats.
 
@@ -358,6 +375,7 @@ class _Error:
                 "sqnr_db": sqnr}
 
 
+@quiet_nan
 def compare(before: np.ndarray, after: np.ndarray, bins: int = BINS) -> Comparison:
     """Statistics of both tensors, the error metrics and both histograms.
 
@@ -435,6 +453,7 @@ def same_bytes(before: np.ndarray, after: np.ndarray) -> bool:
     return all(_same_chunk(a_flat[i:i + CHUNK], b_flat[i:i + CHUNK]) for i in _chunks(a_flat.size))
 
 
+@quiet_nan
 def error_metrics(before: np.ndarray, after: np.ndarray) -> dict[str, float | None]:
     """What a pipeline did to one tensor: mse, max_abs, rel_l2 = ‖b−a‖/‖a‖, sqnr_db = 10·log10(‖a‖²/‖b−a‖²).
 
@@ -445,6 +464,7 @@ def error_metrics(before: np.ndarray, after: np.ndarray) -> dict[str, float | No
     return compare(before, after, bins=0).error
 
 
+@quiet_nan
 def cosine(before: np.ndarray, after: np.ndarray) -> float | None:
     """Cosine similarity of the two tensors flattened (None when either is all zeros).
 

@@ -375,6 +375,9 @@ def _plan_each(run: StepRun, chains: list[Chain], selected: Callable[[str], bool
         if reason is not None and (reason.hard or not step.selector.included_explicitly(name)):
             result.skipped.append(SkipRecord(name, step.op, reason.reason))
             continue
+        problem = step.transform.problem(chain.info)
+        if problem:
+            raise UsageError(f"{step.op}: tensor {name!r}: {problem}")
         group = step.transform.split(chain.info)
         if group is None:
             result.members.append((chain, len(chain.runs)))

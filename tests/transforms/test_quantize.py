@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from wtool.errors import InputError, UsageError
+from wtool.errors import UsageError
 from wtool.tensor import TensorInfo
 from wtool.transforms import Context, Transform
 
@@ -67,7 +67,7 @@ def test_quantize_matches_formula(shape, bits, scheme, granularity, dtype):
 
 def test_group_remainder_is_an_error_naming_the_tensor():
     w = np.ones((2, 10), np.float32)
-    with pytest.raises(InputError, match=r"'layer.weight'.*10.*group_size=4.*remainder=ok"):
+    with pytest.raises(UsageError, match=r"'layer.weight'.*10.*group_size=4.*remainder=ok"):
         Transform.create("quantize", {"granularity": "group", "group_size": 4}).apply(w, ctx(w, "layer.weight"))
 
 
@@ -138,5 +138,5 @@ def test_default_granularity_is_group_128_at_4_bits_and_below(bits, expected):
 
 def test_explicit_group_granularity_still_refuses_a_tail():
     w = np.ones((2, 300), np.float32)
-    with pytest.raises(InputError, match="remainder=ok"):
+    with pytest.raises(UsageError, match="remainder=ok"):
         Transform.create("quantize", {"bits": 4, "granularity": "group"}).apply(w, ctx(w))

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from wtool.errors import InputError, UsageError
+from wtool.errors import UsageError
 from wtool.tensor import TensorInfo
 from wtool.transforms import Context, Transform
 
@@ -97,7 +97,7 @@ def test_n_m(pattern, shape):
 
 def test_n_m_needs_divisible_last_axis():
     w = np.ones((4, 6), np.float32)
-    with pytest.raises(InputError, match=r"'w'.*not divisible by M=4"):
+    with pytest.raises(UsageError, match=r"'w'.*not divisible by M=4"):
         Transform.create("sparsify", {"nm": "2:4"}).apply(w, ctx(w))
 
 

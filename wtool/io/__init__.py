@@ -35,11 +35,12 @@ from wtool.io.base import (
 )
 from wtool.io.npz import NpzReader, NpzWriter
 from wtool.io.safetensors import SafetensorsReader, SafetensorsWriter
-from wtool.io.sharded import INDEX_NAME, ShardedReader, ShardedWriter, model_files
+from wtool.io.sharded import INDEX_NAME, ModelFiles, ShardedReader, ShardedWriter, model_files
 from wtool.tensor import TensorInfo
 
 __all__ = ["FORMATS", "Format", "Inputs", "Reader", "Writer", "WriterMisuse", "open_checkpoint", "create_writer",
-           "is_folder_output", "model_files", "model_folder", "output_format", "parse_size"]
+           "is_folder_output", "check_target", "ModelFiles", "model_files", "model_folder", "output_format",
+           "parse_size"]
 
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 #: A name ending like this is meant as a file, never as a folder (`.5-7B` in `Qwen2.5-7B` is not).
@@ -152,13 +153,15 @@ def is_folder_output(path: str | os.PathLike[str]) -> bool:
 
 def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | None,
                   *, max_shard_size: int | str | None = None, force: bool = False,
-                  extra_files: Sequence[Path | tuple[str, bytes]] = (), inputs: Inputs | None = None) -> Writer:
+                  extra_files: Mapping[str, Path | bytes] | None = None, one_file: bool = False,
+                  inputs: Inputs | None = None) -> Writer:
     """A streaming, atomic writer; the format follows the path.
 
     `*.safetensors` -> one file, `*.npz` -> npz, a folder name -> a Hugging Face sharded folder
-    (`output_format`; one shard when `max_shard_size` is None), into which `extra_files` (config,
-    tokenizer: paths to copy, or (name, bytes) to write) go before the folder is put in place. An existing target is a UsageError
-    unless `force`, and even then only a checkpoint wtool wrote is replaced
+    (`output_format`; one shard when `max_shard_size` is None, or a lone `model.safetensors` with
+    `one_file`), into which `extra_files` (relative name -> source file or bytes: config,
+    tokenizer, modules) are copied before the folder is put in place. An existing target is a
+    UsageError unless `force`, and even then only a checkpoint wtool wrote is replaced
     (`atomic.replace_problem`). `inputs`, when given, may not be touched by the output and must
     not change before the commit.
     """
@@ -181,6 +184,7 @@ def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], m
         inputs.refuse(path, "output")
     check_target(path, force, "file" if single else "folder")
     if fmt.folder:
-        return ShardedWriter(path, tensors, metadata, max_shard_size, extra_files, force=force, inputs=inputs)
+        return ShardedWriter(path, tensors, metadata, max_shard_size, extra_files, one_file, force=force,
+                             inputs=inputs)
     assert fmt.writer is not None
     return fmt.writer(path, tensors, metadata, force=force, inputs=inputs)

@@ -31,7 +31,7 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -490,14 +490,17 @@ def remove_leftovers() -> None:
             remove_quietly(temp)
 
 
-def write_text(target: Path, text: str, *, force: bool = False, inputs: Inputs | None = None) -> None:
-    """Write a report: to a temporary beside `target`, fsynced, then put in place like any output
-    (a regular file it replaces with `force` must not be one of `inputs`)."""
+def write_text(target: Path, text: str | Iterable[str], *, force: bool = False,
+               inputs: Inputs | None = None) -> None:
+    """Write a report (text, or its pieces in order) as UTF-8: to a temporary beside `target`,
+    fsynced, then put in place like any output (a regular file it replaces with `force` must not
+    be one of `inputs`). A lone surrogate (a file name that is not UTF-8) is written as "?"."""
     check_target(target, force, "report")
     output = AtomicFile(target, force=force, inputs=inputs, kind="report")
     try:
         with as_output_error(target):
-            output.handle.write(text.encode("utf-8"))
+            for chunk in [text] if isinstance(text, str) else text:
+                output.handle.write(chunk.encode("utf-8", "replace"))
         output.finish()
         output.commit()
     except BaseException:

@@ -145,10 +145,11 @@ def check_bool_bytes(array: np.ndarray, where: str) -> None:
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes from a size like `5GB`, `500MB`, `2GiB`, `1.5GB` or `123` (Hugging Face convention).
+    """Bytes from a size like `5GB`, `500MB`, `2GiB`, `1.5GB` or `123B` (Hugging Face convention).
 
     KB/MB/GB/TB are powers of 10, KiB/MiB/GiB/TiB powers of 2; units are case-insensitive and
-    the trailing `B` is optional (`5G` is `5GB`). Fractions are rounded down to whole bytes.
+    the trailing `B` is optional (`5G` is `5GB`). A text needs a unit (`5` could mean 5 bytes or
+    5 GB); an int is bytes. Fractions are rounded down to whole bytes.
 
     >>> parse_size("2GiB"), parse_size("500MB"), parse_size(123)
     (2147483648, 500000000, 123)
@@ -160,7 +161,9 @@ def parse_size(text: str | int) -> int:
     else:
         match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(i)?)?(b)?\s*", str(text), re.IGNORECASE)
         if not match:
-            raise UsageError(f"invalid size {text!r}; use e.g. 5GB, 500MB, 2GiB or a number of bytes")
+            raise UsageError(f"invalid size {text!r}; use e.g. 5GB, 500MB, 2GiB or 1000B")
+        if not match.group(2) and not match.group(4):
+            raise UsageError(f"invalid size {text!r}: needs a unit, e.g. 5GB, 500MB, 2GiB or {text.strip()}B for bytes")
         try:
             value = Decimal(match.group(1))
         except InvalidOperation:  # pragma: no cover - the pattern only lets numbers through

@@ -7,22 +7,25 @@ cache, whose snapshot files link to `../../blobs/...`.
 
 Reading order: shards sorted by file name (`model-00001-of-00003` first), then each shard's
 header order. Writing: shards `model-00001-of-0000N.safetensors` filled greedily in tensor
-order, and always an index, even for a single shard.
+order, and always an index, even for a single shard; or, for a single-file model, one
+`model.safetensors` and no index.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import unicodedata
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
 import numpy as np
 
 from wtool.errors import InputError
-from wtool.io.atomic import AtomicFolder, as_output_error, copy_file, create_file, finish_file
+from wtool.io.atomic import AtomicFolder, as_output_error, copy_file, create_file, finish_file, fsync_dir
 from wtool.io.base import (
     MAX_HEADER_BYTES,
     Reader,
@@ -41,10 +44,13 @@ from wtool.io.protect import Inputs, Stamp
 from wtool.tensor import TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
-#: Files of a Hugging Face model folder that travel with the weights (never weight files).
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
-               "added_tokens.json", "vocab.*", "merges.txt", "*.jinja", "chat_template.json",
-               "preprocessor_config.json", "README.md")
+SINGLE_NAME = "model.safetensors"
+MAX_OPEN_SHARDS = 16
+#: Weight files (and their indexes): in a model folder they hold the weights the run rewrites or
+#: the same weights in another format (pytorch_model.bin, onnx/model.onnx), so they stay behind,
+#: except inside the module folders a sentence-transformers `modules.json` names (2_Dense/...).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".ot", ".onnx",
+                   ".onnx_data", ".gguf", ".tflite", ".index.json")
 
 
 def shard_problem(shard: object) -> str | None:
@@ -66,7 +72,9 @@ def shard_problem(shard: object) -> str | None:
 
 
 class ShardedReader(Reader):
-    """Opens every shard listed by the index (header only) and checks they agree with it."""
+    """Reads every shard's header listed by the index and checks they agree with it; shard
+    files are then opened as tensors are read, a few at a time (a 300-shard folder works
+    under `ulimit -n 256`)."""
 
     format = "sharded"
 
@@ -74,6 +82,8 @@ class ShardedReader(Reader):
         weight_map, self._index_stamp = _read_index(index)
         folder = index.parent
         self._shards: dict[str, SafetensorsReader] = {}
+        self._open: dict[str, None] = {}  # shards with an open file, least recently read first
+        self._lock = threading.Lock()
         try:
             self._open_shards(path, index, folder, weight_map)
         except BaseException:
@@ -87,6 +97,7 @@ class ShardedReader(Reader):
                 tensor = next(name for name, value in weight_map.items() if value == shard)
                 raise InputError(f"{index}: shard {shard!r} (holding tensor {show(tensor)}) does not exist")
             self._shards[shard] = SafetensorsReader(file)
+            self._shards[shard].release()
 
         location: dict[str, str] = {}
         tensors: list[TensorInfo] = []
@@ -114,7 +125,18 @@ class ShardedReader(Reader):
         self._location = location
 
     def _read(self, info: TensorInfo) -> np.ndarray:
-        return self._shards[self._location[info.name]].read(info.name)
+        """Map the tensor from its shard, opening the shard if needed; at most MAX_OPEN_SHARDS
+        stay open (the mapping outlives the file handle, so arrays stay valid)."""
+        shard = self._location[info.name]
+        with self._lock:
+            array = self._shards[shard].read(info.name)
+            self._open.pop(shard, None)
+            self._open[shard] = None
+            if len(self._open) > MAX_OPEN_SHARDS:
+                oldest = next(iter(self._open))
+                del self._open[oldest]
+                self._shards[oldest].release()
+        return array
 
     def close(self) -> None:
         for reader in self._shards.values():
@@ -168,11 +190,71 @@ def plan_shards(tensors: Sequence[TensorInfo], max_shard_size: int | None) -> li
     return shards
 
 
-def model_files(folder: Path) -> list[Path]:
-    """The non-weight files of a model folder (config, tokenizer, model card) that a folder
-    output should carry along, so that the result loads with `from_pretrained`."""
-    found = {p for pattern in MODEL_FILES for p in folder.glob(pattern) if p.is_file()}
-    return sorted(found)
+@dataclass
+class ModelFiles:
+    """What of a model folder travels to a folder output (relative POSIX paths) and what stays."""
+
+    folder: Path
+    copied: list[str] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)
+
+
+def model_files(folder: Path, skip: Sequence[Path] = ()) -> ModelFiles:
+    """Every file of a model folder that a folder output carries along: config, tokenizer,
+    sentence-transformers modules (`1_Pooling/`), custom code, licence, model card.
+
+    Left behind: weight files (see WEIGHT_SUFFIXES) outside sentence-transformers module
+    folders, hidden files and folders (`.git`, `.cache`), symlinked folders, anything that is
+    not a regular file, and the paths in `skip` (the input's own files, an output inside it).
+
+    >>> model_files(Path("all-MiniLM-L6-v2")).copied[:2]                  # doctest: +SKIP
+    ['1_Pooling/config.json', 'README.md']
+    """
+    skipped = {path.resolve() for path in skip}
+    modules = _module_folders(folder)
+    found = ModelFiles(folder)
+    for root, folders, files in os.walk(folder):
+        here = Path(root)
+        relative = here.relative_to(folder)
+        for name in sorted(folders):
+            path = here / name
+            if name.startswith(".") or path.resolve() in skipped or path.is_symlink():
+                folders.remove(name)
+                if not name.startswith("."):
+                    found.left.append((relative / name).as_posix() + "/")
+        for name in files:
+            path = here / name
+            shown = (relative / name).as_posix()
+            weights = name.lower().endswith(WEIGHT_SUFFIXES) and not (relative.parts and relative.parts[0] in modules)
+            if name.startswith(".") or path.resolve() in skipped:
+                continue
+            if weights or not path.is_file():
+                found.left.append(shown)
+            else:
+                found.copied.append(shown)
+    found.copied.sort()
+    found.left.sort()
+    return found
+
+
+def _module_folders(folder: Path) -> set[str]:
+    """Top-level folders of sentence-transformers modules (`modules.json`), which keep their weights."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        return {str(m["path"]).split("/")[0] for m in modules if isinstance(m, dict) and m.get("path")}
+    except (OSError, ValueError, TypeError, KeyError):
+        return set()
+
+
+def _write_new(target: Path, data: bytes) -> None:
+    """Create `target` with `data`, fsynced (the index, a rewritten config.json)."""
+    handle = create_file(target)
+    try:
+        handle.write(data)
+        finish_file(handle)
+    except BaseException:
+        handle.close()
+        raise
 
 
 def shard_name(number: int, count: int) -> str:
@@ -183,12 +265,16 @@ class ShardedWriter(Writer):
     """Writes shards one after another into a hidden folder, then the index, then renames the folder."""
 
     def __init__(self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str],
-                 max_shard_size: int | None, extra_files: Sequence[Path | tuple[str, bytes]] = (), *, force: bool = False,
-                 inputs: Inputs | None = None):
+                 max_shard_size: int | None, extra_files: Mapping[str, Path | bytes] | None = None,
+                 one_file: bool = False, *, force: bool = False, inputs: Inputs | None = None):
         super().__init__(path, tensors, metadata)
-        self._extra_files = list(extra_files)
-        plan = plan_shards(self.tensors, max_shard_size)
-        self._shards = [(shard_name(number, len(plan)), shard) for number, shard in enumerate(plan, 1)]
+        self._extra_files = dict(extra_files or {})
+        self._one_file = one_file and max_shard_size is None
+        if self._one_file:
+            self._shards = [(SINGLE_NAME, self.tensors)]
+        else:
+            plan = plan_shards(self.tensors, max_shard_size)
+            self._shards = [(shard_name(number, len(plan)), shard) for number, shard in enumerate(plan, 1)]
         self._headers = [check_header_size(path, shard, self.metadata) for _, shard in self._shards]
         self._shard_of = [number for number, (_, shard) in enumerate(self._shards) for _ in shard]
         self._ends_shard = {position for position, number in enumerate(self._shard_of)
@@ -219,19 +305,21 @@ class ShardedWriter(Writer):
             "metadata": {"total_size": sum(info.nbytes for info in self.tensors)},
             "weight_map": {info.name: name for name, shard in self._shards for info in shard},
         }
-        with as_output_error(self.path / INDEX_NAME):
-            handle = create_file(self._folder.temp / INDEX_NAME)
-            handle.write((json.dumps(index, indent=2) + "\n").encode("utf-8"))
-            finish_file(handle)
-        for extra in self._extra_files:
-            name, content = (extra.name, None) if isinstance(extra, Path) else extra
+        if not self._one_file:
+            with as_output_error(self.path / INDEX_NAME):
+                _write_new(self._folder.temp / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
+        folders = set()
+        for name, source in self._extra_files.items():
+            target = self._folder.temp / name
             with as_output_error(self.path / name):
-                if content is None:
-                    copy_file(extra, self._folder.temp / name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(source, bytes):
+                    _write_new(target, source)
                 else:
-                    handle = create_file(self._folder.temp / name)
-                    handle.write(content)
-                    finish_file(handle)
+                    copy_file(source, target)
+            folders.update(parent for parent in target.parents if self._folder.temp in parent.parents)
+        for folder in sorted(folders, key=lambda p: -len(p.parts)):
+            fsync_dir(folder)
         self._folder.commit()
 
     def _abort(self) -> None:

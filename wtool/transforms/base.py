@@ -228,6 +228,12 @@ class Transform:
             return Skip(f"{info.ndim}-D tensor (default: ndim >= {self.min_ndim})")
         return None
 
+    def problem(self, info: TensorInfo) -> str | None:
+        """What this step cannot do with a tensor it selected, knowable from the header alone
+        (e.g. a group size that does not divide an axis), or None. The plan, and so
+        `--dry-run`, turns it into a usage error before any data is read."""
+        return None
+
     def output_dtype(self, dtype: str) -> str:
         """The storage dtype of a tensor after this step (only `cast` changes it)."""
         return dtype

@@ -50,7 +50,8 @@ class Cast(Transform, name="cast"):
             if over:
                 raise InputError(f"tensor {ctx.name!r}: {over} value(s) outside {self.params.dtype}'s range "
                                  f"±{limit:g}; pass saturate=true to clamp them")
-        stored = array.astype(target)
+        with np.errstate(invalid="ignore"):  # a signalling NaN stays a NaN; no warning for it
+            stored = array.astype(target)
         ctx.extras.update(flushed(array, stored))
         return stored.astype(array.dtype)
 

@@ -255,9 +255,9 @@ class Quantize(Transform, name="quantize"):
         rows = array.reshape(-1, array.shape[-1])
         width = rows.shape[1]
         full = width - width % p.group_size
-        if full != width and p.remainder == "error" and p.granularity == "group":
-            raise InputError(f"tensor {ctx.name!r}: last axis {width} is not divisible by group_size={p.group_size}; "
-                             f"pass remainder=ok to quantize the tail group of {width - full} on its own")
+        problem = self.problem(TensorInfo(ctx.name, "F32", array.shape))
+        if problem:
+            raise UsageError(f"tensor {ctx.name!r}: {problem}")
         out = np.empty_like(rows)
         if full:
             head = rows[:, :full].reshape(-1, p.group_size)
@@ -265,6 +265,14 @@ class Quantize(Transform, name="quantize"):
         if full != width:
             out[:, full:] = self._snap(rows[:, full:])
         return out.reshape(array.shape)
+
+    def problem(self, info: TensorInfo) -> str | None:
+        p = self.params
+        if p.granularity != "group" or p.remainder == "ok" or not info.shape or not info.shape[-1] % p.group_size:
+            return None
+        width = info.shape[-1]
+        return (f"last axis {width} is not divisible by group_size={p.group_size}; pass remainder=ok to "
+                f"quantize the tail group of {width % p.group_size} on its own")
 
     def apply_split(self, array: np.ndarray, ctx: Context) -> dict[str, np.ndarray]:
         """The pieces of the packed layout (see `split`), by name."""

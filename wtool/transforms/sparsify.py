@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wtool.errors import InputError, UsageError
+from wtool.errors import UsageError
 from wtool.tensor import TensorInfo
 from wtool.transforms.base import Context, Transform, param
 
@@ -132,10 +132,19 @@ class Sparsify(Transform, name="sparsify"):
         key = int(np.partition(keys, target - 1)[target - 1])
         return _zero_below(array, keys, Cutoff(key, target - int(np.count_nonzero(keys < key)), wide))
 
+    def problem(self, info: TensorInfo) -> str | None:
+        if self.params.nm is None or not info.shape:
+            return None
+        group = self.pattern()[1]
+        if info.shape[-1] % group:
+            return f"last axis {info.shape[-1]} is not divisible by M={group} (nm={self.params.nm})"
+        return None
+
     def _nm(self, array: np.ndarray, ctx: Context) -> np.ndarray:
         keep, group = self.pattern()
-        if array.shape[-1] % group:
-            raise InputError(f"tensor {ctx.name!r}: last axis {array.shape[-1]} is not divisible by M={group} (nm={self.params.nm})")
+        problem = self.problem(TensorInfo(ctx.name, "F32", array.shape))
+        if problem:
+            raise UsageError(f"tensor {ctx.name!r}: {problem}")
         rows = array.reshape(-1, group)
         order = np.argsort(-np.abs(rows), axis=1, kind="stable")
         drop = np.zeros(rows.shape, dtype=bool)
