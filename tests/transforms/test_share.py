@@ -306,13 +306,10 @@ def test_plain_mode_matches_reference_property(x, k):
 
 
 @pytest.mark.stress
-def test_4096_square_into_256_clusters_is_quick():
-    import time
-
+def test_4096_square_into_256_clusters_converges():
+    # its speed is measured by benchmarks/bench_share.py, never asserted in a test
     x = (np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32) * 0.02)
-    start = time.perf_counter()
     y, extras = share(x, clusters=256)
-    assert time.perf_counter() - start < 6.0
     assert extras["converged"] and extras["distinct"] == 256
 
 
