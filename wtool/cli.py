@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -592,15 +592,23 @@ def batch_command(
             raise typer.Exit(1)
 
 
+def _emit(outputs: _Outputs, force: bool, quiet: bool, reports: dict[str | None, Callable[[], str | Iterable[str]]],
+          table: Callable[[], Any]) -> None:
+    """Write each report asked for (target -> how to render it; a file, or - for stdout), then
+    the table on whichever stream is left free."""
+    console = _stderr() if "-" in reports else _stdout()
+    for target, render in reports.items():
+        if target:
+            _write_text(target, render(), outputs, force)
+    if not quiet:
+        console.print(table())
+
+
 def _batch_results(result: report.BatchReport, report_path: str | None, markdown: str | None, outputs: _Outputs,
                    force: bool, quiet: bool) -> None:
-    console = _stderr() if "-" in (report_path, markdown) else _stdout()
-    if report_path:
-        _write_text(report_path, report.dumps(result.to_json()), outputs, force)
-    if markdown:
-        _write_text(markdown, report.batch_markdown(result), outputs, force)
-    if not quiet:
-        console.print(report.batch_table(result))
+    _emit(outputs, force, quiet, {report_path: lambda: report.dumps(result.to_json()),
+                                  markdown: lambda: report.batch_markdown(result)},
+          lambda: report.batch_table(result))
 
 
 @app.command()
@@ -674,13 +682,9 @@ def diff(
         with _Bar("diff", not quiet) as bar:
             result = analyze.diff(a, b, Selector(tuple(include), tuple(exclude)), fail_above=above, fail_below=below,
                                   allow_missing=allow_missing, allow_empty=allow_empty, progress=bar)
-        console = _stderr() if "-" in (json_out, markdown) else _stdout()
-        if json_out:
-            _write_text(json_out, report.json_chunks(result), outputs, force)
-        if markdown:
-            _write_text(markdown, report.diff_markdown(result, rows), outputs, force)
-        if not quiet:
-            console.print(report.diff_table(result, rows))
+        _emit(outputs, force, quiet, {json_out: lambda: report.json_chunks(result),
+                                      markdown: lambda: report.diff_markdown(result, rows)},
+              lambda: report.diff_table(result, rows))
         if not result.passed:
             failed = [line for line in result.summary() if line.startswith("FAILED")]
             _stderr().print(f"[bold red]diff failed[/]: {escape('; '.join(failed))}", soft_wrap=True)
@@ -728,13 +732,9 @@ def eval_command(
         texts = read_texts(text) if text else None
         result = evaluate_models(base, candidate, task=task, texts=texts, max_tokens=max_tokens, batch_size=batch_size,
                           device=device, seed=seed, fail_above=above, fail_below=below)
-        console = _stderr() if "-" in (json_out, markdown) else _stdout()
-        if json_out:
-            _write_text(json_out, report.dumps(result.to_json()), outputs, force)
-        if markdown:
-            _write_text(markdown, report.eval_markdown(result), outputs, force)
-        if not quiet:
-            console.print(report.eval_table(result))
+        _emit(outputs, force, quiet, {json_out: lambda: report.dumps(result.to_json()),
+                                      markdown: lambda: report.eval_markdown(result)},
+              lambda: report.eval_table(result))
         if not result.passed:
             first = result.failures[0]
             _stderr().print(f"[bold red]eval failed[/]: {len(result.failures)} gate(s); first: "

@@ -38,10 +38,18 @@ from wtool.recipe import Step
 from wtool.report import GroupRecord, SkipRecord
 from wtool.stats import error_metrics
 from wtool.tensor import TensorInfo
-from wtool.transforms import Context, Group, GroupTransform
+from wtool.transforms import Context, Group, GroupTransform, Transform
 
 #: Fit inputs up to this many bytes stay in memory; larger ones go to a temporary folder.
 FIT_CACHE_BYTES = 256 << 20
+
+
+def _complete(transform: Transform, group: Group, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`outputs`, once every output the group declared is in it (a missing one is a transform bug)."""
+    missing = {o.name for o in group.outputs} - set(outputs)
+    if missing:
+        raise RuntimeError(f"{transform.name} did not produce {sorted(missing)}")
+    return outputs
 
 
 @dataclass
@@ -106,10 +114,7 @@ class StepRun:
             outputs = transform.apply_group(group, arrays)
         except InputError as exc:
             raise self._refused(exc) from None
-        missing = {o.name for o in group.outputs} - set(outputs)
-        if missing:
-            raise RuntimeError(f"{transform.name} did not produce {sorted(missing)}")  # transform bug
-        return outputs
+        return _complete(transform, group, outputs)
 
     def apply_split(self, group: Group, info: TensorInfo, array: np.ndarray) -> dict[str, np.ndarray]:
         """Run a per-tensor step that stores `info` as several tensors (`Transform.split`)."""
@@ -122,10 +127,7 @@ class StepRun:
             outputs = transform.apply_split(guarded, Context(info, self.state, {}))
         except InputError as exc:
             raise self._refused(exc) from None
-        missing = {o.name for o in group.outputs} - set(outputs)
-        if missing:
-            raise RuntimeError(f"{transform.name} did not produce {sorted(missing)}")  # transform bug
-        return outputs
+        return _complete(transform, group, outputs)
 
     def fit_input(self, info: TensorInfo, array: np.ndarray) -> np.ndarray:
         """`array` as this step's fit sees it: after the `--nonfinite` policy (`skip` members

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from wtool.errors import OutputError, UsageError
-from wtool.io.protect import Inputs
+from wtool.io.protect import Inputs, absolute
 
 #: Inside a folder output: every file wtool wrote there, so `--force` can tell its own files from the user's.
 MANIFEST = ".wtool-files.json"
@@ -57,11 +57,6 @@ _TEMP = re.compile(r"\..+\.wtool-(?:tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]
 _NAME_LIMIT = 255
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
-
-
-def absolute(path: Path) -> Path:
-    """`path` made absolute without resolving links, so that `.` and `..` have a name and a parent."""
-    return Path(os.path.abspath(path))
 
 
 def output_error(path: Path, exc: OSError) -> OutputError:

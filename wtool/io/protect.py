@@ -55,7 +55,7 @@ class Stamp:
         return None
 
 
-def _absolute(path: Path) -> Path:
+def absolute(path: Path) -> Path:
     """`path` made absolute without resolving links: `.` is the working folder, `a/../b` is `b`."""
     return Path(os.path.abspath(path))
 
@@ -97,13 +97,13 @@ class Inputs:
         link) and may not contain one (a folder that is an input's ancestor, by path or by
         identity, which also catches bind mounts).
         """
-        given, real = _absolute(target), Path(os.path.realpath(target))
+        given, real = absolute(target), Path(os.path.realpath(target))
         identities = {key for key in (_identity(target), _identity(target, follow=False)) if key}
         folder_identity: dict[Path, tuple[int, int] | None] = {}
         for stamp in self.stamps.values():
-            if real == stamp.real or given == _absolute(stamp.path) or (stamp.device, stamp.inode) in identities:
+            if real == stamp.real or given == absolute(stamp.path) or (stamp.device, stamp.inode) in identities:
                 return f"is the input {stamp.path}"
-            ancestors = {*_absolute(stamp.path).parents, *stamp.real.parents}
+            ancestors = {*absolute(stamp.path).parents, *stamp.real.parents}
             if given in ancestors or real in ancestors:
                 return f"contains the input {stamp.path}"
             for folder in stamp.real.parents:
