@@ -12,6 +12,7 @@ import json
 import os
 import re
 import struct
+import subprocess
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable
@@ -70,6 +71,18 @@ def every_bit_pattern(code: str) -> np.ndarray:
 #: Bytes that look like a checkpoint (an empty safetensors file, an empty zip): what `--force` may replace.
 OLD_SAFETENSORS = b"\x02\x00\x00\x00\x00\x00\x00\x00{}"
 OLD_NPZ = b"PK\x05\x06" + bytes(18)
+
+
+def stop_midway(process: subprocess.Popen, wait: Callable[[], None], signum: int,
+                timeout: float) -> tuple[str, str]:
+    """Wait (`wait()`) until the run is mid-write, send it `signum`, and return its stdout and
+    stderr; the process is killed whatever happens, so a hung run cannot outlive the test."""
+    try:
+        wait()
+        process.send_signal(signum)
+        return process.communicate(timeout=timeout)
+    finally:
+        process.kill()
 
 
 def write(path: Path, blob: bytes) -> Path:

@@ -39,6 +39,7 @@ from corpus import (  # noqa: F401 (skip_fsync is an autouse fixture)
     same_bits,
     save,
     skip_fsync,
+    stop_midway,
     write,
     zip_bytes,
 )
@@ -547,12 +548,7 @@ def test_signal_mid_write_leaves_nothing(tmp_path, big, signum, code, word, targ
         _existing(out)
     before = tree(tmp_path)
     process = _start(big, out, *(["--force"] if existing else []))
-    try:
-        _wait_for_data(process, tmp_path)
-        process.send_signal(signum)
-        stdout, stderr = process.communicate(timeout=30)
-    finally:
-        process.kill()
+    stdout, stderr = stop_midway(process, lambda: _wait_for_data(process, tmp_path), signum, timeout=30)
     assert process.returncode == code, stderr
     assert stdout == "" and "Traceback" not in stderr
     assert stderr.splitlines() == [f"{word}: no output written"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from corpus import load, save, skip_fsync  # noqa: F401 (skip_fsync is an autouse fixture)
+from corpus import load, save, skip_fsync, stop_midway  # noqa: F401 (skip_fsync is an autouse fixture)
 from typer.testing import CliRunner
 
 import wtool.io.atomic
@@ -598,12 +598,7 @@ WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 def test_every_stopping_signal_removes_the_temporary(big, tmp_path, signum):
     """SIGHUP, SIGUSR1, SIGALRM mid-write left ~220 MB temporaries."""
     process = _start("apply", big, tmp_path / "out.safetensors", "-t", "quantize:bits=4")
-    try:
-        _wait_for_temp(process, tmp_path)
-        process.send_signal(signum)
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
+    stdout, stderr = stop_midway(process, lambda: _wait_for_temp(process, tmp_path), signum, timeout=60)
     assert process.returncode == 128 + signum, stderr
     word = WORDS.get(signum, f"stopped by {signum.name}")
     assert stderr.splitlines() == [f"{word}: no output written"]
@@ -651,13 +646,13 @@ def test_sigterm_with_jobs_does_not_wait_for_tensors_in_flight(small, tmp_path, 
     process = subprocess.Popen([sys.executable, "-c", SLOW_STEP, "apply", str(small), str(out), "-t", "clip:c=0.5",
                                 "--jobs", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "NO_COLOR": "1"})
-    try:
+
+    def in_their_step() -> None:
         _wait_for_temp(process, out.parent, size=0)
         time.sleep(0.5)  # the jobs are in their step
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=30)  # the steps in flight would take 60 s
-    finally:
-        process.kill()
+
+    # the steps in flight would take 60 s
+    stdout, stderr = stop_midway(process, in_their_step, signal.SIGTERM, timeout=30)
     assert process.returncode == 143, stderr
     assert stderr.splitlines() == ["terminated: no output written"]
     assert list(out.parent.iterdir()) == []
