@@ -136,7 +136,8 @@ class SafetensorsReader(Reader):
     truncates kills the reader with SIGBUS, which Python cannot catch, while pread sees a
     short read and says the input changed. Threads may read at once (pread keeps no offset).
     A tensor read again while an array of it is still alive (the report's "before" and the
-    first step's input) is that same read-only array, not a second copy.
+    first step's input) is that same read-only array, not a second copy. A writer handed that
+    very array copies its bytes file to file in the kernel (`write_data`).
     """
 
     format = "safetensors"
@@ -184,7 +185,29 @@ class SafetensorsReader(Reader):
             check_bool_bytes(array, f"{self.file}: tensor {show(info.name)}")
         array.setflags(write=False)  # steps must not change what they were given
         self._alive[info.name] = array
+        _SOURCES[id(array)] = (weakref.ref(array), weakref.ref(self), self._offsets[info.name])
+        weakref.finalize(array, _SOURCES.pop, id(array), None)
         return array
+
+    def copy_into(self, array: np.ndarray, offset: int, handle: BinaryIO) -> int:
+        """Copy the stored bytes of `array` (read by this reader from `offset`) to the end of
+        `handle` with copy_file_range, kernel to kernel; returns how many bytes were copied,
+        which is fewer than all (0 included) when the kernel cannot or the file changed."""
+        if self._handle is None or not hasattr(os, "copy_file_range"):
+            return 0
+        source, target = self._handle.fileno(), handle.fileno()
+        handle.flush()
+        start, done = handle.tell(), 0
+        try:
+            while done < array.nbytes:
+                count = os.copy_file_range(source, target, array.nbytes - done, offset + done, start + done)
+                if count == 0:
+                    break
+                done += count
+        except OSError:
+            pass
+        handle.seek(start + done)
+        return done
 
     def close(self) -> None:
         """Close the file; arrays already returned stay valid."""
@@ -221,10 +244,45 @@ def check_header_size(path: Path, tensors: Sequence[TensorInfo], metadata: Mappi
     return header
 
 
+#: Arrays a SafetensorsReader returned, by id: (the array, the reader, the offset of its bytes).
+_SOURCES: dict[int, tuple[weakref.ref[np.ndarray], weakref.ref[SafetensorsReader], int]] = {}
+
+
+def _source(array: np.ndarray) -> tuple[SafetensorsReader, int] | None:
+    """The reader and file offset of `array`'s bytes, when it is (a whole, contiguous view of)
+    an array a SafetensorsReader returned, and that reader is still alive."""
+    if not array.flags.c_contiguous:
+        return None
+    for candidate in (array, array.base):
+        entry = _SOURCES.get(id(candidate))
+        if entry is None or entry[0]() is not candidate:
+            continue
+        assert candidate is not None
+        if candidate.nbytes != array.nbytes or \
+                candidate.__array_interface__["data"][0] != array.__array_interface__["data"][0]:
+            return None
+        reader = entry[1]()
+        return None if reader is None else (reader, entry[2])
+    return None
+
+
 def write_data(handle: BinaryIO, array: np.ndarray) -> None:
-    """Write a C-contiguous little-endian array's bytes without copying it."""
-    if array.size:
-        handle.write(memoryview(array.reshape(-1).view(np.uint8)))
+    """Write a C-contiguous little-endian array's bytes without copying it.
+
+    An array exactly as a SafetensorsReader returned it (read-only, so its bytes are still
+    the file's) is copied from the input file in the kernel, as `cp` does, without passing
+    through this process; whatever the kernel does not copy is written from memory, so the
+    output bytes are the array's either way.
+    """
+    if not array.size:
+        return
+    done = 0
+    found = _source(array)
+    if found is not None:
+        reader, offset = found
+        done = reader.copy_into(array, offset, handle)
+    if done < array.nbytes:
+        handle.write(memoryview(array.reshape(-1).view(np.uint8))[done:])
 
 
 def check_with_reference(target: Path, written: Path, tensors: Sequence[TensorInfo],
