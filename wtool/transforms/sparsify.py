@@ -15,6 +15,7 @@ import numpy as np
 
 from wtool.errors import UsageError
 from wtool.tensor import TensorInfo
+from wtool.transforms._recycle import empty_like
 from wtool.transforms.base import Context, Transform, param
 
 DIGIT = 16  # bits resolved per pass of the global radix select
@@ -205,7 +206,7 @@ def _keep_at_least(array: np.ndarray, threshold: float) -> np.ndarray:
     the mask stays in cache; several times faster than np.where or a masked copy."""
     bits = np.dtype(f"u{array.dtype.itemsize}")
     flat = np.ascontiguousarray(array).reshape(-1)
-    out = np.empty_like(flat)
+    out = empty_like(flat)
     mask = np.empty(min(flat.size, CHUNK), bits)
     for start in range(0, flat.size, CHUNK):
         part, target = flat[start:start + CHUNK], out[start:start + CHUNK]

@@ -1,0 +1,63 @@
+"""Recycled output buffers (wtool.transforms._recycle): reused only when nothing holds them."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from wtool.transforms import Context, Transform, _recycle
+
+BIG = np.zeros((1024, 1024), np.float32)  # 4 MiB: above _recycle.SMALL
+
+
+@pytest.fixture(autouse=True)
+def fresh_pool():
+    _recycle._local.__dict__.pop("pool", None)
+    yield
+    _recycle._local.__dict__.pop("pool", None)
+
+
+def test_a_dead_output_is_reused():
+    address = _recycle.empty_like(BIG).ctypes.data
+    again = _recycle.empty_like(BIG)
+    assert again.ctypes.data == address and again.shape == BIG.shape and again.dtype == BIG.dtype
+
+
+@pytest.mark.parametrize("hold", [lambda a: a, lambda a: a[3:], lambda a: a.reshape(-1).view(np.uint8),
+                                  lambda a: memoryview(a), lambda a: [a.T]],
+                         ids=["array", "slice", "view", "memoryview", "list"])
+def test_an_output_anything_still_holds_is_not_reused(hold):
+    first = _recycle.empty_like(BIG)
+    address, held = first.ctypes.data, hold(first)
+    del first
+    assert _recycle.empty_like(BIG).ctypes.data != address
+    del held
+    assert _recycle.empty_like(BIG).ctypes.data == address
+
+
+@pytest.mark.parametrize("spec", ["clip:c=0.5", "decay:lr=0.1,wd=0.5", "sparsify:threshold=0.3"])
+def test_a_kept_result_survives_the_next_call(spec):
+    name, _, options = spec.partition(":")
+    transform = Transform.create(name, dict(item.split("=") for item in options.split(",")))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(1024, 512)).astype(np.float32), rng.normal(size=(1024, 512)).astype(np.float32)
+    first = transform.apply(x, Context.of(x))
+    expected = first.copy()
+    second = transform.apply(y, Context.of(y))
+    assert np.array_equal(first, expected) and not np.shares_memory(first, second)
+    del first
+    third = transform.apply(x, Context.of(x))
+    assert np.array_equal(third, expected)
+
+
+def test_small_outputs_and_other_threads_get_their_own_arrays():
+    small = np.zeros(10, np.float32)
+    assert _recycle.empty_like(small).base is None
+    mine = _recycle.empty_like(BIG).ctypes.data
+    theirs = []
+    thread = threading.Thread(target=lambda: theirs.append(_recycle.empty_like(BIG)))
+    thread.start()
+    thread.join()
+    assert theirs[0].ctypes.data != mine
