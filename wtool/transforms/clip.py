@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wtool.buffers import empty_like
 from wtool.errors import UsageError
-from wtool.transforms._recycle import empty_like
 from wtool.transforms.base import Context, Transform, param
 
 

@@ -18,8 +18,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from wtool.buffers import empty_like
 from wtool.errors import InputError, UsageError
-from wtool.transforms._recycle import empty_like
 from wtool.transforms.base import Context, Transform, param
 
 

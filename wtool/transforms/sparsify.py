@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wtool.buffers import empty_like
 from wtool.errors import UsageError
 from wtool.tensor import TensorInfo
-from wtool.transforms._recycle import empty_like
 from wtool.transforms.base import Context, Transform, param
 
 DIGIT = 16  # bits resolved per pass of the global radix select

@@ -1,4 +1,4 @@
-"""Recycled output buffers (wtool.transforms._recycle): reused only when nothing holds them."""
+"""Recycled buffers (wtool.buffers): reused only when nothing holds them."""
 
 from __future__ import annotations
 
@@ -7,16 +7,17 @@ import threading
 import numpy as np
 import pytest
 
-from wtool.transforms import Context, Transform, _recycle
+from wtool import buffers as _recycle
+from wtool.transforms import Context, Transform
 
 BIG = np.zeros((1024, 1024), np.float32)  # 4 MiB: above _recycle.SMALL
 
 
 @pytest.fixture(autouse=True)
 def fresh_pool():
-    _recycle._local.__dict__.pop("pool", None)
+    _recycle._local.__dict__.pop("pools", None)
     yield
-    _recycle._local.__dict__.pop("pool", None)
+    _recycle._local.__dict__.pop("pools", None)
 
 
 def test_a_dead_output_is_reused():
@@ -61,3 +62,14 @@ def test_small_outputs_and_other_threads_get_their_own_arrays():
     thread.start()
     thread.join()
     assert theirs[0].ctypes.data != mine
+
+
+def test_a_larger_array_replaces_an_unused_smaller_buffer_and_roles_are_apart():
+    small = _recycle.empty((1 << 19,), np.float32, "output").ctypes.data
+    large = _recycle.empty((1 << 20,), np.float32, "output")
+    address = large.ctypes.data
+    del large
+    assert _recycle.empty((1 << 19,), np.float32, "output").ctypes.data == address != small
+    held = _recycle.empty((1 << 20,), np.float32, "output")
+    assert _recycle.empty((1 << 20,), np.float32, "read").ctypes.data != held.ctypes.data
+    assert len(_recycle._local.pools["output"]) == _recycle.KEEP
