@@ -157,3 +157,16 @@ def test_energy_figures_of_float32_and_float64_weights_agree():
     out = Transform.create("sparsify", {"threshold": "0.5"}).apply(w, Context.of(w))
     narrow, wide = energy_figures(w, out), energy_figures(w.astype(np.float64), out.astype(np.float64))
     assert narrow == wide and 0 < narrow["energy_kept"] < 1 and 0.6 < narrow["knee"] < 0.75
+
+
+@pytest.mark.parametrize("size", [5, 1 << 17, (1 << 17) + 3])
+def test_threshold_figures_taken_with_the_zeros_are_the_separate_ones(monkeypatch, size):
+    from wtool.transforms import sparsify
+
+    monkeypatch.setattr(sparsify, "CHUNK", 1 << 12)
+    w = np.random.default_rng(size).normal(size=size).astype(np.float32)
+    w[::7] = 0.0
+    ctx = Context.of(w)
+    out = Transform.create("sparsify", {"threshold": "0.4"}).apply(w, ctx)
+    assert ctx.extras == sparsify.energy_figures(w, out)
+    assert 0 < ctx.extras["energy_kept"] < 1
