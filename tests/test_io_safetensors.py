@@ -483,3 +483,28 @@ def test_other_arrays_are_written_from_memory(tmp_path, monkeypatch):
     assert not calls
     written, _ = load(tmp_path / "out.safetensors")
     assert same_bits(written["a"], load(source)[0]["a"] + 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise")
+@pytest.mark.parametrize("refuse", [False, True])
+def test_large_tensors_are_sent_to_the_disk_as_they_are_written(tmp_path, monkeypatch, refuse):
+    import wtool.io.safetensors as module
+
+    monkeypatch.setattr(module, "WRITEBACK", 4096)
+    monkeypatch.setattr(module, "WRITEBACK_WINDOW", 8192)
+    hints = []
+
+    def posix_fadvise(descriptor, offset, length, advice):
+        hints.append((offset, length, advice))
+        if refuse:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+    monkeypatch.setattr(os, "posix_fadvise", posix_fadvise)
+    arrays = {"small": sample("F32", (10,), seed=1), "a": sample("F32", (64, 64), seed=2),
+              "b": sample("BF16", (64, 64), seed=3), "c": sample("F32", (64, 64), seed=4)}
+    save(tmp_path / "out.safetensors", arrays)
+    header = struct.unpack("<Q", (tmp_path / "out.safetensors").read_bytes()[:8])[0] + 8
+    ends = [header + 40 + 16384, header + 40 + 16384 + 8192, header + 40 + 16384 + 8192 + 16384]
+    assert hints == [(max(0, end - size - 8192), min(end, size + 8192), os.POSIX_FADV_DONTNEED)
+                     for end, size in zip(ends, (16384, 8192, 16384))]
+    written, _ = load(tmp_path / "out.safetensors")
+    assert all(same_bits(written[name], array) for name, array in arrays.items())
