@@ -82,15 +82,16 @@ class RegexRefused(ValueError):
         return cls(f"uses {construct}, which no linear-time matcher supports")
 
 
-class _State:
-    """One DFA state: the NFA threads before their zero-width edges, and what the last character was."""
+class _State(dict):
+    """One DFA state: the NFA threads before their zero-width edges and what the last character
+    was; as a dict, its known transitions (character -> state), one lookup per character."""
 
-    __slots__ = ("threads", "context", "next", "accepts")
+    __slots__ = ("threads", "context", "accepts")
 
     def __init__(self, threads: frozenset[tuple[int, int]], context: int) -> None:
+        super().__init__()
         self.threads = threads
         self.context = context
-        self.next: dict[str, _State] = {}
         self.accepts: bool | None = None
 
 
@@ -128,7 +129,7 @@ class LinearRegex:
         """True when the whole of `name` matches."""
         state, dead = self._start, self._dead
         for char in name:
-            following = state.next.get(char)
+            following = state.get(char)
             state = self._step(state, char) if following is None else following
             if state is dead:
                 return False
@@ -210,7 +211,7 @@ class LinearRegex:
         return state
 
     def _step(self, state: _State, char: str) -> _State:
-        """The state after `char`, computed once and remembered in `state.next`."""
+        """The state after `char`, computed once and remembered in `state`."""
         if len(self._cache) >= self.max_states:
             self.flushes += 1
             self._flush()
@@ -222,7 +223,7 @@ class LinearRegex:
         if self._has_anchors:
             context = ((_AFTER_NEWLINE if char == "\n" else 0) | (_AFTER_WORD if _is_word(char) else 0)
                        | (_AFTER_ASCII_WORD if _is_ascii_word(char) else 0))
-        following = state.next[char] = self._intern(frozenset(threads), context)
+        following = state[char] = self._intern(frozenset(threads), context)
         return following
 
     def _closure(self, state: _State, char: str | None) -> list[tuple[int, int]]:
