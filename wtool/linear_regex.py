@@ -35,12 +35,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-try:
-    from re import _compiler as sre_compile, _constants as sre_constants, _parser as sre_parse
-except ImportError:  # Python < 3.11
-    import sre_compile  # type: ignore[no-redef]
-    import sre_constants  # type: ignore[no-redef]
-    import sre_parse  # type: ignore[no-redef]
+# re's own parser and compiler (Python >= 3.11, as pyproject requires; before, sre_parse & co.)
+from re import _compiler as sre_compile, _constants as sre_constants, _parser as sre_parse
 
 __all__ = ["LinearRegex", "RegexRefused", "MAX_NODES"]
 
@@ -65,7 +61,7 @@ _CHAR, _SPLIT, _ASSERT, _MATCH = range(4)
 _AT_START, _AFTER_NEWLINE, _AFTER_WORD, _AFTER_ASCII_WORD = 1, 2, 4, 8
 _is_word = re.compile(r"\w").fullmatch
 _is_ascii_word = re.compile(r"\w", re.ASCII).fullmatch
-# Python < 3.14: \B never matches in an empty string; 3.14 changed that
+# whether \B matches in an empty string differs between Python versions: ask this one
 _NON_BOUNDARY_IN_EMPTY = re.fullmatch(r"\B", "") is not None
 
 # A thread's promise about the rest of the name, made by a `$` that matched before a "\n":
@@ -79,7 +75,7 @@ class RegexRefused(ValueError):
 
     @classmethod
     def construct(cls, construct: str) -> RegexRefused:
-        return cls(f"uses {construct}, which no linear-time matcher supports")
+        return cls(f"uses {construct}, which linear-time matching (as in RE2) does not support")
 
 
 class _State(dict):
@@ -105,7 +101,7 @@ class LinearRegex:
     >>> LinearRegex(r"(\\w+)\\1")
     Traceback (most recent call last):
     ...
-    wtool.linear_regex.RegexRefused: uses a backreference (\\1, (?P=name)), which no linear-time matcher supports
+    wtool.linear_regex.RegexRefused: uses a backreference (\\1, (?P=name)), which linear-time matching (as in RE2) does not support
     """
 
     def __init__(self, pattern: str, *, max_states: int = 10_000) -> None:
@@ -162,7 +158,9 @@ class LinearRegex:
             return self._node(_CHAR, self._test(op, value, flags), [out])
         if op is _C.SUBPATTERN:
             _, add_flags, del_flags, body = value  # type: ignore[misc]
-            return self._sequence(body.data, sre_compile._combine_flags(flags, add_flags, del_flags), out)
+            if add_flags & sre_parse.TYPE_FLAGS:  # (?a:...) inside a Unicode pattern, as re does it
+                flags &= ~sre_parse.TYPE_FLAGS
+            return self._sequence(body.data, (flags | add_flags) & ~del_flags, out)
         if op is _C.BRANCH:
             return self._node(_SPLIT, None, [self._sequence(alt.data, flags, out) for alt in value[1]])  # type: ignore[index]
         if op in (_C.MAX_REPEAT, _C.MIN_REPEAT):  # greedy or lazy: the same set of matches
