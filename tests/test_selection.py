@@ -173,3 +173,19 @@ def test_constructs_without_a_linear_time_meaning_are_refused(tmp_path, pattern,
     assert construct in result.output
     with pytest.raises(UsageError, match=re.escape(construct)):
         Pattern("re:" + pattern).validate()
+
+
+def test_a_warm_selector_pickles_as_its_patterns():
+    """Batch workers receive pipelines by pickle: the DFA is rebuilt there, not copied (a long
+    chain of states would overflow pickle's recursion)."""
+    import pickle
+
+    selector = Selector(("re:.*(a+)+b", r"re:model\.layers\.\d+\..*"), ("re:.*bias",))
+    names = [*NAMES, "a" * 3000 + "b", "a" * 3000]
+    before = [selector.admits(n) for n in names]
+    engine = LinearRegex(".*(a+)+b", max_states=7)
+    engine.fullmatch("a" * 3000)
+    copy = pickle.loads(pickle.dumps(engine))
+    assert (copy.pattern, copy.max_states, len(copy._cache)) == (".*(a+)+b", 7, 1)
+    assert [pickle.loads(pickle.dumps(selector)).admits(n) for n in names] == before == [
+        True, False, False, False, True, False]

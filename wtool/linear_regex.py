@@ -137,6 +137,10 @@ class LinearRegex:
     def __repr__(self) -> str:
         return f"LinearRegex({self.pattern!r})"
 
+    def __reduce__(self) -> tuple[object, tuple[str, int]]:
+        """Pickled as its pattern (batch workers get pipelines by pickle): the DFA is rebuilt there."""
+        return _rebuilt, (self.pattern, self.max_states)
+
     # --- building the NFA -------------------------------------------------------------------
 
     def _node(self, kind: int, arg: object, outs: list[int]) -> int:
@@ -244,6 +248,10 @@ class LinearRegex:
                     seen.add((out, promise))
                     stack.append((out, promise))
         return found
+
+
+def _rebuilt(pattern: str, max_states: int) -> LinearRegex:
+    return LinearRegex(pattern, max_states=max_states)
 
 
 def _anchor(code: object, flags: int) -> object:
