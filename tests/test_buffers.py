@@ -15,9 +15,9 @@ BIG = np.zeros((1024, 1024), np.float32)  # 4 MiB: above _recycle.SMALL
 
 @pytest.fixture(autouse=True)
 def fresh_pool():
-    _recycle._local.__dict__.pop("pools", None)
+    _recycle._pools.clear()
     yield
-    _recycle._local.__dict__.pop("pools", None)
+    _recycle._pools.clear()
 
 
 def test_a_dead_output_is_reused():
@@ -53,23 +53,30 @@ def test_a_kept_result_survives_the_next_call(spec):
     assert np.array_equal(third, expected)
 
 
-def test_small_outputs_and_other_threads_get_their_own_arrays():
+def test_small_arrays_are_plain_and_threads_share_buffers_but_never_one_at_once():
     small = np.zeros(10, np.float32)
     assert _recycle.empty_like(small).base is None
-    mine = _recycle.empty_like(BIG).ctypes.data
+    mine = _recycle.empty_like(BIG)
     theirs = []
     thread = threading.Thread(target=lambda: theirs.append(_recycle.empty_like(BIG)))
     thread.start()
     thread.join()
-    assert theirs[0].ctypes.data != mine
+    assert theirs[0].ctypes.data != mine.ctypes.data  # both alive: two buffers
+    address = theirs.pop().ctypes.data  # the thread's array dies: its buffer is free for anyone
+    assert _recycle.empty_like(BIG).ctypes.data == address
 
 
 def test_a_larger_array_replaces_an_unused_smaller_buffer_and_roles_are_apart():
-    small = _recycle.empty((1 << 19,), np.float32, "output").ctypes.data
+    smalls = [_recycle.empty((1 << 19,), np.float32, "output") for _ in range(_recycle.KEEP)]
+    del smalls  # the pool is full of unused small buffers
     large = _recycle.empty((1 << 20,), np.float32, "output")
     address = large.ctypes.data
     del large
-    assert _recycle.empty((1 << 19,), np.float32, "output").ctypes.data == address != small
+    sizes = sorted(buffer.nbytes for buffer in _recycle._pools["output"])
+    assert len(sizes) == _recycle.KEEP and sizes[-1] == 4 << 20
     held = _recycle.empty((1 << 20,), np.float32, "output")
+    assert held.ctypes.data == address
     assert _recycle.empty((1 << 20,), np.float32, "read").ctypes.data != held.ctypes.data
-    assert len(_recycle._local.pools["output"]) == _recycle.KEEP
+    others = [_recycle.empty((1 << 20,), np.float32, "output") for _ in range(_recycle.KEEP + 1)]
+    assert len(_recycle._pools["output"]) == _recycle.KEEP
+    assert len({a.ctypes.data for a in [held, *others]}) == _recycle.KEEP + 2
