@@ -54,16 +54,20 @@ def test_a_kept_result_survives_the_next_call(spec):
 
 
 def test_small_arrays_are_plain_and_threads_share_buffers_but_never_one_at_once():
-    small = np.zeros(10, np.float32)
-    assert _recycle.empty_like(small).base is None
-    mine = _recycle.empty_like(BIG)
+    assert _recycle.empty_like(np.zeros(10, np.float32)).base is None
     theirs = []
-    thread = threading.Thread(target=lambda: theirs.append(_recycle.empty_like(BIG)))
+
+    def work():
+        theirs.append(_recycle.empty_like(BIG).ctypes.data)  # its array dies in the thread
+        theirs.append(_recycle.empty_like(BIG))  # and this one it hands over, alive
+    thread = threading.Thread(target=work)
     thread.start()
     thread.join()
-    assert theirs[0].ctypes.data != mine.ctypes.data  # both alive: two buffers
-    address = theirs.pop().ctypes.data  # the thread's array dies: its buffer is free for anyone
-    assert _recycle.empty_like(BIG).ctypes.data == address
+    address, alive = theirs
+    assert alive.ctypes.data == address  # the thread reused its own dead array's buffer
+    assert _recycle.empty_like(BIG).ctypes.data != address  # held by `alive`: not taken again
+    del alive, theirs[:]
+    assert _recycle.empty_like(BIG).ctypes.data == address  # free now, for this thread too
 
 
 def test_a_larger_array_replaces_an_unused_smaller_buffer_and_roles_are_apart():
