@@ -34,15 +34,12 @@ from typing import Any, Protocol
 
 from wtool import __version__
 from wtool.errors import UsageError, WtoolError
-from wtool.io import open_checkpoint
+from wtool.io import checkpoint_file, open_checkpoint
 from wtool.io.atomic import as_output_error
 from wtool.io.sharded import INDEX_NAME
 from wtool.pipeline import Pipeline, Progress, run
 from wtool.report import BatchItem, BatchReport
 from wtool.tensor import TensorInfo
-
-CHECKPOINT_SUFFIXES = (".safetensors", ".npz")
-
 
 # ------------------------------------------------------------------ the unit of work
 
@@ -337,7 +334,7 @@ def _checkpoints_in(folder: Path) -> list[Path]:
                 found.append(path)
             elif not path.is_symlink():
                 found.extend(_checkpoints_in(path))
-        elif path.name.lower().endswith(CHECKPOINT_SUFFIXES):
+        elif checkpoint_file(path):
             found.append(path)
     return found
 

@@ -36,7 +36,7 @@ from typer.core import TyperGroup
 
 from wtool import __version__, analyze, batch, pipeline, report
 from wtool.errors import UsageError, WtoolError
-from wtool.io import Inputs, atomic, is_folder_output, parse_size
+from wtool.io import Inputs, atomic, is_folder_output, parse_size, protect
 from wtool.new import new_checkpoint
 from wtool.selection import Selector
 from wtool.tensor import TensorInfo
@@ -357,7 +357,7 @@ def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: boo
         atomic.check_target(Path(target), force, "report")
         outputs.files[target] = atomic.absolute(Path(target))
     if inputs and outputs.todo:
-        outputs.inputs = pipeline.protect(inputs)
+        outputs.inputs = protect(inputs)
         for shown, target in outputs.files.items():
             outputs.inputs.refuse(target, "report", shown)
     return outputs.files
@@ -471,7 +471,7 @@ def apply(
         if markdown:
             _write_text(markdown, report.apply_markdown(result, rows), outputs, force)
         if html:
-            _write_text(html, report.apply_html(result), outputs, force)
+            _write_text(html, report.html_chunks(result), outputs, force)
         if dry_run:
             _print_plan(result, console)
         elif not quiet:

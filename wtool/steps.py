@@ -164,7 +164,7 @@ class StepRun:
 
 # ------------------------------------------------------------------ chains
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Source:
     """A chain that starts at a tensor of the input checkpoint."""
 
@@ -175,7 +175,7 @@ class Source:
         return self.reader.read(self.info.name)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class GroupOutput:
     """A chain that starts at one output of a group step; `history` is the chain whose steps
     the report lists before the group's (the input of the same name, else the first input)."""
