@@ -50,7 +50,7 @@ class _Group(TyperGroup):
     """Click's own errors (a missing option value, `-j 0`, a missing recipe file) in wtool's
     one-line format, exit 2; and standard streams that are safe to write to."""
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+    def main(self, *args: Any, **kwargs: Any) -> Any:
         _prepare_streams()
         kwargs["standalone_mode"] = False
         try:
@@ -144,9 +144,9 @@ def _prepare_streams() -> None:
                 os.close(descriptor)
             if number == 1:
                 _STDOUT_CLOSED = True
-                sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+                sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
             elif number == 2:
-                sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+                sys.stderr = open(2, "w", encoding="utf-8", closefd=False)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="replace")

@@ -68,6 +68,9 @@ class Records:
     """
 
     def __init__(self, records: Iterable[TensorRecord] = ()) -> None:
+        self._fill(records)
+
+    def _fill(self, records: Iterable[TensorRecord]) -> None:
         self._file: IO[bytes] | None = None
         self._offsets = array("q")
         self._unchanged = array("b")
@@ -132,7 +135,7 @@ class Records:
         return list(self)
 
     def __setstate__(self, records: list[TensorRecord]) -> None:
-        self.__init__(records)  # type: ignore[misc]
+        self._fill(records)
 
 
 @dataclass

@@ -201,7 +201,7 @@ def quiet_nan(function: F) -> F:
         with np.errstate(invalid="ignore"):
             return function(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def _chunks(size: int) -> range:
