@@ -2,7 +2,8 @@
 
 `materialise` evaluates a planned chain (`wtool.steps.Chain`), casts the result back to the
 tensor's storage dtype (refusing values that overflow it) and measures it against the input
-tensor of the same name, in one pass over the pair where the shapes agree (`stats.compare`).
+tensor of the same name, in one pass over the pair where the shapes agree (`stats.compare`);
+`materialise_in_order` does so for every output tensor, `jobs` of them at once.
 
 >>> import numpy as np
 >>> from wtool.tensor import TensorInfo
@@ -14,6 +15,11 @@ saturate=true or clip first
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -70,6 +76,49 @@ def materialise(reader: Reader, node: Chain, *, stats: bool = True) -> tuple[np.
     return stored, TensorRecord(info.name, info.dtype, list(info.shape), node.ops(), changed,
                                 before_stats, after_stats, error, extras,
                                 dtype_before=source.dtype if source else None, histogram=histograms, **sizes)
+
+
+def materialise_in_order(reader: Reader, nodes: Sequence[Chain],
+                       jobs: int, stats: bool) -> Iterator[tuple[Chain, tuple[np.ndarray, TensorRecord]]]:
+    """Materialise the output tensors in order, up to `jobs` of them at once in threads
+    (numpy releases the GIL in its kernels); memory grows with `jobs`. One job computes in
+    the calling thread: overlapping the next tensor with the writing would double its memory.
+
+    The threads are daemons and nothing waits for them when the run stops early: Ctrl-C or
+    SIGTERM takes effect at once, not after every tensor in flight.
+    """
+    work = partial(materialise, reader, stats=stats)
+    if jobs <= 1:
+        for node in nodes:
+            yield node, work(node)
+        return
+    pending: deque[tuple[Chain, Future]] = deque()
+    upcoming = iter(nodes)
+    for node in upcoming:
+        pending.append((node, _in_thread(work, node)))
+        if len(pending) >= jobs:
+            break
+    while pending:
+        node, future = pending.popleft()
+        yield node, future.result()
+        del future  # the written tensor is freed before the next one starts: `jobs` tensors at most
+        following = next(upcoming, None)
+        if following is not None:
+            pending.append((following, _in_thread(work, following)))
+
+
+def _in_thread(function: Callable[..., Any], *args: Any) -> Future:
+    """Run `function(*args)` in a new daemon thread; its result or exception arrives in the future."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="wtool-job", daemon=True).start()
+    return future
 
 
 def planned_record(reader: Reader, node: Chain) -> TensorRecord:

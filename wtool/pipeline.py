@@ -15,27 +15,22 @@ True
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 
 from wtool.compressed import QUANTIZATION_CONFIG, DecompressedReader, Scheme, find_layouts, quantization_config
 from wtool.dtypes import by_user_name
 from wtool.errors import UsageError
 from wtool.io import Reader, check_target, create_writer, is_folder_output, open_checkpoint, output_format, \
     protect_readers
-from wtool.materialise import materialise, planned_record
+from wtool.materialise import materialise_in_order, planned_record
 from wtool.outputs import model_files_for, output_metadata
 from wtool.recipe import Pipeline, Step
-from wtool.report import GroupRecord, Records, Report, SkipRecord, TensorRecord
+from wtool.report import GroupRecord, Records, Report, SkipRecord
 from wtool.selection import no_match_hint
 from wtool.steps import Chain, Source, StepPlan, StepRun, fit_step, plan_step
 from wtool.tally import assemble
@@ -215,7 +210,7 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
                     step.run.measure = stats
                 if progress:
                     progress.start(len(infos), sum(i.nbytes for i in infos))
-                for node, (array, record) in _evaluate_in_order(reader, the_plan.chains, jobs, stats):
+                for node, (array, record) in materialise_in_order(reader, the_plan.chains, jobs, stats):
                     writer.write(node.info.name, array)
                     records.append(record)
                     del array
@@ -225,49 +220,6 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
                             model_files=copied)
         finally:
             the_plan.close()
-
-
-def _evaluate_in_order(reader: Reader, nodes: Sequence[Chain],
-                       jobs: int, stats: bool) -> Iterator[tuple[Chain, tuple[np.ndarray, TensorRecord]]]:
-    """Materialise the output tensors in order, up to `jobs` of them at once in threads
-    (numpy releases the GIL in its kernels); memory grows with `jobs`. One job computes in
-    the calling thread: overlapping the next tensor with the writing would double its memory.
-
-    The threads are daemons and nothing waits for them when the run stops early: Ctrl-C or
-    SIGTERM takes effect at once, not after every tensor in flight.
-    """
-    work = partial(materialise, reader, stats=stats)
-    if jobs <= 1:
-        for node in nodes:
-            yield node, work(node)
-        return
-    pending: deque[tuple[Chain, Future]] = deque()
-    upcoming = iter(nodes)
-    for node in upcoming:
-        pending.append((node, _in_thread(work, node)))
-        if len(pending) >= jobs:
-            break
-    while pending:
-        node, future = pending.popleft()
-        yield node, future.result()
-        del future  # the written tensor is freed before the next one starts: `jobs` tensors at most
-        following = next(upcoming, None)
-        if following is not None:
-            pending.append((following, _in_thread(work, following)))
-
-
-def _in_thread(function: Callable[..., Any], *args: Any) -> Future:
-    """Run `function(*args)` in a new daemon thread; its result or exception arrives in the future."""
-    future: Future = Future()
-
-    def work() -> None:
-        try:
-            future.set_result(function(*args))
-        except BaseException as exc:  # handed to the waiting thread, which raises it
-            future.set_exception(exc)
-
-    threading.Thread(target=work, name="wtool-job", daemon=True).start()
-    return future
 
 
 def _refuse_requantizing(pipeline: Pipeline, reader: Reader) -> None:
