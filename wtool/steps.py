@@ -75,8 +75,9 @@ class StepRun:
             reader.close()
 
     def output_info(self, info: TensorInfo) -> TensorInfo:
-        """`info` after this step (only the dtype may change)."""
-        return TensorInfo(info.name, self.step.transform.output_dtype(info.dtype), info.shape)
+        """`info` after this step (only the dtype may change; the same object when it does not)."""
+        dtype = self.step.transform.output_dtype(info.dtype)
+        return info if dtype == info.dtype else TensorInfo(info.name, dtype, info.shape)
 
     def apply(self, info: TensorInfo, array: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """Run this per-tensor step on `array`, the value of `info` in compute dtype.
