@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from wtool.compressed import QUANTIZATION_CONFIG, DecompressedReader, config_json, without_quantization_config
+from wtool.config_dtype import cast_notes, declared_dtype, with_dtype
 from wtool.errors import UsageError
 from wtool.io import Reader, is_folder_output, model_files, model_folder
 from wtool.io.base import MAX_HEADER_BYTES
@@ -31,14 +32,12 @@ def model_files_for(reader: Reader, output: str | Path, pipeline: Pipeline, note
     has it removed) and, with `update_config`, the dtype of the last cast."""
     folder = model_folder(Path(reader.path))
     casts = [s.transform.params.dtype for s in pipeline.steps if s.op == "cast"]
-    if casts and casts[-1].startswith("float8"):
-        notes.append(f"transformers' from_pretrained with its default dtype fails on {casts[-1]} weights; "
-                     f"load with an explicit torch_dtype (--update-config records {casts[-1]} in config.json)")
     travels = copy and folder is not None and is_folder_output(output)
     if update_config and not (travels and casts and folder is not None and (folder / "config.json").is_file()):
         raise UsageError("--update-config needs a cast step, a model folder with config.json as input and a "
                          "folder output (without --no-model-files)")
     if not travels or folder is None:
+        notes.extend(cast_notes(casts[-1], None, update_config=False) if casts else [])
         return {}, []
     found = model_files(folder, skip=[*reader.files, Path(output)])
     extra: dict[str, Path | bytes] = {name: folder / name for name in found.copied}
@@ -47,7 +46,7 @@ def model_files_for(reader: Reader, output: str | Path, pipeline: Pipeline, note
     if found.left:
         notes.append(f"left behind (weights in another format, or not a regular file): {', '.join(found.left)}")
     config = reader.config() or {}
-    declared = config.get("torch_dtype") or config.get("dtype")
+    declared = declared_dtype(config)
     rewritten = False
     if "config.json" in extra and (qconfig is not None or isinstance(reader, DecompressedReader)):
         config = without_quantization_config(config)
@@ -56,14 +55,10 @@ def model_files_for(reader: Reader, output: str | Path, pipeline: Pipeline, note
         notes.append(f"config.json: {QUANTIZATION_CONFIG} {'written' if qconfig is not None else 'removed'}")
         rewritten = True
     if update_config:
-        for key in ("torch_dtype", "dtype"):
-            if key in config or key == "torch_dtype":
-                config[key] = casts[-1]
-        notes.append(f"config.json: torch_dtype set to {casts[-1]} (--update-config)")
+        config = with_dtype(config, casts[-1])
         rewritten = True
-    elif casts and declared and declared != casts[-1]:
-        notes.append(f"config.json declares dtype {declared} but tensors were cast to {casts[-1]}; "
-                     "pass --update-config to record the new dtype")
+    if casts:
+        notes.extend(cast_notes(casts[-1], declared, update_config=update_config))
     if rewritten:
         extra["config.json"] = config_json(config)
     return extra, found.copied
