@@ -21,6 +21,7 @@ import tempfile
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from itertools import islice
 from typing import IO, Any
 
 import numpy as np
@@ -116,11 +117,7 @@ class Records:
 
     def worst(self, limit: int = SHOW_ROWS) -> tuple[list[TensorRecord], int]:
         """The first `limit` records of `ranked`, and how many did not fit."""
-        shown = []
-        for record in self.ranked():
-            if len(shown) == limit:
-                break
-            shown.append(record)
+        shown = list(islice(self.ranked(), limit))
         return shown, len(self) - len(shown)
 
     def close(self) -> None:
