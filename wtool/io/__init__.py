@@ -40,7 +40,7 @@ from wtool.tensor import TensorInfo
 
 __all__ = ["FORMATS", "Format", "Inputs", "Reader", "Writer", "WriterMisuse", "open_checkpoint", "create_writer",
            "is_folder_output", "check_target", "ModelFiles", "model_files", "model_folder", "output_format",
-           "parse_size", "protect", "protect_readers", "checkpoint_file", "sniff"]
+           "parse_size", "protect", "protect_readers", "checkpoint_file", "is_checkpoint_folder", "sniff"]
 
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 #: A name ending like this is meant as a file, never as a folder (`.5-7B` in `Qwen2.5-7B` is not).
@@ -108,6 +108,13 @@ FORMATS = (SAFETENSORS, NPZ, INDEX)
 def _by_suffix(path: Path) -> Format | None:
     name = path.name.lower()
     return next((fmt for fmt in FORMATS if name.endswith(fmt.suffix)), None)
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """A Hugging Face model folder: sharded (an index) or a single `model.safetensors` (a folder
+    that only holds some `*.safetensors` files opens too, but is not one: batch looks inside it)."""
+    return (path / INDEX_NAME).is_file() or (path / "model.safetensors").is_file() or \
+        any(path.glob("*.safetensors.index.json"))
 
 
 def checkpoint_file(path: str | os.PathLike[str]) -> bool:
