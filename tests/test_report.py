@@ -232,3 +232,17 @@ def test_records_survive_pickling_and_a_report_built_from_a_list_gives_the_same_
 def test_html_is_written_in_pieces_one_row_each(report):
     pieces = list(html_chunks(report))
     assert len(pieces) == len(report.tensors) + 2 and "".join(pieces) == apply_html(report)
+
+
+def test_small_reports_hold_no_open_file_and_large_ones_read_back_the_same():
+    """A batch keeps one report per input: those under Records.KEEP tensors must not each hold a descriptor."""
+    import os
+
+    open_before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    small = [Records(_record(i) for i in range(Records.KEEP)) for _ in range(50)]
+    if open_before is not None:
+        assert len(os.listdir("/proc/self/fd")) == open_before
+    rows = [_record(i, rel_l2=(i * 37 % 101) / 100) for i in range(Records.KEEP + 5)]
+    large = Records(rows)
+    assert list(large) == rows and large[Records.KEEP - 1] == rows[Records.KEEP - 1] and len(small[0]) == Records.KEEP
+    assert [r.name for r in large.ranked()] == [r.name for r in sorted(rows, key=lambda r: -r.error["rel_l2"])]

@@ -58,12 +58,14 @@ _RECORD_FIELDS = tuple(f.name for f in fields(TensorRecord))  # a record is spil
 
 
 class Records:
-    """The per-tensor records of a run, in the order they were added, spilled as they come to an
-    anonymous temporary file (gone when closed, or when the process ends however it ends).
+    """The per-tensor records of a run, in the order they were added. Past `KEEP` of them they
+    are spilled to an anonymous temporary file (gone when closed, or when the process ends
+    however it ends), and so is every one after.
 
-    Memory holds 17 bytes per record (where it is in the file, and the rank `worst` sorts by),
-    so a report on 100,000 tensors costs about as much as their header, not their statistics.
-    Iterating reads the records back; `worst` reads only the rows it returns.
+    Memory then holds 17 bytes per record (where it is in the file, and the rank `worst` sorts
+    by), so a report on 100,000 tensors costs about as much as their header, not their
+    statistics; a small report (a batch holds one per input) keeps no file open. Iterating
+    reads the records back; `worst` reads only the rows it returns.
 
     >>> records = Records([TensorRecord("a", "F32", [2], [], False, None, None, None, {}),
     ...                    TensorRecord("b", "F32", [2], ["clip"], True, None, None, {"rel_l2": 0.5}, {})])
@@ -71,10 +73,14 @@ class Records:
     (2, ['a', 'b'], ['b'], 1)
     """
 
+    #: Records kept in memory before the first spill.
+    KEEP = 1000
+
     def __init__(self, records: Iterable[TensorRecord] = ()) -> None:
         self._fill(records)
 
     def _fill(self, records: Iterable[TensorRecord]) -> None:
+        self._kept: list[TensorRecord] = []
         self._file: IO[bytes] | None = None
         self._offsets = array("q")
         self._unchanged = array("b")
@@ -83,20 +89,31 @@ class Records:
             self.append(record)
 
     def append(self, record: TensorRecord) -> None:
+        self._unchanged.append(not record.changed)
+        self._rank.append(-_rel(record))
+        if self._file is None and len(self._kept) < self.KEEP:
+            self._kept.append(record)
+            return
         if self._file is None:
             self._file = tempfile.TemporaryFile(prefix="wtool-records-")
+            for kept in self._kept:
+                self._spill(kept)
+            self._kept = []
+        self._spill(record)
+
+    def _spill(self, record: TensorRecord) -> None:
+        assert self._file is not None
         self._file.seek(0, 2)
         self._offsets.append(self._file.tell())
         pickle.dump(tuple([getattr(record, name) for name in _RECORD_FIELDS]), self._file,
                     protocol=pickle.HIGHEST_PROTOCOL)
-        self._unchanged.append(not record.changed)
-        self._rank.append(-_rel(record))
 
     def __len__(self) -> int:
-        return len(self._offsets)
+        return len(self._rank)
 
     def _read(self, index: int) -> TensorRecord:
-        assert self._file is not None
+        if self._file is None:
+            return self._kept[index]
         self._file.seek(self._offsets[index])
         return TensorRecord(*pickle.load(self._file))
 
@@ -110,8 +127,8 @@ class Records:
     def ranked(self) -> Iterator[TensorRecord]:
         """Every record, worst first: changed ones by decreasing relative error (in the order
         they were added among equals), unchanged ones last."""
-        rank = np.frombuffer(self._rank, dtype=np.float64) if self._rank else np.zeros(0)
-        unchanged = np.frombuffer(self._unchanged, dtype=np.int8) if self._unchanged else np.zeros(0, np.int8)
+        rank = np.array(self._rank, dtype=np.float64)
+        unchanged = np.array(self._unchanged, dtype=np.int8)
         for index in np.lexsort((rank, unchanged)):  # stable: ties keep their order
             yield self._read(int(index))
 
