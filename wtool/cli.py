@@ -511,7 +511,7 @@ def decompress(
                                          reports=reports)
         console = _stderr() if report_path == "-" else _stdout()
         if report_path:
-            _write_text(report_path, report.dumps(result.to_json()), outputs, force)
+            _write_text(report_path, report.json_chunks(result), outputs, force)
         if not quiet:
             report.print_apply(result, console, rows)
 
