@@ -4,7 +4,8 @@
 runs them); `run` then fits the steps that need a first pass and streams each output
 tensor through its steps into the writer, taking statistics on the way. Peak memory is a
 few copies of the largest tensor (or group of tensors for folding transforms), whatever the
-checkpoint size.
+checkpoint size. One output tensor is computed in `wtool.materialise`, what travels with the
+weights is decided in `wtool.outputs`, and the report is assembled in `wtool.tally`.
 
 >>> import tempfile
 >>> pipe = Pipeline.from_specs(["clip:c=0.5", "quantize:bits=4"])
