@@ -216,9 +216,9 @@ def test_decompressed_reader_sees_dense_weights(llama, tmp_path):
 
 # ------------------------------------------------------------------ the CLI: inspect, decompress, refusals
 
-from typer.testing import CliRunner  # noqa: E402
+from typer.testing import CliRunner
 
-from wtool.cli import app  # noqa: E402
+from wtool.cli import app
 
 
 def invoke(*args):

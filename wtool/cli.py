@@ -36,7 +36,7 @@ from typer.core import TyperGroup
 
 from wtool import __version__, analyze, batch, pipeline, report
 from wtool.errors import UsageError, WtoolError
-from wtool.io import Inputs, atomic, is_folder_output, parse_size
+from wtool.io import Inputs, atomic, is_folder_output, parse_size, protect
 from wtool.new import new_checkpoint
 from wtool.selection import Selector
 from wtool.tensor import TensorInfo
@@ -50,7 +50,7 @@ class _Group(TyperGroup):
     """Click's own errors (a missing option value, `-j 0`, a missing recipe file) in wtool's
     one-line format, exit 2; and standard streams that are safe to write to."""
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+    def main(self, *args: Any, **kwargs: Any) -> Any:
         _prepare_streams()
         kwargs["standalone_mode"] = False
         try:
@@ -144,9 +144,9 @@ def _prepare_streams() -> None:
                 os.close(descriptor)
             if number == 1:
                 _STDOUT_CLOSED = True
-                sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+                sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
             elif number == 2:
-                sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+                sys.stderr = open(2, "w", encoding="utf-8", closefd=False)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="replace")
@@ -357,7 +357,7 @@ def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: boo
         atomic.check_target(Path(target), force, "report")
         outputs.files[target] = atomic.absolute(Path(target))
     if inputs and outputs.todo:
-        outputs.inputs = pipeline.protect(inputs)
+        outputs.inputs = protect(inputs)
         for shown, target in outputs.files.items():
             outputs.inputs.refuse(target, "report", shown)
     return outputs.files
@@ -473,9 +473,9 @@ def apply(
         if markdown:
             _write_text(markdown, report.apply_markdown(result, rows), outputs, force)
         if html:
-            _write_text(html, report.apply_html(result), outputs, force)
+            _write_text(html, report.html_chunks(result), outputs, force)
         if dry_run:
-            _print_plan(result, console)
+            _print_plan(result, console, rows)
         elif not quiet:
             report.print_apply(result, console, rows)
 
@@ -511,29 +511,17 @@ def decompress(
                                          reports=reports)
         console = _stderr() if report_path == "-" else _stdout()
         if report_path:
-            _write_text(report_path, report.dumps(result.to_json()), outputs, force)
+            _write_text(report_path, report.json_chunks(result), outputs, force)
         if not quiet:
             report.print_apply(result, console, rows)
 
 
-def _print_plan(result: report.Report, console: Console) -> None:
-    table = Table(title=f"plan for {escape(result.input)}", title_justify="left")
-    table.add_column("tensor", overflow="fold")
-    table.add_column("shape", justify="right")
-    table.add_column("dtype")
-    table.add_column("bytes", justify="right")
-    table.add_column("steps", overflow="fold")
-    for r in result.tensors:
-        before = TensorInfo(r.name, r.dtype_before, tuple(r.shape)).nbytes if r.dtype_before else None
-        after = TensorInfo(r.name, r.dtype, tuple(r.shape)).nbytes
-        table.add_row(escape(r.name), "×".join(map(str, r.shape)) or "scalar", report.arrow(r.dtype_before, r.dtype),
-                      report.arrow(before and report.human_bytes(before), report.human_bytes(after)),
-                      escape(" → ".join(r.steps)) or "[dim]unchanged[/]")
-    console.print(table)
+def _print_plan(result: report.Report, console: Console, rows: int) -> None:
+    console.print(report.plan_table(result, rows))
     for line in report.plan_details(result):
         console.print(line)
     totals = result.totals
-    console.print(f"[dim]dry run: nothing was written ({sum(bool(r.steps) for r in result.tensors)} of "
+    console.print(f"[dim]dry run: nothing was written ({totals['changed']} of "
                   f"{len(result.tensors)} tensors would change; "
                   f"{report.arrow(report.human_bytes(totals['bytes_in']), report.human_bytes(totals['bytes_out']))} "
                   "in total)[/]")
