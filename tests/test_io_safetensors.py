@@ -490,7 +490,13 @@ def _kernel(calls, mode):
 @pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="no copy_file_range")
 @pytest.mark.parametrize("mode", ["all", "stops", "refuses"])
 @pytest.mark.parametrize("target", ["out.safetensors", "out"])
-def test_arrays_as_read_are_copied_in_the_kernel_with_the_same_bytes(tmp_path, monkeypatch, mode, target):
+@pytest.mark.parametrize("recycled", [False, True], ids=["own-array", "recycled-buffer"])
+def test_arrays_as_read_are_copied_in_the_kernel_with_the_same_bytes(tmp_path, monkeypatch, mode, target,
+                                                                     recycled):
+    import wtool.buffers
+
+    if recycled:  # large tensors are read into recycled buffers: every one here, too
+        monkeypatch.setattr(wtool.buffers, "SMALL", 0)
     arrays = {"a": sample("BF16", (64, 33), seed=1), "b": sample("F32", (7, 5), seed=2),
               "c": sample("I8", (100,), seed=3)}
     source = save(tmp_path / "in.safetensors", arrays)

@@ -186,8 +186,9 @@ class SafetensorsReader(Reader):
             check_bool_bytes(array, f"{self.file}: tensor {show(info.name)}")
         array.setflags(write=False)  # steps must not change what they were given
         self._alive[info.name] = array
-        _SOURCES[id(array)] = (weakref.ref(array), weakref.ref(self), self._offsets[info.name])
-        weakref.finalize(array, _SOURCES.pop, id(array), None)
+        key = (array.__array_interface__["data"][0], array.nbytes)
+        _SOURCES[key] = entry = (weakref.ref(array), weakref.ref(self), self._offsets[info.name])
+        weakref.finalize(array, _forget, key, entry)
         return array
 
     def copy_into(self, array: np.ndarray, offset: int, handle: BinaryIO) -> int:
@@ -246,25 +247,28 @@ def check_header_size(path: Path, tensors: Sequence[TensorInfo], metadata: Mappi
 
 
 #: Arrays a SafetensorsReader returned, by id: (the array, the reader, the offset of its bytes).
-_SOURCES: dict[int, tuple[weakref.ref[np.ndarray], weakref.ref[SafetensorsReader], int]] = {}
+#: Arrays a SafetensorsReader returned, by (address, size) of their bytes: (the array, the
+#: reader, the file offset of its bytes). An entry whose array is alive describes those bytes:
+#: the array is read-only, and a recycled buffer is not handed out again while it lives.
+_SOURCES: dict[tuple[int, int], tuple[weakref.ref[np.ndarray], weakref.ref[SafetensorsReader], int]] = {}
+
+
+def _forget(key: tuple[int, int], entry: tuple[object, ...]) -> None:
+    if _SOURCES.get(key) is entry:  # not a later array read into the same recycled pages
+        del _SOURCES[key]
 
 
 def _source(array: np.ndarray) -> tuple[SafetensorsReader, int] | None:
-    """The reader and file offset of `array`'s bytes, when it is (a whole, contiguous view of)
-    an array a SafetensorsReader returned, and that reader is still alive."""
+    """The reader and file offset of `array`'s bytes, when they are exactly the bytes of an
+    array a SafetensorsReader returned (that array or a whole view of it) and both that array
+    and its reader are still alive."""
     if not array.flags.c_contiguous:
         return None
-    for candidate in (array, array.base):
-        entry = _SOURCES.get(id(candidate))
-        if entry is None or entry[0]() is not candidate:
-            continue
-        assert candidate is not None
-        if candidate.nbytes != array.nbytes or \
-                candidate.__array_interface__["data"][0] != array.__array_interface__["data"][0]:
-            return None
-        reader = entry[1]()
-        return None if reader is None else (reader, entry[2])
-    return None
+    entry = _SOURCES.get((array.__array_interface__["data"][0], array.nbytes))
+    if entry is None or entry[0]() is None:
+        return None
+    reader = entry[1]()
+    return None if reader is None else (reader, entry[2])
 
 
 def write_data(handle: BinaryIO, array: np.ndarray) -> None:
