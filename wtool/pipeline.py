@@ -59,7 +59,7 @@ from wtool.recipe import Pipeline, Step
 from wtool.selection import no_match_hint
 from wtool.report import GroupRecord, Report, SkipRecord, TensorRecord
 from wtool.stats import compare, histogram, same_bytes, tensor_stats, weighted_error
-from wtool.steps import Chain, Source, StepPlan, StepRun, fit_step, plan_step
+from wtool.steps import Chain, GroupOutput, Source, StepPlan, StepRun, fit_step, plan_step
 from wtool.tensor import TensorInfo
 from wtool.transforms import GroupTransform
 
@@ -198,7 +198,7 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
     started = time.perf_counter()
     with open_checkpoint(source) as reader:
         if decompress_to is not None or pipeline.allow_requantize:
-            reader = DecompressedReader(reader, decompress_to or None)
+            reader = DecompressedReader(reader, decompress_to or None, as_float=_named_integers(pipeline, reader))
         elif pipeline.steps:
             _refuse_requantizing(pipeline, reader)
         the_plan = plan(pipeline, reader)
@@ -218,7 +218,8 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
                 if output is not None:
                     inputs.refuse(Path(output), "output")
                     check_target(Path(output), force, "folder" if is_folder_output(output) else "file")
-                records = [_planned_record(node, sources.get(node.info.name)) for node in the_plan.chains]
+                planned = (_planned_record(reader, node, sources.get(node.info.name)) for node in the_plan.chains)
+                records = [record for record in planned if record is not None]
                 return _report(the_plan, records, output, time.perf_counter() - started, dry_run=True,
                                model_files=copied)
             infos = [node.info for node in the_plan.chains]
@@ -234,7 +235,8 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
                     progress.start(len(infos), sum(i.nbytes for i in infos))
                 for node, (array, record) in _evaluate_in_order(reader, sources, the_plan.chains, jobs, stats):
                     writer.write(node.info.name, array)
-                    records.append(record)
+                    if record is not None:  # a compressed weight's other pieces: its row is the first's
+                        records.append(record)
                     del array
                     if progress:
                         progress.advance(node.info)
@@ -275,7 +277,7 @@ def protect(sources: Sequence[str | Path]) -> Inputs:
 
 
 def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes: Sequence[Chain],
-                       jobs: int, stats: bool) -> Iterator[tuple[Chain, tuple[np.ndarray, TensorRecord]]]:
+                       jobs: int, stats: bool) -> Iterator[tuple[Chain, tuple[np.ndarray, TensorRecord | None]]]:
     """Materialise the output tensors in order, up to `jobs` of them at once in threads
     (numpy releases the GIL in its kernels); memory grows with `jobs`. One job computes in
     the calling thread: overlapping the next tensor with the writing would double its memory.
@@ -318,16 +320,39 @@ def _in_thread(function: Callable[..., Any], *args: Any) -> Future:
 
 
 def _refuse_requantizing(pipeline: Pipeline, reader: Reader) -> None:
-    """A step that would change a piece of a compressed layout (a scale, fp8 values) would
-    break it: refuse, unless --allow-requantize has the pieces read as one dense weight."""
+    """Quantizing what is already quantized is refused, unless --allow-requantize has it read
+    as dense float values first: a step that selects a compressed weight (packed, fp8, an
+    integer weight with a scale) or would change one of its pieces (a scale), and a quantize
+    step that names an integer tensor exactly. Integer tensors a default rule or a glob
+    selects (position_ids) are skipped as before, and listed."""
     for layout in find_layouts(reader):
+        dense = TensorInfo(layout.name, layout.dtype, layout.shape)
         for step in pipeline.steps:
-            for piece in layout.pieces:
-                if pipeline.selector.admits(piece.name) and step.selector.admits(piece.name) \
-                        and step.transform.skip(piece) is None:
-                    raise UsageError(f"{reader.path}: {step.op} would change {piece.name!r}, part of "
-                                     f"{layout.name!r} stored as {layout.scheme.label()}; pass "
-                                     f"--allow-requantize to decompress it and {step.op} the dense weight")
+            for info in (dense, *layout.pieces):
+                if pipeline.selector.admits(info.name) and step.selector.admits(info.name) \
+                        and step.transform.skip(info) is None:
+                    part = "" if info is dense else f" ({info.name!r} is part of it)"
+                    raise UsageError(f"{reader.path}: {step.op} would change {layout.name!r}, stored as "
+                                     f"{layout.scheme.label()}{part}; pass --allow-requantize to decompress it "
+                                     f"and {step.op} the dense weight")
+    for name in _named_integers(pipeline, reader):
+        raise UsageError(f"{reader.path}: quantize names {name!r}, a {reader.info(name).dtype} tensor: its values "
+                         "are integers already (quantized?); pass --allow-requantize to quantize them again "
+                         "as float32")
+
+
+def _named_integers(pipeline: Pipeline, reader: Reader) -> list[str]:
+    """Integer tensors outside any compressed layout that a quantize step names exactly (its
+    include, or the run's, spells the whole name), in checkpoint order."""
+    pieces = {p.name for layout in find_layouts(reader) for p in layout.pieces}
+    named = []
+    for info in reader.tensors:
+        if info.dtype_info.numpy.kind not in "iu" or info.name in pieces or not pipeline.selector.admits(info.name):
+            continue
+        if any(step.op == "quantize" and step.selector.admits(info.name)
+               and info.name in (*step.selector.include, *pipeline.selector.include) for step in pipeline.steps):
+            named.append(info.name)
+    return named
 
 
 def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: list[str], *,
@@ -378,8 +403,9 @@ def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: 
 
 
 def _materialise(reader: Reader, source: TensorInfo | None, node: Chain, *,
-                 stats: bool = True) -> tuple[np.ndarray, TensorRecord]:
-    """Evaluate one output tensor in its storage dtype, with its before/after statistics.
+                 stats: bool = True) -> tuple[np.ndarray, TensorRecord | None]:
+    """Evaluate one output tensor in its storage dtype, with its before/after statistics (None
+    for a piece of a compressed layout other than the first, which speaks for the weight).
 
     `source` is the input tensor of the same name, if any: the "before" of the report. A
     tensor of the same shape is compared in one pass over the pair (`stats.compare`).
@@ -398,8 +424,10 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Chain, *,
     except InputError as exc:
         raise InputError(f"{reader.path}: {exc}") from None
     del value
-    piece = node.compressed_piece  # e.g. fp8 values without their scale: not comparable to the weight
-    comparable = source is not None and source.shape == info.shape and piece is None
+    piece = node.compressed_piece
+    if piece is not None and isinstance(piece.evaluation.group.data, Scheme):
+        return stored, _layout_record(reader, piece, node.ops(), stats)
+    comparable = source is not None and source.shape == info.shape
     sizes = {"bytes_before": source.nbytes if source else None, "bytes_after": info.nbytes}
     if not stats:
         changed = not comparable or source.dtype != info.dtype or not same_bytes(before, stored)
@@ -415,11 +443,38 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Chain, *,
         before_stats = tensor_stats(before) if before is not None else None
         after_stats, error, changed = tensor_stats(stored), None, True
         histograms = _histograms(before, before_stats, stored, after_stats)
-    if piece is not None and piece.evaluation.group.outputs[0].name == info.name:  # the layout's error
-        error = piece.evaluation.error
     return stored, TensorRecord(info.name, info.dtype, list(info.shape), node.ops(), changed,
                                 before_stats, after_stats, error, extras,
                                 dtype_before=source.dtype if source else None, histogram=histograms, **sizes)
+
+
+def _layout_record(reader: Reader, piece: GroupOutput, steps: list[str], stats: bool) -> TensorRecord | None:
+    """The report's one row for a weight stored in a compressed layout, made with its first piece
+    (None for the others): the dense weight before, what the layout decodes to after, bytes
+    before → the sum of the pieces."""
+    group = piece.evaluation.group
+    if piece.info.name != group.outputs[0].name:
+        return None
+    name = group.inputs[0]
+    dense = piece.history.info
+    source = reader.info(name) if name in reader else None
+    after = piece.evaluation.take_decoded() if stats else None
+    op = piece.evaluation.run.step.op
+    stored_bytes = sum(o.nbytes for o in group.outputs)
+    extras = {f"{op}.layout": group.data.label(), f"{op}.bits_per_weight": 8 * stored_bytes / max(dense.numel, 1)}
+    record = TensorRecord(name, dense.dtype, list(dense.shape), steps, True, None, None, None, extras,
+                          dtype_before=source.dtype if source else None,
+                          bytes_before=source.nbytes if source else None, bytes_after=stored_bytes)
+    if after is None:
+        return record
+    before = reader.read(name) if source is not None else None
+    if before is not None and before.shape == after.shape:
+        pair = compare(before, after)
+        record.before, record.after, record.error, record.histogram = pair.before, pair.after, pair.error, pair.histogram
+    else:
+        record.after = tensor_stats(after)
+        record.histogram = _histograms(None, None, after, record.after)
+    return record
 
 
 def _histograms(before: np.ndarray | None, before_stats: dict[str, Any] | None,
@@ -459,9 +514,12 @@ def _may_overflow(value: np.ndarray, dtype: np.dtype) -> bool:
         return not (np.isfinite(extremes).all() and np.isfinite(extremes.astype(dtype)).all())
 
 
-def _planned_record(node: Chain, source: TensorInfo | None) -> TensorRecord:
+def _planned_record(reader: Reader, node: Chain, source: TensorInfo | None) -> TensorRecord | None:
     info = node.info
     steps = node.ops()
+    piece = node.compressed_piece
+    if piece is not None and isinstance(piece.evaluation.group.data, Scheme):
+        return _layout_record(reader, piece, steps, stats=False)
     return TensorRecord(info.name, info.dtype, list(info.shape), steps, bool(steps),
                         None, None, None, {}, dtype_before=source.dtype if source else None)
 
@@ -511,7 +569,8 @@ def _report(the_plan: Plan, records: list[TensorRecord], output: str | Path | No
     reader = the_plan.reader
     output_names = {r.name for r in records}
     dropped = [t.name for t in reader.tensors if t.name not in output_names]
-    bytes_out = sum(TensorInfo(r.name, r.dtype, tuple(r.shape)).nbytes for r in records)
+    bytes_out = sum(r.bytes_after if r.bytes_after is not None else TensorInfo(r.name, r.dtype, tuple(r.shape)).nbytes
+                    for r in records)
     totals = {
         "tensors": len(records),
         "changed": sum(r.changed for r in records),
