@@ -53,22 +53,29 @@ def pack_int32(q: np.ndarray, bits: int) -> np.ndarray:
     """
     if bits not in PACK_BITS:
         raise ValueError(f"packing supports {PACK_BITS} bits, not {bits}")
-    per_word = 32 // bits
+    per_word, per_byte = 32 // bits, 8 // bits
     rows, cols = q.shape
-    words = -(-cols // per_word)
+    width = -(-cols // per_word) * per_word  # values per row, padding included
     # q + 2^(b-1) as bytes (two's complement wraps the same way), then 8/b of them per byte; the
-    # host is little-endian (wtool.dtypes), so four bytes in a row are one word, lowest first
-    unsigned = np.zeros((rows, words * per_word), dtype=np.uint8)
-    np.add(q.view(np.uint8) if q.dtype == np.int8 else q.astype(np.int8).view(np.uint8),
-           np.uint8(1 << (bits - 1)), out=unsigned[:, :cols])
-    if bits < 8:
-        unsigned &= np.uint8((1 << bits) - 1)
-        per_byte = 8 // bits
-        packed = unsigned[:, 0::per_byte].copy()
+    # host is little-endian (wtool.dtypes), so four bytes in a row are one word, lowest first.
+    # Rows go in blocks that stay in the CPU cache.
+    raw = (q if q.dtype == np.int8 else q.astype(np.int8)).view(np.uint8)
+    out = np.empty((rows, width // per_byte), dtype=np.uint8)
+    step = max(1, _BLOCK // max(width, 1))
+    unsigned = np.zeros((min(step, rows), width), dtype=np.uint8)  # the padding columns stay 0
+    lane_bits = np.empty((min(step, rows), width // per_byte), dtype=np.uint8)
+    for start in range(0, rows, step):
+        count = min(step, rows - start)
+        values, target = unsigned[:count], out[start:start + count]
+        np.add(raw[start:start + count], np.uint8(1 << (bits - 1)), out=values[:, :cols])
+        if bits == 8:
+            target[...] = values
+            continue
+        values &= np.uint8((1 << bits) - 1)
+        target[...] = values[:, 0::per_byte]
         for lane in range(1, per_byte):
-            packed |= unsigned[:, lane::per_byte] << np.uint8(lane * bits)
-        unsigned = packed
-    return unsigned.view(np.int32)
+            target |= np.left_shift(values[:, lane::per_byte], np.uint8(lane * bits), out=lane_bits[:count])
+    return out.view(np.int32)
 
 
 def unpack_int32(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
@@ -117,10 +124,11 @@ class IntGrid:
         """Scale (rounded to `scale_dtype`, then float32) and integer zero point (or None) per row."""
         if self.symmetric:
             divisor = (1 << (self.bits - 1)) - (0.5 if self.full else 1.0)
-            raw = np.maximum(groups.max(axis=1), -groups.min(axis=1)) / np.float32(divisor)
+            raw = row_absmax(groups) / np.float32(divisor)
         else:
-            low = np.minimum(groups.min(axis=1), 0)
-            raw = (np.maximum(groups.max(axis=1), 0) - low) / np.float32((1 << self.bits) - 1)
+            low, high = row_extremes(groups)
+            low = np.minimum(low, 0)
+            raw = (np.maximum(high, 0) - low) / np.float32((1 << self.bits) - 1)
         scale = np.asarray(raw, dtype=np.float32).astype(scale_dtype).astype(np.float32)
         scale[~(scale > 0)] = 1  # an all-zero row (or a scale that underflowed): any scale stores it
         if self.symmetric:
@@ -128,9 +136,13 @@ class IntGrid:
         zero = np.clip(np.round(self.qmin - low / scale), self.qmin, self.qmax)
         return scale, zero.astype(np.int32)
 
-    def quantize(self, groups: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
-        """q = clamp(round(w/scale + zero)) as int8, one scale (and zero) per row; half to even."""
+    def quantize(self, groups: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
+                 decoded: np.dtype | type | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """q = clamp(round(w/scale + zero)) as int8, one scale (and zero) per row; half to even.
+        With `decoded`, also (q − zero)·scale stored as that dtype, from the same cache block
+        (what `dequantize_int` gives)."""
         out = np.empty(groups.shape, dtype=np.int8)
+        values = None if decoded is None else np.empty(groups.shape, dtype=decoded)
         for rows, cols in _blocks(groups.shape):
             work = groups[rows, cols] / scale[rows, None]
             if zero is not None:
@@ -138,16 +150,56 @@ class IntGrid:
             np.round(work, out=work)
             np.clip(work, self.qmin, self.qmax, out=work)
             out[rows, cols] = work
-        return out
+            if values is not None:
+                if zero is not None:
+                    work -= zero[rows, None].astype(np.float32)
+                work += np.float32(0)  # -0.0 (a negative value rounded to 0) is +0.0 as an integer
+                work *= scale[rows, None]
+                values[rows, cols] = work
+        return out, values
+
+
+def row_absmax(rows: np.ndarray) -> np.ndarray:
+    """max |w| of each row of a float32 array. Without the sign bit, float bits order like the
+    magnitudes (NaN above inf), and numpy reduces integer rows faster than float ones."""
+    bits = rows.view(np.uint32)
+    out = np.empty(rows.shape[0], dtype=np.uint32)
+    scratch = np.empty(min(_BLOCK, rows.size), dtype=np.uint32)
+    for block, _ in _blocks(rows.shape, whole_rows=True):
+        part = bits[block]
+        magnitudes = np.bitwise_and(part, np.uint32(0x7FFFFFFF), out=scratch[:part.size].reshape(part.shape))
+        magnitudes.max(axis=1, out=out[block])
+    return out.view(np.float32)
+
+
+def row_extremes(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """min and max of each row of a float32 array, through integer keys ordered like the floats
+    (a negative value's magnitude bits flipped; the map is its own inverse)."""
+    bits = rows.view(np.int32)
+    low, high = np.empty(rows.shape[0], dtype=np.int32), np.empty(rows.shape[0], dtype=np.int32)
+    scratch = np.empty(min(_BLOCK, rows.size), dtype=np.int32)
+    for block, _ in _blocks(rows.shape, whole_rows=True):
+        part = bits[block]
+        keys = _order_keys(part, scratch[:part.size].reshape(part.shape))
+        keys.min(axis=1, out=low[block])
+        keys.max(axis=1, out=high[block])
+    return _order_keys(low, low).view(np.float32), _order_keys(high, high).view(np.float32)
+
+
+def _order_keys(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    flip = np.right_shift(bits, 31)  # -1 for negative values, 0 otherwise
+    np.bitwise_and(flip, np.int32(0x7FFFFFFF), out=flip)
+    return np.bitwise_xor(bits, flip, out=out)
 
 
 _BLOCK = 1 << 16  # values per block: the working copies stay in the CPU cache
 
 
-def _blocks(shape: tuple[int, int]) -> Iterator[tuple[slice, slice]]:
-    """(row slice, column slice) blocks of about _BLOCK values covering a rows × values array."""
+def _blocks(shape: tuple[int, int], whole_rows: bool = False) -> Iterator[tuple[slice, slice]]:
+    """(row slice, column slice) blocks of about _BLOCK values covering a rows × values array
+    (`whole_rows`: never a part of a row, however long)."""
     rows, width = shape
-    if width >= _BLOCK:
+    if width >= _BLOCK and not whole_rows:
         for row in range(rows):
             for start in range(0, width, _BLOCK):
                 yield slice(row, row + 1), slice(start, start + _BLOCK)

@@ -285,11 +285,14 @@ def _evaluate_in_order(reader: Reader, sources: Mapping[str, TensorInfo], nodes:
     The threads are daemons and nothing waits for them when the run stops early: Ctrl-C or
     SIGTERM takes effect at once, not after every tensor in flight.
     """
-    work = partial(_materialise, reader, stats=stats)
     if jobs <= 1:
+        behind = _Behind()  # a compressed weight's statistics overlap the next tensor's work
+        work = partial(_materialise, reader, stats=stats, behind=behind)
         for node in nodes:
             yield node, work(sources.get(node.info.name), node)
+        behind.wait()
         return
+    work = partial(_materialise, reader, stats=stats)
     pending: deque[tuple[Chain, Future]] = deque()
     upcoming = iter(nodes)
     for node in upcoming:
@@ -402,8 +405,26 @@ def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: 
     return extra, found.copied
 
 
-def _materialise(reader: Reader, source: TensorInfo | None, node: Chain, *,
-                 stats: bool = True) -> tuple[np.ndarray, TensorRecord | None]:
+class _Behind:
+    """One background thread's worth of work that trails the run (a compressed weight's
+    statistics, while the next tensor is computed): at most one task in flight, so memory
+    grows by one tensor's decoded values at most."""
+
+    def __init__(self) -> None:
+        self.pending: Future | None = None
+
+    def run(self, task: Callable[[], None]) -> None:
+        self.wait()
+        self.pending = _in_thread(task)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+
+def _materialise(reader: Reader, source: TensorInfo | None, node: Chain, *, stats: bool = True,
+                 behind: _Behind | None = None) -> tuple[np.ndarray, TensorRecord | None]:
     """Evaluate one output tensor in its storage dtype, with its before/after statistics (None
     for a piece of a compressed layout other than the first, which speaks for the weight).
 
@@ -426,7 +447,7 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Chain, *,
     del value
     piece = node.compressed_piece
     if piece is not None and isinstance(piece.evaluation.group.data, Scheme):
-        return stored, _layout_record(reader, piece, node.ops(), stats)
+        return stored, _layout_record(reader, piece, node.ops(), stats, behind)
     comparable = source is not None and source.shape == info.shape
     sizes = {"bytes_before": source.nbytes if source else None, "bytes_after": info.nbytes}
     if not stats:
@@ -448,10 +469,12 @@ def _materialise(reader: Reader, source: TensorInfo | None, node: Chain, *,
                                 dtype_before=source.dtype if source else None, histogram=histograms, **sizes)
 
 
-def _layout_record(reader: Reader, piece: GroupOutput, steps: list[str], stats: bool) -> TensorRecord | None:
+def _layout_record(reader: Reader, piece: GroupOutput, steps: list[str], stats: bool,
+                   behind: _Behind | None = None) -> TensorRecord | None:
     """The report's one row for a weight stored in a compressed layout, made with its first piece
     (None for the others): the dense weight before, what the layout decodes to after, bytes
-    before → the sum of the pieces."""
+    before → the sum of the pieces. Its statistics are taken `behind` the run when given (the
+    record is complete once `behind.wait()` returns)."""
     group = piece.evaluation.group
     if piece.info.name != group.outputs[0].name:
         return None
@@ -465,16 +488,25 @@ def _layout_record(reader: Reader, piece: GroupOutput, steps: list[str], stats: 
     record = TensorRecord(name, dense.dtype, list(dense.shape), steps, True, None, None, None, extras,
                           dtype_before=source.dtype if source else None,
                           bytes_before=source.nbytes if source else None, bytes_after=stored_bytes)
-    if after is None:
-        return record
-    before = reader.read(name) if source is not None else None
+    if after is not None:
+        measure = partial(_measure_layout, record, reader if source is not None else None, after)
+        if behind is None:
+            measure()
+        else:
+            behind.run(measure)
+    return record
+
+
+def _measure_layout(record: TensorRecord, reader: Reader | None, after: np.ndarray) -> None:
+    """Fill `record` with the statistics of the dense weight (read from `reader`, when it has
+    one) and of `after`, what its layout decodes to, and the error between them."""
+    before = reader.read(record.name) if reader is not None else None
     if before is not None and before.shape == after.shape:
         pair = compare(before, after)
         record.before, record.after, record.error, record.histogram = pair.before, pair.after, pair.error, pair.histogram
     else:
         record.after = tensor_stats(after)
         record.histogram = _histograms(None, None, after, record.after)
-    return record
 
 
 def _histograms(before: np.ndarray | None, before_stats: dict[str, Any] | None,

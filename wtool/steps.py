@@ -316,6 +316,7 @@ class GroupEvaluation:
         for key, chain in self.inputs.items():
             value = chain.evaluate()[0]
             arrays[key] = convert(value, chain.info.dtype_info.compute) if chain.info.dtype_info.is_float else value
+            del value  # the stored form is not kept while the step runs
         if isinstance(self.run.step.transform, GroupTransform):
             return self.run.apply_group(self.group, arrays)
         (name,) = self.group.inputs

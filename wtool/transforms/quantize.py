@@ -302,8 +302,8 @@ class Quantize(Transform, name="quantize"):
             decoded = dequantize_int(values, scale, None, dtype).reshape(array.shape) if decode else None
             return {name: values.reshape(array.shape), name + "_scale": scale.reshape(scale_shape)}, decoded
         scale, zero = grid.params(groups, dtype)
-        q = grid.quantize(groups, scale, zero)
-        decoded = dequantize_int(q, scale, zero, dtype).reshape(array.shape) if decode else None
+        q, decoded = grid.quantize(groups, scale, zero, dtype if decode else None)
+        decoded = None if decoded is None else decoded.reshape(array.shape)
         pieces = {name + "_packed": pack_int32(q.reshape(out, cols), p.bits), name + "_scale": scale.reshape(scale_shape)}
         if zero is not None:
             pieces[name + "_zero_point"] = (pack_int32(zero.reshape(out, per_row).T, p.bits).T if per_row
@@ -345,7 +345,7 @@ class Quantize(Transform, name="quantize"):
         grid = self.grid()
         if grid is not None:
             scale, zero = grid.params(groups, scale_dtype)
-            return dequantize_int(grid.quantize(groups, scale, zero), scale, zero).astype(groups.dtype)
+            return grid.quantize(groups, scale, zero, groups.dtype)[1]
 
     def _snap(self, groups: np.ndarray) -> np.ndarray:
         """Quantize each row of a 2-D array on its own grid."""
