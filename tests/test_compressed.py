@@ -431,7 +431,14 @@ def test_an_integer_weight_with_a_scale_reads_as_its_dense_weight(tmp_path):
 
 
 def test_quantize_naming_an_integer_tensor_is_refused_unless_allow_requantize(tmp_path):
+    """Named exactly: refused, or read as float32 with the flag. A glob or the default rule over an
+    integer tensor without a scale (position_ids) skips it and lists it."""
     source = write_int8(tmp_path / "w8.safetensors")
+    for spec in ("quantize:bits=4,exclude=fc.*", "quantize:bits=4,include=*.weight,exclude=fc.*"):
+        report = wtool.run(wtool.Pipeline.from_specs([spec]), source, tmp_path / "plain.safetensors", force=True)
+        skipped = {s.name for s in report.skipped}
+        assert "codes.weight" in skipped and ("embeddings.position_ids" in skipped) == ("include" not in spec)
+        assert [r.name for r in report.tensors if r.changed] == ["out.weight"]
     for options in (["-t", "quantize:bits=4,include=codes.weight,include=out.weight"],
                     ["--include", "codes.weight", "--include", "out.weight", "-t", "quantize:bits=4"]):
         result = invoke("apply", source, tmp_path / "out.safetensors", *options, "--allow-empty")
@@ -446,16 +453,3 @@ def test_quantize_naming_an_integer_tensor_is_refused_unless_allow_requantize(tm
         assert out.info("codes.weight").dtype == "F32" and len(np.unique(codes)) <= 4 * 4  # 4 levels per row
         # --allow-requantize reads every layout as its dense weight: fc.weight, not selected, is written dense
         assert out.read("fc.weight").tolist() == (W8.astype(np.float32) * 0.5).tolist()
-
-
-def test_a_glob_or_the_default_rule_skips_integer_buffers_and_lists_them(tmp_path):
-    source = tmp_path / "plain.safetensors"
-    rng = np.random.default_rng(0)
-    save_file({"codes.weight": np.arange(32, dtype=np.int8).reshape(4, 8),
-               "embeddings.position_ids": np.arange(8, dtype=np.int64).reshape(1, 8),
-               "out.weight": rng.standard_normal((4, 8)).astype(np.float32)}, str(source))
-    for spec in ("quantize:bits=4", "quantize:bits=4,include=*.weight"):
-        report = wtool.run(wtool.Pipeline.from_specs([spec]), source, tmp_path / "out.safetensors", force=True)
-        skipped = {s.name for s in report.skipped}
-        assert "codes.weight" in skipped and ("embeddings.position_ids" in skipped) == (spec == "quantize:bits=4")
-        assert [r.name for r in report.tensors if r.changed] == ["out.weight"]
