@@ -212,7 +212,7 @@ class Suite:
         self.rows.append(Row("  the same against wtool packed W4A16 --no-stats", self.size, median, peer_peak,
                              "wtool --no-stats", statistics.median(bare), faster, "wtool ≥ 4× faster, ≤ 1/8 of its RSS",
                              faster >= 4 and peer_peak / max(bare_peak, 1) >= 8,
-                             f"wtool {faster:.1f}× faster at {bare_peak / MIB:.0f} MiB", bare))
+                             f"wtool {faster:.1f}× faster at {bare_peak / MIB:.0f} MiB", times))
 
     def _peer(self, script: Path) -> tuple[float, int]:
         target = self.work / "peer"
