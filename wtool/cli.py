@@ -426,7 +426,9 @@ def apply(
                                         "checkpoint wtool may replace (see the README); never an input.")] = False,
     model_files: ModelFiles = True,
     update_config: Annotated[bool, typer.Option("--update-config", help="Folder to folder with a cast step: "
-                                                "set torch_dtype in the copied config.json.")] = False,
+                                                "record the new dtype in the copied config.json "
+                                                "(bfloat16 for float8 weights, which transformers "
+                                                "cannot build).")] = False,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Write a sharded folder with "
                                                           "shards of at most this size, e.g. 5GB.")] = None,
     report_path: ReportPath = None,

@@ -40,6 +40,7 @@ from wtool.compressed import (
     quantization_config,
     without_quantization_config,
 )
+from wtool.config_dtype import cast_notes, declared_dtype, with_dtype
 from wtool.dtypes import by_code, by_user_name, to_storage
 from wtool.errors import InputError, UsageError
 from wtool.io import (
@@ -367,14 +368,12 @@ def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: 
     has it removed) and, with `update_config`, the dtype of the last cast."""
     folder = model_folder(Path(reader.path))
     casts = [s.transform.params.dtype for s in pipeline.steps if s.op == "cast"]
-    if casts and casts[-1].startswith("float8"):
-        notes.append(f"transformers' from_pretrained with its default dtype fails on {casts[-1]} weights; "
-                     f"load with an explicit torch_dtype (--update-config records {casts[-1]} in config.json)")
     travels = copy and folder is not None and is_folder_output(output)
     if update_config and not (travels and casts and (folder / "config.json").is_file()):
         raise UsageError("--update-config needs a cast step, a model folder with config.json as input and a "
                          "folder output (without --no-model-files)")
     if not travels:
+        notes.extend(cast_notes(casts[-1], None, update_config=False) if casts else [])
         return {}, []
     found = model_files(folder, skip=[*reader.files, Path(output)])
     extra: dict[str, Path | bytes] = {name: folder / name for name in found.copied}
@@ -383,7 +382,7 @@ def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: 
     if found.left:
         notes.append(f"left behind (weights in another format, or not a regular file): {', '.join(found.left)}")
     config = reader.config() or {}
-    declared = config.get("torch_dtype") or config.get("dtype")
+    declared = declared_dtype(config)
     rewritten = False
     if "config.json" in extra and (qconfig is not None or isinstance(reader, DecompressedReader)):
         config = without_quantization_config(config)
@@ -392,14 +391,10 @@ def _model_files(reader: Reader, output: str | Path, pipeline: Pipeline, notes: 
         notes.append(f"config.json: {QUANTIZATION_CONFIG} {'written' if qconfig is not None else 'removed'}")
         rewritten = True
     if update_config:
-        for key in ("torch_dtype", "dtype"):
-            if key in config or key == "torch_dtype":
-                config[key] = casts[-1]
-        notes.append(f"config.json: torch_dtype set to {casts[-1]} (--update-config)")
+        config = with_dtype(config, casts[-1])
         rewritten = True
-    elif casts and declared and declared != casts[-1]:
-        notes.append(f"config.json declares dtype {declared} but tensors were cast to {casts[-1]}; "
-                     "pass --update-config to record the new dtype")
+    if casts:
+        notes.extend(cast_notes(casts[-1], declared, update_config=update_config))
     if rewritten:
         extra["config.json"] = config_json(config)
     return extra, found.copied

@@ -7,8 +7,10 @@ Semantics (documented in the README):
   exclude: exclude always wins, and the order of patterns never matters;
 - a pattern that matches no tensor at all is an error naming it and the closest names
   (unless allowed empty);
-- a regex may not repeat a repetition (`(a+)+`), the one shape on which Python's backtracking
-  engine takes exponential time; globs never backtrack exponentially.
+- a regex runs in time linear in the name's length (`wtool.linear_regex`: Python's syntax and
+  character classes, an NFA run as a lazy DFA instead of backtracking); backreferences,
+  lookarounds, conditionals, atomic groups and possessive quantifiers, which no linear-time
+  matcher supports, are refused. Globs never backtrack exponentially and stay on `re`.
 
 >>> Selector(include=("*.weight",), exclude=("re:.*norm.*",)).admits("layers.0.mlp.weight")
 True
@@ -19,13 +21,12 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-import re._constants as sre_constants  # the parsed form of a regex, to refuse nested repetition
-import re._parser as sre_parser
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from wtool.errors import UsageError
+from wtool.linear_regex import LinearRegex, RegexRefused
 
 
 @dataclass(frozen=True)
@@ -35,17 +36,9 @@ class Pattern:
     text: str
 
     @cached_property
-    def _regex(self) -> re.Pattern[str]:
+    def _regex(self) -> re.Pattern[str] | LinearRegex:
         if self.text.startswith("re:"):
-            try:
-                nested = _nested_repetition(sre_parser.parse(self.text[3:]), inside=False)
-                compiled = re.compile(self.text[3:])
-            except re.error as err:
-                raise UsageError(f"invalid regex {self.text!r}: {err}") from None
-            if nested:
-                raise UsageError(f"regex {self.text!r} repeats a repetition ({nested}): Python's regex engine can "
-                                 "take exponential time on such patterns; write it without nesting, or as a glob")
-            return compiled
+            return _linear(self.text)
         return re.compile(fnmatch.translate(self.text))
 
     def validate(self) -> Pattern:
@@ -55,42 +48,18 @@ class Pattern:
         return self
 
     def matches(self, name: str) -> bool:
-        return self._regex.fullmatch(name) is not None
+        return bool(self._regex.fullmatch(name))
 
 
-_REPEATS = (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, sre_constants.POSSESSIVE_REPEAT)
-
-
-def _nested_repetition(items: Iterable[tuple[object, object]], inside: bool) -> str | None:
-    """The first unbounded repetition inside another one (`(a+)+`, `(.*x)*`), shown as text, or None.
-
-    Only such nesting makes a backtracking engine exponential; a pattern without it matches
-    in time polynomial in the name length.
-    """
-    for op, value in items:
-        children: list = []
-        unbounded = False
-        if op in _REPEATS:
-            _, high, body = value  # type: ignore[misc]
-            unbounded = high == sre_constants.MAXREPEAT
-            if inside and unbounded:
-                return "a '*', '+' or '{n,}' inside another"
-            children = [body]
-        elif op == sre_constants.SUBPATTERN:
-            children = [value[3]]  # type: ignore[index]
-        elif op == sre_constants.BRANCH:
-            children = list(value[1])  # type: ignore[index]
-        elif op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
-            children = [value[1]]  # type: ignore[index]
-        elif op == sre_constants.ATOMIC_GROUP:
-            children = [value]
-        elif op == sre_constants.GROUPREF_EXISTS:
-            children = [branch for branch in value[1:] if branch is not None]  # type: ignore[index]
-        for child in children:
-            found = _nested_repetition(child, inside or unbounded)
-            if found:
-                return found
-    return None
+@lru_cache(maxsize=256)
+def _linear(text: str) -> LinearRegex:
+    """The matcher of a `re:` pattern, shared by every Pattern of that text (its DFA warms up once)."""
+    try:
+        return LinearRegex(text[3:])
+    except re.error as err:
+        raise UsageError(f"invalid regex {text!r}: {err}") from None
+    except RegexRefused as err:
+        raise UsageError(f"regex {text!r} {err}; rewrite it, or use a glob") from None
 
 
 def no_match_hint(pattern: str, names: Sequence[str]) -> str:
