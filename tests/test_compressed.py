@@ -216,9 +216,9 @@ def test_decompressed_reader_sees_dense_weights(llama, tmp_path):
 
 # ------------------------------------------------------------------ the CLI: inspect, decompress, refusals
 
-from typer.testing import CliRunner  # noqa: E402
+from typer.testing import CliRunner
 
-from wtool.cli import app  # noqa: E402
+from wtool.cli import app
 
 
 def invoke(*args):
@@ -281,6 +281,7 @@ def test_every_report_of_apply_has_one_row_per_compressed_weight(llama, tmp_path
     row = rows["lm_head.weight"]
     assert (row["dtype"], row["shape"], row["bytes_before"], row["bytes_after"]) == ("F32", [32, 16], 2048, bytes_after)
     assert (row["error"] is None) == (options != ["-j", "2"])
+    assert data["dropped"] == []  # stored as pieces, not dropped
 
 
 def _header_bytes(path):
@@ -453,3 +454,19 @@ def test_quantize_naming_an_integer_tensor_is_refused_unless_allow_requantize(tm
         assert out.info("codes.weight").dtype == "F32" and len(np.unique(codes)) <= 4 * 4  # 4 levels per row
         # --allow-requantize reads every layout as its dense weight: fc.weight, not selected, is written dense
         assert out.read("fc.weight").tolist() == (W8.astype(np.float32) * 0.5).tolist()
+
+
+def test_a_packed_weights_record_is_complete_and_in_order_when_records_spill(llama, tmp_path, monkeypatch):
+    """Its statistics run behind the next tensor; the record reaches the report (which may spill
+    it to disk at once) only when complete, and in checkpoint order."""
+    from wtool.report import Records
+
+    monkeypatch.setattr(Records, "KEEP", 0)
+    spec = "quantize:bits=4,granularity=group,group_size=8,storage=packed"
+    report = wtool.run(wtool.Pipeline.from_specs([spec]), llama, tmp_path / "out.safetensors")
+    with open_checkpoint(llama) as original:
+        assert [r.name for r in report.tensors] == [t.name for t in original.tensors]
+    packed = [r for r in report.tensors if "quantize.layout" in r.extras]
+    assert len(packed) == len(report.groups) > 1
+    assert all(r.error is not None and r.after is not None and r.histogram for r in packed)
+    assert report.totals["worst"][0]["name"] in {r.name for r in packed}

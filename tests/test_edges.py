@@ -291,10 +291,10 @@ def test_validating_the_output_does_not_map_it(small, tmp_path, monkeypatch):
 
 def test_a_faithful_copy_of_a_header_at_the_limit_still_works(tmp_path, monkeypatch):
     import wtool.io.safetensors
-    import wtool.pipeline
+    import wtool.outputs
 
     limit = 100_000  # the real 100 MB limit, scaled down so the test runs in a blink
-    for module in (wtool.io.safetensors, wtool.pipeline):
+    for module in (wtool.io.safetensors, wtool.outputs):
         monkeypatch.setattr(module, "MAX_HEADER_BYTES", limit)
     data = np.arange(4, dtype=np.float32)
     bare = {"__metadata__": {"format": "pt", "pad": ""}, "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}

@@ -19,12 +19,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("compressed_tensors")
 
-from compressed_tensors.compressors import BaseCompressor  # noqa: E402
-from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # noqa: E402
-from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from compressed_tensors.quantization.utils import calculate_qparams
+from safetensors.torch import load_file, save_file
 
-import wtool  # noqa: E402
+import wtool
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

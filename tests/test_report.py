@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import pickle
 import re
 import shutil
 import subprocess
@@ -12,7 +15,18 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from wtool import Pipeline, diff, run
-from wtool.report import apply_html, apply_markdown, diff_markdown, hist_lines, sparkline
+from wtool.report import (
+    Records,
+    TensorRecord,
+    apply_html,
+    apply_markdown,
+    diff_markdown,
+    dumps,
+    hist_lines,
+    html_chunks,
+    json_chunks,
+    sparkline,
+)
 
 
 @pytest.fixture
@@ -157,3 +171,78 @@ def test_without_statistics_the_totals_claim_no_error(mixed, tmp_path):
     assert "weighted_rel_l2" not in report.totals and "worst" not in report.totals
     assert report.totals["quantized_bits_per_weight"] == pytest.approx(4.5)
     assert "stored bits per weight: 32 → 32" in apply_markdown(report)
+
+
+# ------------------------------------------------------------------ records spilled, not kept
+
+def _record(index: int, changed: bool = True, rel_l2: float | None = 0.1) -> TensorRecord:
+    stats = {"min": -1.0, "max": 1.0, "mean": 0.0, "std": 0.5, "absmax": 1.0, "sparsity": 0.0, "nan": 0, "inf": 0}
+    return TensorRecord(f"layers.{index}.weight", "F32", [2, 4], ["clip"] if changed else [], changed,
+                        dict(stats), dict(stats), None if rel_l2 is None else {"rel_l2": rel_l2, "sqnr_db": 20.0},
+                        {}, histogram={"low": -1.0, "high": 1.0, "before": [index] * 32, "after": [index] * 32})
+
+
+def test_records_are_spilled_not_kept_in_memory():
+    """10,000 records of ~2 KB each: memory grows by the store's index (17 bytes a record), not by them."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        records = Records()
+        before = tracemalloc.get_traced_memory()[0]
+        for index in range(10_000):
+            records.append(_record(index))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(records) == 10_000 and records[-1].name == "layers.9999.weight"
+    assert grown < 10_000 * 64, f"{grown / 10_000:.0f} bytes per record"
+
+
+def test_a_report_on_a_run_holds_records_not_a_list(tmp_path):
+    source = tmp_path / "in.safetensors"
+    save_file({f"w{i}": np.full((2, 2), i, np.float32) for i in range(5)}, source)
+    result = run(Pipeline.from_specs(["clip:c=1"]), source, tmp_path / "out.safetensors")
+    assert isinstance(result.tensors, Records)
+    assert [r.name for r in result.tensors] == [f"w{i}" for i in range(5)]
+
+
+def test_records_rank_worst_first_and_keep_order_among_equals():
+    rows = [_record(0, rel_l2=0.1), _record(1, changed=False, rel_l2=None), _record(2, rel_l2=0.5),
+            _record(3, rel_l2=0.1), _record(4, rel_l2=None)]
+    records = Records(rows)
+    expected = sorted(rows, key=lambda r: (not r.changed, -(r.error["rel_l2"] if r.error else
+                                                             (-1.0 if not r.changed else math.inf))))
+    assert [r.name for r in records.ranked()] == [r.name for r in expected]
+    assert [r.name for r in records.ranked()] == [f"layers.{i}.weight" for i in (4, 2, 0, 3, 1)]
+    shown, hidden = records.worst(2)
+    assert [r.name for r in shown] == ["layers.4.weight", "layers.2.weight"] and hidden == 3
+    assert list(records) == rows and records == rows
+
+
+def test_records_survive_pickling_and_a_report_built_from_a_list_gives_the_same_json(report):
+    copy = pickle.loads(pickle.dumps(report))
+    assert copy.tensors == report.tensors and copy.to_json() == report.to_json()
+    from_list = dataclasses.replace(report, tensors=list(report.tensors))
+    assert "".join(json_chunks(from_list)) == "".join(json_chunks(report))
+    assert json.loads("".join(json_chunks(report))) == json.loads(dumps(report.to_json()))
+    assert json.loads(dumps(report.to_json()))["tensors"] == [dataclasses.asdict(r) for r in report.tensors]
+
+
+def test_html_is_written_in_pieces_one_row_each(report):
+    pieces = list(html_chunks(report))
+    assert len(pieces) == len(report.tensors) + 2 and "".join(pieces) == apply_html(report)
+
+
+def test_small_reports_hold_no_open_file_and_large_ones_read_back_the_same():
+    """A batch keeps one report per input: those under Records.KEEP tensors must not each hold a descriptor."""
+    import os
+
+    open_before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    small = [Records(_record(i) for i in range(Records.KEEP)) for _ in range(50)]
+    if open_before is not None:
+        assert len(os.listdir("/proc/self/fd")) == open_before
+    rows = [_record(i, rel_l2=(i * 37 % 101) / 100) for i in range(Records.KEEP + 5)]
+    large = Records(rows)
+    assert list(large) == rows and large[Records.KEEP - 1] == rows[Records.KEEP - 1] and len(small[0]) == Records.KEEP
+    assert [r.name for r in large.ranked()] == [r.name for r in sorted(rows, key=lambda r: -r.error["rel_l2"])]

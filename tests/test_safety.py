@@ -785,3 +785,21 @@ def test_without_renameat2_creating_stays_exclusive_and_force_leaves_no_copy(sma
     run(Pipeline.from_specs(["clip:c=0.5"]), small, out, force=True)
     assert load(out)[0]["a.weight"].max() == np.float32(0.5)
     assert leftovers(tmp_path) == []
+
+
+def test_force_asks_the_format_table_what_a_checkpoint_looks_like(tmp_path, monkeypatch):
+    import wtool.io
+
+    target = tmp_path / "old.model"
+    target.write_bytes(b"GGUF" + bytes(12))
+    assert wtool.io.atomic.replace_problem(target, "file") == "is not a checkpoint"
+    gguf = wtool.io.Format(".gguf", open_checkpoint, None, magic=lambda start: start[:4] == b"GGUF")
+    monkeypatch.setattr(wtool.io, "FORMATS", (*wtool.io.FORMATS, gguf))
+    assert wtool.io.atomic.replace_problem(target, "file") is None
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "shard.gguf").write_bytes(b"")
+    assert wtool.io.atomic.replace_problem(folder, "folder") == "holds shard.gguf, which wtool did not write"
+    monkeypatch.setattr(wtool.io, "FOLDER", wtool.io.Format("/", open_checkpoint, None, folder=True,
+                                                            members=(".gguf",)))
+    assert wtool.io.atomic.replace_problem(folder, "folder") is None

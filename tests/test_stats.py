@@ -213,3 +213,12 @@ def test_same_bytes_is_bitwise(monkeypatch):
     last = a.copy()
     last[-1] = 6.0  # in the last, short chunk
     assert not stats.same_bytes(a, last)
+
+
+def test_weighted_error_reads_its_rows_once_from_a_generator():
+    rows = [{"name": f"t{i}", "numel": i + 1, "rel_l2": (i * 7 % 11) / 10, "sqnr_db": float(i)} for i in range(200)]
+    rows[50]["rel_l2"] = rows[51]["rel_l2"] = 2.0  # a tie: the earlier row ranks first
+    expected = stats.weighted_error(rows)
+    assert stats.weighted_error(row for row in rows) == expected
+    assert [w["name"] for w in expected["worst"]][:2] == ["t50", "t51"]
+    assert stats.weighted_error(iter([])) == {"weighted_rel_l2": 0.0, "weighted_sqnr_db": None, "worst": []}

@@ -68,3 +68,31 @@ def test_apply_on_3gib_checkpoint_stays_under_1gib(big, tmp_path):
         assert (w == 0).mean() == pytest.approx(0.5, abs=1e-6)
     with safe_open(big, "numpy") as a, safe_open(tmp_path / "same.safetensors", "numpy") as b:
         assert a.get_tensor("layers.47.weight").tobytes() == b.get_tensor("layers.47.weight").tobytes()
+
+
+def small_tensors(path: Path, count: int) -> Path:
+    spec = path.with_suffix(".toml")
+    spec.write_text(f'[[tensors]]\nname = "layers.{{i}}.weight"\ncount = {count}\nshape = [2, 4]\nscheme = "he"\n')
+    new_checkpoint(spec, path)
+    return path
+
+
+def test_reports_on_100k_small_tensors_cost_kilobytes_per_tensor_not_their_records(tmp_path):
+    """Peak RSS with every report asked for grows by less than 4 KB a tensor (it was 13 KB: the
+    records, their sort and the HTML page all in memory), measured against 1,000 tensors."""
+    wtool = [sys.executable, "-m", "wtool"]
+
+    def peak(count: int) -> int:
+        source = small_tensors(tmp_path / f"in{count}.safetensors", count)
+        out = tmp_path / f"out{count}"
+        used, _ = peak_rss_of([*wtool, "apply", str(source), f"{out}.safetensors", "-q", "-t", "clip:percentile=99",
+                               "-t", "sparsify:fraction=0.5,scope=global", "--report", f"{out}.json",
+                               "--markdown", f"{out}.md", "--html", f"{out}.html"])
+        return used
+
+    small, large = peak(1_000), peak(100_000)
+    per_tensor = (large - small) / 99_000
+    print(f"\n100k small tensors with --report/--markdown/--html: peak RSS {large / 2**20:.0f} MiB "
+          f"({per_tensor:.0f} bytes per tensor over 1k tensors' {small / 2**20:.0f} MiB)")
+    assert per_tensor < 4096, f"{per_tensor:.0f} bytes per tensor"
+    assert len((tmp_path / "out100000.json").read_text().splitlines()) > 100_000

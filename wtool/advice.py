@@ -16,6 +16,7 @@ and needs no data and no model run:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from wtool.report import TensorRecord
@@ -23,7 +24,7 @@ from wtool.report import TensorRecord
 FLUSH_SHARE = 0.05  # a cast that flushes more than this share of the values is worth a warning
 
 
-def data_free_warnings(records: list[TensorRecord]) -> list[dict[str, Any]]:
+def data_free_warnings(records: Iterable[TensorRecord]) -> list[dict[str, Any]]:
     """{"tensor", "kind", "message"} for each rule a tensor breaks, by kind, the worst first."""
     found = [(kind, -severity, index, {"tensor": record.name, "kind": kind, "message": message})
              for index, record in enumerate(records) for kind, severity, message in _rules(record)]

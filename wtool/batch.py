@@ -34,15 +34,11 @@ from typing import Any, Protocol
 
 from wtool import __version__
 from wtool.errors import UsageError, WtoolError
-from wtool.io import open_checkpoint
+from wtool.io import checkpoint_file, is_checkpoint_folder, open_checkpoint
 from wtool.io.atomic import as_output_error
-from wtool.io.sharded import INDEX_NAME
 from wtool.pipeline import Pipeline, Progress, run
 from wtool.report import BatchItem, BatchReport
 from wtool.tensor import TensorInfo
-
-CHECKPOINT_SUFFIXES = (".safetensors", ".npz")
-
 
 # ------------------------------------------------------------------ the unit of work
 
@@ -321,12 +317,6 @@ def _expand_path(path: Path, out_dir: Path | None) -> list[tuple[Path, Path]]:
     return [(path, Path(absolute.parent.name if path.name.endswith(".index.json") else absolute.name))]
 
 
-def is_checkpoint_folder(path: Path) -> bool:
-    """A Hugging Face model folder: sharded (an index) or a single `model.safetensors`."""
-    return (path / INDEX_NAME).is_file() or (path / "model.safetensors").is_file() or \
-        any(path.glob("*.safetensors.index.json"))
-
-
 def _checkpoints_in(folder: Path) -> list[Path]:
     found: list[Path] = []
     for path in sorted(folder.iterdir()):
@@ -337,7 +327,7 @@ def _checkpoints_in(folder: Path) -> list[Path]:
                 found.append(path)
             elif not path.is_symlink():
                 found.extend(_checkpoints_in(path))
-        elif path.name.lower().endswith(CHECKPOINT_SUFFIXES):
+        elif checkpoint_file(path):
             found.append(path)
     return found
 

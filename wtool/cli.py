@@ -36,7 +36,7 @@ from typer.core import TyperGroup
 
 from wtool import __version__, analyze, batch, pipeline, report
 from wtool.errors import UsageError, WtoolError
-from wtool.io import Inputs, atomic, is_folder_output, parse_size
+from wtool.io import Inputs, atomic, is_folder_output, parse_size, protect
 from wtool.new import new_checkpoint
 from wtool.selection import Selector
 from wtool.tensor import TensorInfo
@@ -50,7 +50,7 @@ class _Group(TyperGroup):
     """Click's own errors (a missing option value, `-j 0`, a missing recipe file) in wtool's
     one-line format, exit 2; and standard streams that are safe to write to."""
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+    def main(self, *args: Any, **kwargs: Any) -> Any:
         _prepare_streams()
         kwargs["standalone_mode"] = False
         try:
@@ -144,9 +144,9 @@ def _prepare_streams() -> None:
                 os.close(descriptor)
             if number == 1:
                 _STDOUT_CLOSED = True
-                sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+                sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
             elif number == 2:
-                sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+                sys.stderr = open(2, "w", encoding="utf-8", closefd=False)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="replace")
@@ -357,7 +357,7 @@ def _check_reports(outputs: _Outputs, reports: dict[str, str | None], force: boo
         atomic.check_target(Path(target), force, "report")
         outputs.files[target] = atomic.absolute(Path(target))
     if inputs and outputs.todo:
-        outputs.inputs = pipeline.protect(inputs)
+        outputs.inputs = protect(inputs)
         for shown, target in outputs.files.items():
             outputs.inputs.refuse(target, "report", shown)
     return outputs.files
@@ -473,7 +473,7 @@ def apply(
         if markdown:
             _write_text(markdown, report.apply_markdown(result, rows), outputs, force)
         if html:
-            _write_text(html, report.apply_html(result), outputs, force)
+            _write_text(html, report.html_chunks(result), outputs, force)
         if dry_run:
             _print_plan(result, console)
         elif not quiet:
@@ -511,7 +511,7 @@ def decompress(
                                          reports=reports)
         console = _stderr() if report_path == "-" else _stdout()
         if report_path:
-            _write_text(report_path, report.dumps(result.to_json()), outputs, force)
+            _write_text(report_path, report.json_chunks(result), outputs, force)
         if not quiet:
             report.print_apply(result, console, rows)
 

@@ -16,9 +16,15 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Iterator, Mapping
+import pickle
+import tempfile
+from array import array
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any
+from itertools import islice
+from typing import IO, Any
+
+import numpy as np
 
 from rich.console import Console
 from rich.markup import escape
@@ -46,6 +52,108 @@ class TensorRecord:
     #: Bytes of the input tensor of the same name (None when new) and of this output tensor.
     bytes_before: int | None = None
     bytes_after: int | None = None
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(TensorRecord))  # a record is spilled as a tuple: smaller, faster
+
+
+class Records:
+    """The per-tensor records of a run, in the order they were added. Past `KEEP` of them they
+    are spilled to an anonymous temporary file (gone when closed, or when the process ends
+    however it ends), and so is every one after.
+
+    Memory then holds 17 bytes per record (where it is in the file, and the rank `worst` sorts
+    by), so a report on 100,000 tensors costs about as much as their header, not their
+    statistics; a small report (a batch holds one per input) keeps no file open. Iterating
+    reads the records back; `worst` reads only the rows it returns.
+
+    >>> records = Records([TensorRecord("a", "F32", [2], [], False, None, None, None, {}),
+    ...                    TensorRecord("b", "F32", [2], ["clip"], True, None, None, {"rel_l2": 0.5}, {})])
+    >>> len(records), [r.name for r in records], [r.name for r in records.worst(1)[0]], records.worst(1)[1]
+    (2, ['a', 'b'], ['b'], 1)
+    """
+
+    #: Records kept in memory before the first spill.
+    KEEP = 1000
+
+    def __init__(self, records: Iterable[TensorRecord] = ()) -> None:
+        self._fill(records)
+
+    def _fill(self, records: Iterable[TensorRecord]) -> None:
+        self._kept: list[TensorRecord] = []
+        self._file: IO[bytes] | None = None
+        self._offsets = array("q")
+        self._unchanged = array("b")
+        self._rank = array("d")  # minus the relative error (`_rel`): the worst sorts first
+        for record in records:
+            self.append(record)
+
+    def append(self, record: TensorRecord) -> None:
+        self._unchanged.append(not record.changed)
+        self._rank.append(-_rel(record))
+        if self._file is None and len(self._kept) < self.KEEP:
+            self._kept.append(record)
+            return
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(prefix="wtool-records-")
+            for kept in self._kept:
+                self._spill(kept)
+            self._kept = []
+        self._spill(record)
+
+    def _spill(self, record: TensorRecord) -> None:
+        assert self._file is not None
+        self._file.seek(0, 2)
+        self._offsets.append(self._file.tell())
+        pickle.dump(tuple([getattr(record, name) for name in _RECORD_FIELDS]), self._file,
+                    protocol=pickle.HIGHEST_PROTOCOL)
+
+    def __len__(self) -> int:
+        return len(self._rank)
+
+    def _read(self, index: int) -> TensorRecord:
+        if self._file is None:
+            return self._kept[index]
+        self._file.seek(self._offsets[index])
+        return TensorRecord(*pickle.load(self._file))
+
+    def __iter__(self) -> Iterator[TensorRecord]:
+        for index in range(len(self)):
+            yield self._read(index)
+
+    def __getitem__(self, index: int) -> TensorRecord:
+        return self._read(range(len(self))[index])
+
+    def ranked(self) -> Iterator[TensorRecord]:
+        """Every record, worst first: changed ones by decreasing relative error (in the order
+        they were added among equals), unchanged ones last."""
+        rank = np.array(self._rank, dtype=np.float64)
+        unchanged = np.array(self._unchanged, dtype=np.int8)
+        for index in np.lexsort((rank, unchanged)):  # stable: ties keep their order
+            yield self._read(int(index))
+
+    def worst(self, limit: int = SHOW_ROWS) -> tuple[list[TensorRecord], int]:
+        """The first `limit` records of `ranked`, and how many did not fit."""
+        shown = list(islice(self.ranked(), limit))
+        return shown, len(self) - len(shown)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (Records, list)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"<Records: {len(self)} tensors>"
+
+    def __getstate__(self) -> list[TensorRecord]:  # pickled (batch workers) as the records themselves
+        return list(self)
+
+    def __setstate__(self, records: list[TensorRecord]) -> None:
+        self._fill(records)
 
 
 @dataclass
@@ -82,7 +190,8 @@ class Report:
     input: str
     output: str | None
     steps: list[dict[str, Any]]
-    tensors: list[TensorRecord]
+    #: Spilled to a temporary file as they come (`Records`); a list given here is spilled too.
+    tensors: Records
     totals: dict[str, Any]
     dropped: list[str] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
@@ -94,14 +203,18 @@ class Report:
     #: Data-free warnings ({"tensor", "kind", "message"}), see `wtool.advice`.
     warnings: list[dict[str, Any]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensors, Records):
+            self.tensors = Records(self.tensors)
+
     def to_json(self) -> dict[str, Any]:
-        return _clean(asdict(self))
+        return {f.name: [_clean(asdict(r)) for r in self.tensors] if f.name == "tensors"
+                else _clean(_plain(getattr(self, f.name))) for f in fields(self)}
 
     def worst(self, limit: int = SHOW_ROWS) -> tuple[list[TensorRecord], int]:
         """The rows worth showing, worst first: changed tensors by decreasing relative error
         (checkpoint order among equals), unchanged ones last; and how many did not fit."""
-        rows = sorted(self.tensors, key=lambda r: (not r.changed, -_rel(r)))
-        return rows[:limit], max(0, len(rows) - limit)
+        return self.tensors.worst(limit)
 
     def pipeline_label(self) -> str:
         """Every step with its full parameters, e.g. `clip(percentile=99.9) → quantize(bits=4, ...)`."""
@@ -201,6 +314,8 @@ def _clean(value: Any) -> Any:
         return {k: _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
+    if isinstance(value, Records):  # inside a dataclass `asdict` copied (a batch item's report)
+        return [_clean(asdict(r)) for r in value]
     return value
 
 
@@ -617,26 +732,20 @@ def _svg(h: dict[str, Any] | None, width: int = 220, height: int = 48) -> str:
 
 def apply_html(report: Report) -> str:
     """One self-contained page (no network, no external assets): sortable table, histograms."""
+    return "".join(html_chunks(report))
+
+
+def html_chunks(report: Report) -> Iterator[str]:
+    """`apply_html` in pieces, one table row each, worst first (`Records.ranked`)."""
     esc = html.escape
     t = report.totals
     head = ["tensor", "shape", "dtype", "steps", "absmax before", "absmax after", "std after", "sparsity after",
             "rel_l2", "sqnr dB", "values (grey before, blue after)"]
-    rows = []
-    for r in report.worst(len(report.tensors))[0]:
-        e = r.error or {}
-        after = r.after or {}
-        before = r.before or {}
 
-        def cell(value: Any, digits: int = 4) -> str:
-            raw = "" if value is None else str(value)
-            return f'<td data-v="{esc(raw)}">{esc(fmt(value, digits))}</td>'
+    def cell(value: Any, digits: int = 4) -> str:
+        raw = "" if value is None else str(value)
+        return f'<td data-v="{esc(raw)}">{esc(fmt(value, digits))}</td>'
 
-        rows.append(f'<tr class="{"changed" if r.changed else "same"}"><td class="name">{esc(r.name)}</td>'
-                    f'<td data-v="{math.prod(r.shape) if r.shape else 1}">{esc(_shape(r.shape))}</td>'
-                    f'<td class="steps">{esc(r.dtype)}</td><td class="steps">{esc(" → ".join(r.steps)) or "-"}</td>'
-                    + cell(before.get("absmax")) + cell(after.get("absmax")) + cell(after.get("std"))
-                    + cell(after.get("sparsity")) + cell(e.get("rel_l2")) + cell(e.get("sqnr_db") if e.get("mse") else None, 3)
-                    + f"<td>{_svg(r.histogram)}</td></tr>")
     steps = report.pipeline_label()
     extra = [f"<li>{esc(g.op)}: {esc(g.note)}</li>" for g in report.groups]
     extra += [f"<li>{esc(line.plain.removeprefix('  • '))}</li>" for line in _skip_lines(report)]
@@ -644,15 +753,26 @@ def apply_html(report: Report) -> str:
     extra += [f"<li>dropped {esc(n)}</li>" for n in report.dropped]
     extra += [f"<li>{esc(line)}</li>" for line in totals_lines(t)]
     extra += [f"<li><b>warning</b> {esc(w['tensor'])}: {esc(w['message'])}</li>" for w in report.warnings]
-    return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>wtool report</title>"
-            f"<style>{_CSS}</style></head><body><h1>wtool apply: {esc(report.input)} → {esc(str(report.output))}</h1>"
-            f'<div class="sub">pipeline: {esc(steps)} · {t["tensors"]} tensors, {t["changed"]} changed · '
-            f'{fmt(t["params"])} params · {human_bytes(t["bytes_in"])} → {human_bytes(t["bytes_out"])} · '
-            f'{t["seconds"]:.2f} s · wtool {esc(report.wtool_version)}</div>'
-            + (f"<ul>{''.join(extra)}</ul>" if extra else "")
-            + "<table><thead><tr>" + "".join(f'<th class="{"name" if h in ("tensor", "dtype", "steps") else ""}">{esc(h)}</th>'
-                                             for h in head)
-            + f"</tr></thead><tbody>{''.join(rows)}</tbody></table><script>{_JS}</script></body></html>\n")
+    yield (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>wtool report</title>"
+           f"<style>{_CSS}</style></head><body><h1>wtool apply: {esc(report.input)} → {esc(str(report.output))}</h1>"
+           f'<div class="sub">pipeline: {esc(steps)} · {t["tensors"]} tensors, {t["changed"]} changed · '
+           f'{fmt(t["params"])} params · {human_bytes(t["bytes_in"])} → {human_bytes(t["bytes_out"])} · '
+           f'{t["seconds"]:.2f} s · wtool {esc(report.wtool_version)}</div>'
+           + (f"<ul>{''.join(extra)}</ul>" if extra else "")
+           + "<table><thead><tr>" + "".join(f'<th class="{"name" if h in ("tensor", "dtype", "steps") else ""}">{esc(h)}</th>'
+                                            for h in head)
+           + "</tr></thead><tbody>")
+    for r in report.tensors.ranked():
+        e = r.error or {}
+        after = r.after or {}
+        before = r.before or {}
+        yield (f'<tr class="{"changed" if r.changed else "same"}"><td class="name">{esc(r.name)}</td>'
+               f'<td data-v="{math.prod(r.shape) if r.shape else 1}">{esc(_shape(r.shape))}</td>'
+               f'<td class="steps">{esc(r.dtype)}</td><td class="steps">{esc(" → ".join(r.steps)) or "-"}</td>'
+               + cell(before.get("absmax")) + cell(after.get("absmax")) + cell(after.get("std"))
+               + cell(after.get("sparsity")) + cell(e.get("rel_l2")) + cell(e.get("sqnr_db") if e.get("mse") else None, 3)
+               + f"<td>{_svg(r.histogram)}</td></tr>")
+    yield f"</tbody></table><script>{_JS}</script></body></html>\n"
 
 
 # ------------------------------------------------------------------ the transforms table

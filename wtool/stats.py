@@ -18,8 +18,10 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import numpy as np
@@ -199,7 +201,7 @@ def quiet_nan(function: F) -> F:
         with np.errstate(invalid="ignore"):
             return function(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def _chunks(size: int) -> range:
@@ -486,26 +488,37 @@ def cosine(before: np.ndarray, after: np.ndarray) -> float | None:
     return _json_float(dot / math.sqrt(na * nb))
 
 
-def weighted_error(rows: list[dict[str, Any]], worst: int = 5) -> dict[str, Any]:
+def weighted_error(rows: Iterable[dict[str, Any]], worst: int = 5) -> dict[str, Any]:
     """Totals over changed tensors, each weighing by its parameter count: the relative noise
     power Σ nᵢ·rel_l2ᵢ² / Σ nᵢ as `weighted_rel_l2` (its square root) and `weighted_sqnr_db`
     (−20·log10 of it), and the `worst` tensors by rel_l2. A median hides the few tensors
     that break a model; these do not.
 
     Rows are {"name", "numel", "rel_l2", "sqnr_db"}; rel_l2 None is an infinite error, which
-    makes both totals None. With no error at all, weighted_sqnr_db is None (infinite).
+    makes both totals None. With no error at all, weighted_sqnr_db is None (infinite). The rows
+    are read once and not kept (8 bytes each), so they may come from a generator.
 
     >>> totals = weighted_error([{"name": "a", "numel": 3, "rel_l2": 0.2, "sqnr_db": 14.0},
     ...                          {"name": "b", "numel": 1, "rel_l2": 0.0, "sqnr_db": None}])
     >>> round(totals["weighted_rel_l2"], 12)  # √(3·0.2² / 4)
     0.173205080757
     """
-    ranked = sorted(rows, key=lambda r: -(math.inf if r["rel_l2"] is None else r["rel_l2"]))
-    top = [{"name": r["name"], "rel_l2": r["rel_l2"], "sqnr_db": r["sqnr_db"]} for r in ranked[:worst]]
-    count = sum(r["numel"] for r in rows)
-    if not count or any(r["rel_l2"] is None for r in rows):
+    count, infinite, terms = 0, False, array("d")
+    ranked: list[tuple[float, int, dict[str, Any]]] = []  # (minus rel_l2, position, row): the worst so far
+    for position, r in enumerate(rows):
+        count += r["numel"]
+        if r["rel_l2"] is None:
+            infinite = True
+        else:
+            terms.append(r["numel"] * r["rel_l2"] ** 2)
+        ranked.append((-(math.inf if r["rel_l2"] is None else r["rel_l2"]), position, r))
+        if len(ranked) > 2 * worst + 64:
+            ranked = sorted(ranked, key=itemgetter(0, 1))[:worst]
+    top = [{"name": r["name"], "rel_l2": r["rel_l2"], "sqnr_db": r["sqnr_db"]}
+           for *_, r in sorted(ranked, key=itemgetter(0, 1))[:worst]]
+    if not count or infinite:
         return {"weighted_rel_l2": 0.0 if not count else None, "weighted_sqnr_db": None, "worst": top}
-    power = math.fsum(r["numel"] * r["rel_l2"] ** 2 for r in rows) / count
+    power = math.fsum(terms) / count
     return {"weighted_rel_l2": math.sqrt(power),
             "weighted_sqnr_db": -10 * math.log10(power) if power > 0 else None, "worst": top}
 

@@ -74,8 +74,9 @@ class StepRun:
             reader.close()
 
     def output_info(self, info: TensorInfo) -> TensorInfo:
-        """`info` after this step (only the dtype may change)."""
-        return TensorInfo(info.name, self.step.transform.output_dtype(info.dtype), info.shape)
+        """`info` after this step (only the dtype may change; the same object when it does not)."""
+        dtype = self.step.transform.output_dtype(info.dtype)
+        return info if dtype == info.dtype else TensorInfo(info.name, dtype, info.shape)
 
     def apply(self, info: TensorInfo, array: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """Run this per-tensor step on `array`, the value of `info` in compute dtype.
@@ -167,7 +168,7 @@ class StepRun:
 
 # ------------------------------------------------------------------ chains
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Source:
     """A chain that starts at a tensor of the input checkpoint."""
 
@@ -178,7 +179,7 @@ class Source:
         return self.reader.read(self.info.name)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class GroupOutput:
     """A chain that starts at one output of a group step; `history` is the chain whose steps
     the report lists before the group's (the input of the same name, else the first input)."""

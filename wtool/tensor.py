@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from wtool.dtypes import DType, by_code
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """Name, safetensors dtype code and shape of one tensor."""
 

@@ -40,7 +40,7 @@ from wtool.tensor import TensorInfo
 
 __all__ = ["FORMATS", "Format", "Inputs", "Reader", "Writer", "WriterMisuse", "open_checkpoint", "create_writer",
            "is_folder_output", "check_target", "ModelFiles", "model_files", "model_folder", "output_format",
-           "parse_size"]
+           "parse_size", "protect", "protect_readers", "checkpoint_file", "is_checkpoint_folder", "sniff"]
 
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 #: A name ending like this is meant as a file, never as a folder (`.5-7B` in `Qwen2.5-7B` is not).
@@ -49,12 +49,33 @@ _FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9_]*")
 
 @dataclass(frozen=True)
 class Format:
-    """One way a checkpoint is stored: the name ending that says so, its reader and writer."""
+    """One way a checkpoint is stored: the name ending that says so, how its first bytes look,
+    its reader and writer, and for a folder the names of the checkpoint files in it."""
 
     suffix: str
     reader: Callable[[Path], Reader]
     writer: Callable[..., Writer] | None
     folder: bool = False
+    #: Whether a file's first `MAGIC_BYTES` bytes start this format (None: only its name says so).
+    magic: Callable[[bytes], bool] | None = None
+    #: A folder's checkpoint files (shards, index), by name ending.
+    members: tuple[str, ...] = ()
+
+    def holds(self, name: str) -> bool:
+        """Whether a file called `name` in a folder of this format is one of its checkpoint files."""
+        return name.endswith(self.members) if self.members else False
+
+
+#: How many bytes `sniff` reads: safetensors' 8-byte header length and the `{` after it.
+MAGIC_BYTES = 9
+
+
+def _safetensors_start(start: bytes) -> bool:
+    return len(start) == MAGIC_BYTES and start[8:9] == b"{"
+
+
+def _zip_start(start: bytes) -> bool:
+    return start[:4] in (b"PK\x03\x04", b"PK\x05\x06")
 
 
 def _open_index(path: Path) -> Reader:
@@ -75,10 +96,10 @@ def _open_folder(path: Path) -> Reader:
     raise InputError(f"{path}: folder holds no {INDEX_NAME} or model.safetensors")
 
 
-SAFETENSORS = Format(".safetensors", SafetensorsReader, SafetensorsWriter)
-NPZ = Format(".npz", NpzReader, NpzWriter)
+SAFETENSORS = Format(".safetensors", SafetensorsReader, SafetensorsWriter, magic=_safetensors_start)
+NPZ = Format(".npz", NpzReader, NpzWriter, magic=_zip_start)
 #: A Hugging Face sharded folder; read through its index file too.
-FOLDER = Format("/", _open_folder, ShardedWriter, folder=True)
+FOLDER = Format("/", _open_folder, ShardedWriter, folder=True, members=(".safetensors", ".safetensors.index.json"))
 INDEX = Format(".json", _open_index, None)
 #: Every format a path's name selects, looked up by suffix (case-insensitive).
 FORMATS = (SAFETENSORS, NPZ, INDEX)
@@ -87,6 +108,28 @@ FORMATS = (SAFETENSORS, NPZ, INDEX)
 def _by_suffix(path: Path) -> Format | None:
     name = path.name.lower()
     return next((fmt for fmt in FORMATS if name.endswith(fmt.suffix)), None)
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """A Hugging Face model folder: sharded (an index) or a single `model.safetensors` (a folder
+    that only holds some `*.safetensors` files opens too, but is not one: batch looks inside it)."""
+    return (path / INDEX_NAME).is_file() or (path / "model.safetensors").is_file() or \
+        any(path.glob("*.safetensors.index.json"))
+
+
+def checkpoint_file(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is named as a checkpoint file (`.safetensors`, `.npz`; not an index)."""
+    fmt = _by_suffix(Path(path))
+    return fmt is not None and fmt.magic is not None
+
+
+def sniff(start: bytes) -> Format | None:
+    """The file format whose first bytes `start` (up to `MAGIC_BYTES` of them) are, if any.
+
+    >>> sniff(b"PK\x03\x04") is NPZ, sniff(b"\x10" + bytes(7) + b"{") is SAFETENSORS, sniff(b"GGUF")
+    (True, True, None)
+    """
+    return next((fmt for fmt in FORMATS if fmt.magic is not None and fmt.magic(start)), None)
 
 
 def output_format(path: str | os.PathLike[str]) -> Format:
@@ -138,11 +181,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Reader:
     if path.name.lower().endswith(".npy"):
         raise InputError(f"{path}: a single .npy array is not a checkpoint; save it in an .npz")
     with open_regular(path) as handle:
-        start = handle.read(9)
-    if start[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        return NPZ.reader(path)
-    if len(start) == 9 and start[8:9] == b"{":
-        return SAFETENSORS.reader(path)
+        fmt = sniff(handle.read(MAGIC_BYTES))
+    if fmt is not None:
+        return fmt.reader(path)
     raise InputError(f"{path}: not a recognised checkpoint (expected .safetensors, .npz or a sharded folder)")
 
 
@@ -188,3 +229,33 @@ def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], m
                              inputs=inputs)
     assert fmt.writer is not None
     return fmt.writer(path, tensors, metadata, force=force, inputs=inputs)
+
+
+def protect_readers(readers: Sequence[Reader], reads: Sequence[str | os.PathLike[str]] = ()) -> Inputs:
+    """Every file a run reads: each reader's files, the model files beside them, and `reads`."""
+    inputs = Inputs()
+    for reader in readers:
+        _protect_reader(inputs, reader)
+    for path in reads:
+        inputs.add(Path(path))
+    return inputs
+
+
+def _protect_reader(inputs: Inputs, reader: Reader) -> None:
+    inputs.add_stamps(reader.stamps)
+    source = Path(reader.path)
+    folder = model_folder(source)
+    beside = [folder / name for name in model_files(folder).copied] if folder is not None else []
+    for path in [*beside, (folder or source.parent) / "config.json"]:
+        if path.is_file():
+            inputs.add(path)
+
+
+def protect(sources: Sequence[str | os.PathLike[str]]) -> Inputs:
+    """The protected set of a command that only reads `sources` (inspect, diff, eval): what its
+    reports may not touch, and what must not change before they are written. Only headers are read."""
+    inputs = Inputs()
+    for source in sources:
+        with open_checkpoint(source) as reader:
+            _protect_reader(inputs, reader)
+    return inputs

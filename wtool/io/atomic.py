@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import wtool.io as formats  # the format table: what a checkpoint looks like (read at call time)
 from wtool.errors import OutputError, UsageError
 from wtool.io.protect import Inputs, absolute
 
@@ -168,17 +169,13 @@ def remove_quietly(path: Path) -> None:
 # ------------------------------------------------------------------ what --force may replace
 
 def _looks_like_checkpoint(path: Path) -> bool:
-    """An empty file, or one that starts like safetensors (length, then `{`) or npz (a zip)."""
+    """An empty file, or one that starts like a checkpoint format (`wtool.io.sniff`)."""
     try:
         with open(path, "rb") as handle:
-            start = handle.read(9)
+            start = handle.read(formats.MAGIC_BYTES)
     except OSError:
         return False
-    return not start or start[:4] in (b"PK\x03\x04", b"PK\x05\x06") or (len(start) == 9 and start[8:9] == b"{")
-
-
-def _checkpoint_name(name: str) -> bool:
-    return name.endswith((".safetensors", ".safetensors.index.json"))
+    return not start or formats.sniff(start) is not None
 
 
 def read_manifest(folder: Path) -> set[str]:
@@ -215,7 +212,7 @@ def _folder_problem(folder: Path) -> str | None:
             relative = path.relative_to(folder).as_posix()
             regular = stat.S_ISREG(os.lstat(path).st_mode)
             top = "/" not in relative
-            if regular and (relative in listed or top and (relative == MANIFEST or _checkpoint_name(name))):
+            if regular and (relative in listed or top and (relative == MANIFEST or formats.FOLDER.holds(name))):
                 continue
             return f"holds {relative}, which wtool did not write"
     return None
