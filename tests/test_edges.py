@@ -151,6 +151,18 @@ def test_dry_run_shows_dtype_and_bytes_before_and_after(small):
     assert "10.24 KB → 10.11 KB in total" in " ".join(result.output.split())
 
 
+def test_dry_run_shows_changing_tensors_first_up_to_rows(tmp_path):
+    names = [f"t{i:03d}" for i in range(200)]
+    path = tmp_path / "many.safetensors"
+    save_file({n: np.ones(4, np.float32) for n in names}, str(path))
+    result = invoke("apply", path, "--dry-run", "--rows", "5", "-t", "clip:c=1,include=t19*")
+    assert result.exit_code == 0, result.output
+    listed = [n for n in names if re.search(rf"\b{n}\b", result.output)]
+    assert listed == ["t190", "t191", "t192", "t193", "t194"]
+    text = " ".join(result.output.split())
+    assert "… and 195 more tensors" in text and "(10 of 200 tensors would change" in text
+
+
 @pytest.mark.parametrize("command", ["apply", "inspect", "diff"])
 def test_json_option_on_every_command_that_writes_json(small, tmp_path, command):
     args = {"apply": [small, tmp_path / "o.safetensors"], "inspect": [small], "diff": [small, small]}[command]

@@ -475,7 +475,7 @@ def apply(
         if html:
             _write_text(html, report.html_chunks(result), outputs, force)
         if dry_run:
-            _print_plan(result, console)
+            _print_plan(result, console, rows)
         elif not quiet:
             report.print_apply(result, console, rows)
 
@@ -516,24 +516,12 @@ def decompress(
             report.print_apply(result, console, rows)
 
 
-def _print_plan(result: report.Report, console: Console) -> None:
-    table = Table(title=f"plan for {escape(result.input)}", title_justify="left")
-    table.add_column("tensor", overflow="fold")
-    table.add_column("shape", justify="right")
-    table.add_column("dtype")
-    table.add_column("bytes", justify="right")
-    table.add_column("steps", overflow="fold")
-    for r in result.tensors:
-        before = TensorInfo(r.name, r.dtype_before, tuple(r.shape)).nbytes if r.dtype_before else None
-        after = TensorInfo(r.name, r.dtype, tuple(r.shape)).nbytes
-        table.add_row(escape(r.name), "×".join(map(str, r.shape)) or "scalar", report.arrow(r.dtype_before, r.dtype),
-                      report.arrow(before and report.human_bytes(before), report.human_bytes(after)),
-                      escape(" → ".join(r.steps)) or "[dim]unchanged[/]")
-    console.print(table)
+def _print_plan(result: report.Report, console: Console, rows: int) -> None:
+    console.print(report.plan_table(result, rows))
     for line in report.plan_details(result):
         console.print(line)
     totals = result.totals
-    console.print(f"[dim]dry run: nothing was written ({sum(bool(r.steps) for r in result.tensors)} of "
+    console.print(f"[dim]dry run: nothing was written ({totals['changed']} of "
                   f"{len(result.tensors)} tensors would change; "
                   f"{report.arrow(report.human_bytes(totals['bytes_in']), report.human_bytes(totals['bytes_out']))} "
                   "in total)[/]")

@@ -31,6 +31,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from wtool.tensor import TensorInfo
+
 SHOW_ROWS = 30
 
 
@@ -503,6 +505,27 @@ def apply_table(report: Report, limit: int = SHOW_ROWS, sparklines: bool = True)
         caption.append(f"dropped: {len(report.dropped)} tensors")
     table.caption = escape("\n".join(caption))
     table.caption_justify = "left"
+    return table
+
+
+def plan_table(report: Report, limit: int = SHOW_ROWS) -> Table:
+    """A dry run's plan: dtype and bytes before → after and the steps of the first `limit` tensors,
+    those that would change first (checkpoint order), then how many more; `--report` lists all."""
+    table = Table(title=f"plan for {escape(report.input)}", title_justify="left")
+    table.add_column("tensor", overflow="fold")
+    table.add_column("shape", justify="right")
+    table.add_column("dtype")
+    table.add_column("bytes", justify="right")
+    table.add_column("steps", overflow="fold")
+    shown, hidden = report.worst(limit)
+    for r in shown:
+        before = TensorInfo(r.name, r.dtype_before, tuple(r.shape)).nbytes if r.dtype_before else None
+        after = TensorInfo(r.name, r.dtype, tuple(r.shape)).nbytes
+        table.add_row(escape(r.name), _shape(r.shape), arrow(r.dtype_before, r.dtype),
+                      arrow(before and human_bytes(before), human_bytes(after)),
+                      escape(" → ".join(r.steps)) or "[dim]unchanged[/]")
+    if hidden:
+        table.caption = f"… and {hidden} more tensors (--rows N shows more; --report FILE lists every one)"
     return table
 
 
