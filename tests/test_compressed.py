@@ -261,9 +261,13 @@ def test_apply_reports_one_row_per_compressed_weight(packed_llama, llama, tmp_pa
     table = invoke("apply", llama, tmp_path / "again.safetensors", "-t",
                    "quantize:bits=4,granularity=group,group_size=8,storage=packed", "--rows", 100)
     assert table.exit_code == 0, table.output
-    rows = [line for line in table.output.splitlines() if line.startswith("│")]
-    assert any("lm_head.weight " in line and "2.05 KB → 560 B" in line for line in rows)
-    assert not any(piece in line for line in rows for piece in ("weight_packed", "weight_scale", "weight_shape"))
+    plan = invoke("apply", llama, tmp_path / "plan.safetensors", "-t",
+                  "quantize:bits=4,granularity=group,group_size=8,storage=packed", "--rows", 100, "--dry-run")
+    assert plan.exit_code == 0, plan.output
+    for output in (table.output, plan.output):
+        rows = [line for line in output.splitlines() if line.startswith("│")]
+        assert any("lm_head.weight " in line and "2.05 KB → 560 B" in line for line in rows), output
+        assert not any(piece in line for line in rows for piece in ("weight_packed", "weight_scale", "weight_shape"))
 
 
 @pytest.mark.parametrize("options", [["--dry-run"], ["--no-stats"], ["-j", "2"]])
