@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import wtool.io.atomic
+import wtool.io.sharded
 from wtool.dtypes import DTYPES
 from wtool.errors import InputError, OutputError, UsageError
 from wtool.io import (
@@ -311,6 +312,36 @@ def test_commit_with_missing_tensors_leaves_nothing(tmp_path):
         writer.commit()
     assert listing(tmp_path) == {}
     writer.abort()  # idempotent after the failed commit
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:8] + data[8:].replace(b'"a"', b'"c"', 1), "written header differs"),
+    (lambda data: data[:-1], "bytes, not the [0-9]+ its header declares"),
+    (lambda data: data + b"\0", "bytes, not the [0-9]+ its header declares"),
+])
+@pytest.mark.parametrize("shard", [None, 6])
+def test_a_file_that_does_not_read_back_as_written_is_never_committed(tmp_path, monkeypatch, damage, message,
+                                                                       shard):
+    """What reaches the disk is read back before the commit: the header byte for byte, the length."""
+    real = wtool.io.atomic.finish_file
+
+    def finish_then_damage(handle):
+        path = os.readlink(f"/proc/self/fd/{handle.fileno()}")
+        real(handle)
+        with open(path, "rb") as file:
+            data = file.read()
+        with open(path, "wb") as file:
+            file.write(damage(data))
+
+    infos = [TensorInfo("a", "U8", (5,)), TensorInfo("b", "U8", (5,))]
+    target = tmp_path / ("out" if shard else "x.safetensors")
+    monkeypatch.setattr(wtool.io.atomic, "finish_file", finish_then_damage)
+    monkeypatch.setattr(wtool.io.sharded, "finish_file", finish_then_damage)
+    with pytest.raises(OutputError, match=message):
+        with create_writer(target, infos, {}, max_shard_size=shard) as writer:
+            writer.write("a", np.arange(5, dtype=np.uint8))
+            writer.write("b", np.arange(5, dtype=np.uint8))
+    assert listing(tmp_path) == {}
 
 
 def test_writer_accepts_any_layout_and_byte_order(tmp_path):

@@ -298,7 +298,8 @@ class ShardedWriter(Writer):
                 handle, self._handle = self._handle, None
                 finish_file(handle)
         if self._next in self._ends_shard:
-            check_with_reference(self.path / name, self._folder.temp / name, shard, self.metadata)
+            check_with_reference(self.path / name, self._folder.temp / name, self._headers[number], shard,
+                                 self.metadata)
 
     def _commit(self) -> None:
         index = {
