@@ -193,12 +193,15 @@ class Suite:
             self.rows.append(Row(case, self.size, 0.0, note="skipped: llmcompressor not installed (make bench-env)"))
             return
         script = HERE / "peer_llm_compressor.py"
-        times, peer_peak, ours = [], 0, []
+        times, peer_peak, ours, bare, bare_peak = [], 0, [], [], 0
         for _ in range(PEER_RUNS):  # no warm-up: the checkpoint is in the page cache already
             seconds, rss = self._peer(script)
             times.append(seconds)
             peer_peak = max(peer_peak, rss)
             ours.append(self.wtool_apply("p1", "-t", PACKED)()[0])
+            seconds, rss = self.wtool_apply("p2", "-t", PACKED, "--no-stats")()
+            bare.append(seconds)
+            bare_peak = max(bare_peak, rss)
         median, base_median = statistics.median(times), statistics.median(ours)
         seconds = json.loads((self.work / "peer.json").read_text())["seconds"]
         faster, lighter = median / base_median, peer_peak / max(packed.peak_rss or 1, 1)
@@ -206,6 +209,11 @@ class Suite:
                              "wtool ≥ 4× faster, ≤ 1/8 of its RSS", faster >= 4 and lighter >= 8,
                              f"wtool {faster:.1f}× faster, peer RSS {lighter:.1f}× wtool's; "
                              f"peer's own timer without its imports: {seconds:.1f} s", times))
+        faster = median / statistics.median(bare)
+        self.rows.append(Row("  the same against wtool packed W4A16 --no-stats", self.size, median, peer_peak,
+                             "wtool --no-stats", statistics.median(bare), faster, "wtool ≥ 4× faster, ≤ 1/8 of its RSS",
+                             faster >= 4 and peer_peak / max(bare_peak, 1) >= 8,
+                             f"wtool {faster:.1f}× faster at {bare_peak / MIB:.0f} MiB", times))
 
     def _peer(self, script: Path) -> tuple[float, int]:
         target = self.work / "peer"

@@ -234,15 +234,63 @@ def packed_llama(llama, tmp_path):
     return out
 
 
-def test_apply_reports_bytes_before_and_after(packed_llama, tmp_path):
+def test_apply_reports_one_row_per_compressed_weight(packed_llama, llama, tmp_path):
+    """JSON, Markdown and table: `P.weight` with its dense statistics, the error of what the layout
+    decodes to, and bytes dense → the sum of its pieces; never a row per piece."""
     data = json.loads((tmp_path / "r.json").read_text())
-    first = next(t for t in data["tensors"] if t["name"] == "lm_head.weight_packed")
-    assert first["bytes_before"] is None and first["bytes_after"] == 32 * 2 * 4
-    assert first["error"]["rel_l2"] < 0.2  # the error of what the layout decodes to, against lm_head.weight
-    group = next(g for g in data["groups"] if g["inputs"] == ["lm_head.weight"])
+    names = [t["name"] for t in data["tensors"]]
+    assert not any(n.endswith(("_packed", "_scale", "_zero_point", "_shape")) for n in names)
+    row = next(t for t in data["tensors"] if t["name"] == "lm_head.weight")
     # 32×16 float32 = 2048 B -> packed 32×2 I32 (256) + scale 32×2 F32 (256) + zero 4×2 I32 (32) + shape 16
+    assert (row["shape"], row["dtype"], row["bytes_before"], row["bytes_after"]) == ([32, 16], "F32", 2048, 560)
+    assert row["extras"]["quantize.layout"] == "int4 asym group 8"
+    assert row["extras"]["quantize.bits_per_weight"] == pytest.approx(560 * 8 / 512)
+    with open_checkpoint(llama) as original, DecompressedReader(open_checkpoint(packed_llama)) as dense:
+        w, decoded = original.read("lm_head.weight"), dense.read("lm_head.weight")
+    assert row["before"]["absmax"] == pytest.approx(float(np.abs(w).max()))
+    assert row["after"]["absmax"] == pytest.approx(float(np.abs(decoded).max()))
+    assert row["error"]["rel_l2"] == pytest.approx(float(np.linalg.norm(decoded - w) / np.linalg.norm(w)), rel=1e-6)
+    assert data["dropped"] == []
+    assert data["totals"]["tensors"] == len(names)
+    assert data["totals"]["bytes_out"] == packed_llama.stat().st_size - _header_bytes(packed_llama)
+    group = next(g for g in data["groups"] if g["inputs"] == ["lm_head.weight"])
     assert (group["bytes_before"], group["bytes_after"], group["layout"]) == (2048, 560, "int4 asym group 8")
-    assert "| bytes |" in (tmp_path / "r.md").read_text()
+    markdown = (tmp_path / "r.md").read_text()
+    assert "| `lm_head.weight` | 32×16 | F32 | quantize |" in markdown and "2.05 KB → 560 B |" in markdown
+    assert "_packed" not in markdown
+    table = invoke("apply", llama, tmp_path / "again.safetensors", "-t",
+                   "quantize:bits=4,granularity=group,group_size=8,storage=packed", "--rows", 100)
+    assert table.exit_code == 0, table.output
+    plan = invoke("apply", llama, tmp_path / "plan.safetensors", "-t",
+                  "quantize:bits=4,granularity=group,group_size=8,storage=packed", "--rows", 100, "--dry-run")
+    assert plan.exit_code == 0, plan.output
+    for output in (table.output, plan.output):
+        rows = [line for line in output.splitlines() if line.startswith("│")]
+        assert any("lm_head.weight " in line and "2.05 KB → 560 B" in line for line in rows), output
+        assert not any(piece in line for line in rows for piece in ("weight_packed", "weight_scale", "weight_shape"))
+
+
+@pytest.mark.parametrize("options", [["--dry-run"], ["--no-stats"], ["-j", "2"]])
+@pytest.mark.parametrize(("spec", "bytes_after"), [
+    ("quantize:bits=4,granularity=group,group_size=8,storage=packed", 560),
+    ("quantize:type=fp8", 32 * 16 + 32 * 4),  # F8_E4M3 values + one F32 scale per row
+])
+def test_every_report_of_apply_has_one_row_per_compressed_weight(llama, tmp_path, options, spec, bytes_after):
+    result = invoke("apply", llama, tmp_path / "out.safetensors", "-t", spec, "--report", tmp_path / "r.json",
+                    "--quiet", *options)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    rows = {t["name"]: t for t in data["tensors"]}
+    assert not any(n.endswith(("_packed", "_scale", "_zero_point", "_shape")) for n in rows)
+    row = rows["lm_head.weight"]
+    assert (row["dtype"], row["shape"], row["bytes_before"], row["bytes_after"]) == ("F32", [32, 16], 2048, bytes_after)
+    assert (row["error"] is None) == (options != ["-j", "2"])
+    assert data["dropped"] == []  # stored as pieces, not dropped
+
+
+def _header_bytes(path):
+    with open(path, "rb") as handle:
+        return 8 + int.from_bytes(handle.read(8), "little")
 
 
 def test_inspect_shows_one_row_per_logical_weight(packed_llama):
@@ -336,3 +384,93 @@ def test_nvfp4_file_reads_back(tmp_path):
         config = json.loads(packed.metadata["quantization_config"])
     assert config["format"] == "nvfp4-pack-quantized"
     assert next(iter(config["config_groups"].values()))["weights"]["group_size"] == 16
+
+
+# ------------------------------------------------------------------ integers that are quantized already
+
+W8 = np.array([[-128, -3, 0, 5], [7, 127, -1, 2]], dtype=np.int8)
+
+
+def write_int8(path, scale_shape=(2, 1)):
+    """compressed-tensors' int-quantized W8A8 layout beside an int64 buffer, a bool mask and a float weight."""
+    rng = np.random.default_rng(0)
+    save_file({"fc.weight": W8, "fc.weight_scale": np.full(scale_shape, 0.5, dtype=np.float32),
+               "codes.weight": np.arange(32, dtype=np.int8).reshape(4, 8),
+               "embeddings.position_ids": np.arange(8, dtype=np.int64).reshape(1, 8),
+               "attn.mask": np.ones((4, 4), dtype=bool),
+               "out.weight": rng.standard_normal((4, 8)).astype(np.float32)}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("scale_shape", [(2, 1), (1,)])
+def test_an_integer_weight_with_a_scale_is_refused_unless_allow_requantize(tmp_path, scale_shape):
+    source = write_int8(tmp_path / "w8.safetensors", scale_shape)
+    result = invoke("apply", source, tmp_path / "out.safetensors", "-t", "quantize:bits=4")
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())
+    assert "'fc.weight'" in message and "int8 sym" in message and "--allow-requantize" in message
+    result = invoke("apply", source, tmp_path / "out.safetensors", "-t", "quantize:bits=4,granularity=channel",
+                    "--allow-requantize", "--report", tmp_path / "r.json", "--quiet")
+    assert result.exit_code == 0, result.output
+    with open_checkpoint(tmp_path / "out.safetensors") as out:
+        assert "fc.weight_scale" not in out
+        assert out.info("fc.weight").dtype == "F32"
+        dense = W8.astype(np.float32) * 0.5  # the layout's weight, requantized to 4 bits per row
+        np.testing.assert_allclose(out.read("fc.weight"), dense, atol=np.ptp(dense, axis=1).max() / 15)
+        assert out.read("embeddings.position_ids").tolist() == [list(range(8))]
+    skipped = {s["name"]: s["reason"] for s in json.loads((tmp_path / "r.json").read_text())["skipped"]}
+    assert "not a float dtype" in skipped["embeddings.position_ids"] and "attn.mask" in skipped
+
+
+def test_an_integer_weight_with_a_scale_reads_as_its_dense_weight(tmp_path):
+    source = write_int8(tmp_path / "w8.safetensors")
+    result = invoke("inspect", source, "--json", "-", "--quiet")
+    assert result.exit_code == 0, result.output
+    row = next(t for t in json.loads(result.output)["tensors"] if t["name"] == "fc.weight")
+    assert (row["dtype"], row["layout"]["scheme"], row["min"], row["max"]) == ("F32", "int8 sym channel, unpacked",
+                                                                              -64.0, 63.5)
+    assert invoke("decompress", source, tmp_path / "dense.safetensors", "--quiet").exit_code == 0
+    with open_checkpoint(tmp_path / "dense.safetensors") as dense:
+        assert dense.read("fc.weight").tolist() == (W8.astype(np.float32) * 0.5).tolist()
+        assert dense.info("codes.weight").dtype == "I8"
+
+
+def test_quantize_naming_an_integer_tensor_is_refused_unless_allow_requantize(tmp_path):
+    """Named exactly: refused, or read as float32 with the flag. A glob or the default rule over an
+    integer tensor without a scale (position_ids) skips it and lists it."""
+    source = write_int8(tmp_path / "w8.safetensors")
+    for spec in ("quantize:bits=4,exclude=fc.*", "quantize:bits=4,include=*.weight,exclude=fc.*"):
+        report = wtool.run(wtool.Pipeline.from_specs([spec]), source, tmp_path / "plain.safetensors", force=True)
+        skipped = {s.name for s in report.skipped}
+        assert "codes.weight" in skipped and ("embeddings.position_ids" in skipped) == ("include" not in spec)
+        assert [r.name for r in report.tensors if r.changed] == ["out.weight"]
+    for options in (["-t", "quantize:bits=4,include=codes.weight,include=out.weight"],
+                    ["--include", "codes.weight", "--include", "out.weight", "-t", "quantize:bits=4"]):
+        result = invoke("apply", source, tmp_path / "out.safetensors", *options, "--allow-empty")
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.split())
+        assert "'codes.weight'" in message and "I8" in message and "--allow-requantize" in message
+    result = invoke("apply", source, tmp_path / "out.safetensors", "-t", "quantize:bits=2,include=codes.weight",
+                    "--allow-requantize", "--quiet")
+    assert result.exit_code == 0, result.output
+    with open_checkpoint(tmp_path / "out.safetensors") as out:
+        codes = out.read("codes.weight")
+        assert out.info("codes.weight").dtype == "F32" and len(np.unique(codes)) <= 4 * 4  # 4 levels per row
+        # --allow-requantize reads every layout as its dense weight: fc.weight, not selected, is written dense
+        assert out.read("fc.weight").tolist() == (W8.astype(np.float32) * 0.5).tolist()
+
+
+def test_a_packed_weights_record_is_complete_and_in_order_when_records_spill(llama, tmp_path, monkeypatch):
+    """Its statistics run behind the next tensor; the record reaches the report (which may spill
+    it to disk at once) only when complete, and in checkpoint order."""
+    from wtool.report import Records
+
+    monkeypatch.setattr(Records, "KEEP", 0)
+    spec = "quantize:bits=4,granularity=group,group_size=8,storage=packed"
+    report = wtool.run(wtool.Pipeline.from_specs([spec]), llama, tmp_path / "out.safetensors")
+    with open_checkpoint(llama) as original:
+        assert [r.name for r in report.tensors] == [t.name for t in original.tensors]
+    packed = [r for r in report.tensors if "quantize.layout" in r.extras]
+    assert len(packed) == len(report.groups) > 1
+    assert all(r.error is not None and r.after is not None and r.histogram for r in packed)
+    assert report.totals["worst"][0]["name"] in {r.name for r in packed}

@@ -142,6 +142,43 @@ def test_wtool_decompresses_what_compressed_tensors_compressed(tmp_path, bits, s
         assert torch.equal(ours[name], weight), name
 
 
+@pytest.mark.parametrize(("symmetric", "strategy"), [(True, "channel"), (False, "channel"), (True, "tensor"),
+                                                    (False, "group")])
+def test_wtool_reads_compressed_tensors_int_quantized_and_refuses_to_requantize_it(tmp_path, symmetric, strategy):
+    """W8A8's int-quantized layout (int8 `weight`, `weight_scale`, `weight_zero_point`): wtool decodes it
+    as compressed-tensors does, and a quantize step over it is refused without --allow-requantize."""
+    tensors = write_weights(tmp_path / "dense.safetensors", torch.bfloat16)
+    args = QuantizationArgs(num_bits=8, symmetric=symmetric, strategy=strategy,
+                            group_size=32 if strategy == "group" else None)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, format="int-quantized")
+    compressor = BaseCompressor.get_value_from_registry("int-quantized")
+    stored, expected = {}, {}
+    for module in ("layer.fc1", "layer.fc2"):
+        weight = tensors[module + ".weight"]
+        if strategy == "group":
+            view = weight.unflatten(-1, (-1, 32))
+            low, high = view.amin(-1), view.amax(-1)
+        elif strategy == "channel":
+            low, high = weight.amin(-1, keepdim=True), weight.amax(-1, keepdim=True)
+        else:
+            low, high = weight.amin(), weight.amax()
+        scale, zero = calculate_qparams(low, high, args)
+        compressed = compressor.compress({"weight": weight, "weight_scale": scale, "weight_zero_point": zero}, scheme)
+        assert compressed["weight"].dtype == torch.int8
+        stored.update({f"{module}.{k}": v for k, v in compressed.items()})
+        expected[module + ".weight"] = compressor.decompress(compressed, scheme)["weight"]
+    stored["layer.fc1.bias"] = tensors["layer.fc1.bias"]
+    save_file(stored, str(tmp_path / "ct.safetensors"), metadata={"format": "pt"})
+    wtool.decompress(tmp_path / "ct.safetensors", tmp_path / "dense-again.safetensors")
+    ours = load_file(str(tmp_path / "dense-again.safetensors"))
+    assert sorted(ours) == ["layer.fc1.bias", "layer.fc1.weight", "layer.fc2.weight"]
+    for name, weight in expected.items():
+        assert ours[name].dtype == weight.dtype
+        assert torch.equal(ours[name], weight), name
+    with pytest.raises(wtool.UsageError, match=r"'layer\.fc1\.weight'.*--allow-requantize"):
+        wtool.run(wtool.Pipeline.from_specs(["quantize:bits=4"]), tmp_path / "ct.safetensors", tmp_path / "q.safetensors")
+
+
 def test_wtool_decompresses_what_compressed_tensors_compressed_as_nvfp4(tmp_path):
     from compressed_tensors.quantization.utils import generate_gparam
 

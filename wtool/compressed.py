@@ -1,12 +1,14 @@
 """Compressed checkpoint layouts: the math to write them and a reader that sees through them.
 
-Three layouts, all keyed on a weight's name `P.weight`:
+The layouts, all keyed on a weight's name `P.weight`:
 
 - **pack-quantized** (compressed-tensors): `P.weight_packed` I32 [out, ceil(in·b/32)] holding
   q + 2^(b−1), first column in the lowest bits; `P.weight_scale` in the weight's float dtype,
   shape (1,) / (out, 1) / (out, groups); `P.weight_zero_point` only when asymmetric (I32 packed
   the same way along dim 0, [ceil(out·b/32), groups]; a plain int for one scale per tensor);
   `P.weight_shape` I64 [out, in]. Weight = (q − zp)·scale.
+- **int-quantized** (compressed-tensors' W8A8, read only): `P.weight` as integers (int8), a float
+  `P.weight_scale` as above and `P.weight_zero_point` of the scale's shape when asymmetric.
 - **float-quantized**: `P.weight` F8_E4M3 and a float32 `P.weight_scale` (out, 1) or (1,).
 - **nvfp4-pack-quantized**: `P.weight_packed` U8 [out, in/2], two FP4 E2M1 values per byte (the
   even column in the low nibble); `P.weight_scale` F8_E4M3 [out, in/16]; `P.weight_global_scale`
@@ -51,22 +53,29 @@ def pack_int32(q: np.ndarray, bits: int) -> np.ndarray:
     """
     if bits not in PACK_BITS:
         raise ValueError(f"packing supports {PACK_BITS} bits, not {bits}")
-    per_word = 32 // bits
+    per_word, per_byte = 32 // bits, 8 // bits
     rows, cols = q.shape
-    words = -(-cols // per_word)
+    width = -(-cols // per_word) * per_word  # values per row, padding included
     # q + 2^(b-1) as bytes (two's complement wraps the same way), then 8/b of them per byte; the
-    # host is little-endian (wtool.dtypes), so four bytes in a row are one word, lowest first
-    unsigned = np.zeros((rows, words * per_word), dtype=np.uint8)
-    np.add(q.view(np.uint8) if q.dtype == np.int8 else q.astype(np.int8).view(np.uint8),
-           np.uint8(1 << (bits - 1)), out=unsigned[:, :cols])
-    if bits < 8:
-        unsigned &= np.uint8((1 << bits) - 1)
-        per_byte = 8 // bits
-        packed = unsigned[:, 0::per_byte].copy()
+    # host is little-endian (wtool.dtypes), so four bytes in a row are one word, lowest first.
+    # Rows go in blocks that stay in the CPU cache.
+    raw = (q if q.dtype == np.int8 else q.astype(np.int8)).view(np.uint8)
+    out = np.empty((rows, width // per_byte), dtype=np.uint8)
+    step = max(1, _BLOCK // max(width, 1))
+    unsigned = np.zeros((min(step, rows), width), dtype=np.uint8)  # the padding columns stay 0
+    lane_bits = np.empty((min(step, rows), width // per_byte), dtype=np.uint8)
+    for start in range(0, rows, step):
+        count = min(step, rows - start)
+        values, target = unsigned[:count], out[start:start + count]
+        np.add(raw[start:start + count], np.uint8(1 << (bits - 1)), out=values[:, :cols])
+        if bits == 8:
+            target[...] = values
+            continue
+        values &= np.uint8((1 << bits) - 1)
+        target[...] = values[:, 0::per_byte]
         for lane in range(1, per_byte):
-            packed |= unsigned[:, lane::per_byte] << np.uint8(lane * bits)
-        unsigned = packed
-    return unsigned.view(np.int32)
+            target |= np.left_shift(values[:, lane::per_byte], np.uint8(lane * bits), out=lane_bits[:count])
+    return out.view(np.int32)
 
 
 def unpack_int32(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
@@ -115,10 +124,11 @@ class IntGrid:
         """Scale (rounded to `scale_dtype`, then float32) and integer zero point (or None) per row."""
         if self.symmetric:
             divisor = (1 << (self.bits - 1)) - (0.5 if self.full else 1.0)
-            raw = np.maximum(groups.max(axis=1), -groups.min(axis=1)) / np.float32(divisor)
+            raw = row_absmax(groups) / np.float32(divisor)
         else:
-            low = np.minimum(groups.min(axis=1), 0)
-            raw = (np.maximum(groups.max(axis=1), 0) - low) / np.float32((1 << self.bits) - 1)
+            low, high = row_extremes(groups)
+            low = np.minimum(low, 0)
+            raw = (np.maximum(high, 0) - low) / np.float32((1 << self.bits) - 1)
         scale = np.asarray(raw, dtype=np.float32).astype(scale_dtype).astype(np.float32)
         scale[~(scale > 0)] = 1  # an all-zero row (or a scale that underflowed): any scale stores it
         if self.symmetric:
@@ -126,9 +136,13 @@ class IntGrid:
         zero = np.clip(np.round(self.qmin - low / scale), self.qmin, self.qmax)
         return scale, zero.astype(np.int32)
 
-    def quantize(self, groups: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
-        """q = clamp(round(w/scale + zero)) as int8, one scale (and zero) per row; half to even."""
+    def quantize(self, groups: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
+                 decoded: np.dtype | type | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """q = clamp(round(w/scale + zero)) as int8, one scale (and zero) per row; half to even.
+        With `decoded`, also (q − zero)·scale stored as that dtype, from the same cache block
+        (what `dequantize_int` gives)."""
         out = np.empty(groups.shape, dtype=np.int8)
+        values = None if decoded is None else np.empty(groups.shape, dtype=decoded)
         for rows, cols in _blocks(groups.shape):
             work = groups[rows, cols] / scale[rows, None]
             if zero is not None:
@@ -136,16 +150,56 @@ class IntGrid:
             np.round(work, out=work)
             np.clip(work, self.qmin, self.qmax, out=work)
             out[rows, cols] = work
-        return out
+            if values is not None:
+                if zero is not None:
+                    work -= zero[rows, None].astype(np.float32)
+                work += np.float32(0)  # -0.0 (a negative value rounded to 0) is +0.0 as an integer
+                work *= scale[rows, None]
+                values[rows, cols] = work
+        return out, values
+
+
+def row_absmax(rows: np.ndarray) -> np.ndarray:
+    """max |w| of each row of a float32 array. Without the sign bit, float bits order like the
+    magnitudes (NaN above inf), and numpy reduces integer rows faster than float ones."""
+    bits = rows.view(np.uint32)
+    out = np.empty(rows.shape[0], dtype=np.uint32)
+    scratch = np.empty(min(_BLOCK, rows.size), dtype=np.uint32)
+    for block, _ in _blocks(rows.shape, whole_rows=True):
+        part = bits[block]
+        magnitudes = np.bitwise_and(part, np.uint32(0x7FFFFFFF), out=scratch[:part.size].reshape(part.shape))
+        magnitudes.max(axis=1, out=out[block])
+    return out.view(np.float32)
+
+
+def row_extremes(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """min and max of each row of a float32 array, through integer keys ordered like the floats
+    (a negative value's magnitude bits flipped; the map is its own inverse)."""
+    bits = rows.view(np.int32)
+    low, high = np.empty(rows.shape[0], dtype=np.int32), np.empty(rows.shape[0], dtype=np.int32)
+    scratch = np.empty(min(_BLOCK, rows.size), dtype=np.int32)
+    for block, _ in _blocks(rows.shape, whole_rows=True):
+        part = bits[block]
+        keys = _order_keys(part, scratch[:part.size].reshape(part.shape))
+        keys.min(axis=1, out=low[block])
+        keys.max(axis=1, out=high[block])
+    return _order_keys(low, low).view(np.float32), _order_keys(high, high).view(np.float32)
+
+
+def _order_keys(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    flip = np.right_shift(bits, 31)  # -1 for negative values, 0 otherwise
+    np.bitwise_and(flip, np.int32(0x7FFFFFFF), out=flip)
+    return np.bitwise_xor(bits, flip, out=out)
 
 
 _BLOCK = 1 << 16  # values per block: the working copies stay in the CPU cache
 
 
-def _blocks(shape: tuple[int, int]) -> Iterator[tuple[slice, slice]]:
-    """(row slice, column slice) blocks of about _BLOCK values covering a rows × values array."""
+def _blocks(shape: tuple[int, int], whole_rows: bool = False) -> Iterator[tuple[slice, slice]]:
+    """(row slice, column slice) blocks of about _BLOCK values covering a rows × values array
+    (`whole_rows`: never a part of a row, however long)."""
     rows, width = shape
-    if width >= _BLOCK:
+    if width >= _BLOCK and not whole_rows:
         for row in range(rows):
             for start in range(0, width, _BLOCK):
                 yield slice(row, row + 1), slice(start, start + _BLOCK)
@@ -155,15 +209,25 @@ def _blocks(shape: tuple[int, int]) -> Iterator[tuple[slice, slice]]:
         yield slice(start, start + step), slice(None)
 
 
-def dequantize_int(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
-    """(q − zero)·scale in float32, one scale per row of `q` (rows × values)."""
-    out = np.empty(q.shape, dtype=np.float32)
+def dequantize_int(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
+                   dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """(q − zero)·scale computed in float32, one scale per row of `q` (rows × values), stored
+    as `dtype`: rounded once from float32, as a reader that decodes and then casts gets it.
+
+    >>> dequantize_int(np.array([[-8, 7]], np.int8), np.array([0.5], np.float32), None, ml_dtypes.bfloat16)
+    array([[-4, 3.5]], dtype=bfloat16)
+    """
+    out = np.empty(q.shape, dtype=dtype)
+    buffer = None if out.dtype == np.float32 else np.empty(min(_BLOCK, q.size), dtype=np.float32)
     for rows, cols in _blocks(q.shape):
-        work = out[rows, cols]
-        work[...] = q[rows, cols]
+        block = q[rows, cols]
+        work = out[rows, cols] if buffer is None else buffer[:block.size].reshape(block.shape)
+        work[...] = block
         if zero is not None:
             work -= zero[rows, None].astype(np.float32)
         work *= scale[rows, None].astype(np.float32)
+        if buffer is not None:
+            out[rows, cols] = work
     return out
 
 
@@ -248,6 +312,9 @@ class Scheme:
     def label(self) -> str:
         if self.format == "codebook":
             return f"codebook, {self.num_bits}-bit indices"
+        if self.format == "int-quantized":
+            grain = f"group {self.group_size}" if self.strategy == "group" else self.strategy
+            return f"int{self.num_bits} {'sym' if self.symmetric else 'asym'} {grain}, unpacked"
         if self.format == "nvfp4-pack-quantized":
             return f"nvfp4 group {self.group_size}"
         kind = "fp8" if self.type == "float" else f"int{self.num_bits}"
@@ -352,6 +419,9 @@ def find_layouts(reader: Reader) -> list[Layout]:
         elif info.dtype == "F8_E4M3" and info.name + "_scale" in infos \
                 and infos[info.name + "_scale"].dtype_info.is_float:
             layouts.append(_fp8_layout(infos, info))
+        elif info.dtype_info.numpy.kind in "iu" and info.name + "_scale" in infos \
+                and infos[info.name + "_scale"].dtype_info.is_float:
+            layouts.extend(filter(None, [_int_layout(infos, info)]))
         elif info.name.endswith("_indices") and info.name[: -len("_indices")] + "_codebook" in infos:
             layouts.append(_codebook_layout(infos, info.name[: -len("_indices")]))
     return layouts
@@ -383,14 +453,7 @@ def _packed_layout(reader: Reader, infos: Mapping[str, TensorInfo], name: str,
     if out != packed.shape[0] or bits is None:
         raise InputError(f"{where}: shape {list(packed.shape)} cannot hold weight_shape [{out}, {cols}] "
                          f"at {'/'.join(map(str, PACK_BITS))} bits")
-    if scale.ndim < 2 and scale.numel == 1:
-        strategy, group_size = "tensor", None
-    elif scale.ndim == 2 and scale.shape == (out, 1):
-        strategy, group_size = "channel", None
-    elif scale.ndim == 2 and scale.shape[0] == out and cols % scale.shape[1] == 0:
-        strategy, group_size = "group", cols // scale.shape[1]
-    else:
-        raise InputError(f"{where}: scale shape {list(scale.shape)} fits no strategy for [{out}, {cols}]")
+    strategy, group_size = _strategy(scale, out, cols, where)
     pieces = tuple(p for p in (packed, scale, zero, shape_info) if p is not None)
     return Layout(name, Scheme("pack-quantized", bits, "int", zero is None, strategy, group_size),
                   (out, cols), scale.dtype, pieces)
@@ -417,6 +480,34 @@ def _fp8_layout(infos: Mapping[str, TensorInfo], weight: TensorInfo) -> Layout:
                          f"per output channel of {list(weight.shape)}")
     return Layout(weight.name, Scheme("float-quantized", 8, "float", True, strategy), weight.shape,
                   scale.dtype, (weight, scale))
+
+
+def _int_layout(infos: Mapping[str, TensorInfo], weight: TensorInfo) -> Layout | None:
+    """compressed-tensors' int-quantized layout: `P.weight` as integers (int8 for W8A8), a float
+    `P.weight_scale` per tensor, row or group, and `P.weight_zero_point` of the scale's shape
+    when asymmetric. Weight = (q − zp)·scale. None when the shapes do not fit it."""
+    scale, zero = infos[weight.name + "_scale"], infos.get(weight.name + "_zero_point")
+    if weight.ndim != 2 or (zero is not None and (zero.numel != scale.numel or zero.dtype_info.numpy.kind not in "iuf")):
+        return None
+    out, cols = weight.shape
+    try:
+        strategy, group_size = _strategy(scale, out, cols, "")
+    except InputError:
+        return None
+    pieces = tuple(p for p in (weight, scale, zero) if p is not None)
+    return Layout(weight.name, Scheme("int-quantized", weight.dtype_info.itemsize * 8, "int", zero is None,
+                                      strategy, group_size), weight.shape, scale.dtype, pieces)
+
+
+def _strategy(scale: TensorInfo, out: int, cols: int, where: str) -> tuple[str, int | None]:
+    """tensor, channel or group (with its size) from the shape of a [out, cols] weight's scale."""
+    if scale.ndim < 2 and scale.numel == 1:
+        return "tensor", None
+    if scale.ndim == 2 and scale.shape == (out, 1):
+        return "channel", None
+    if scale.ndim == 2 and scale.shape[0] == out and scale.shape[1] and cols % scale.shape[1] == 0:
+        return "group", cols // scale.shape[1]
+    raise InputError(f"{where}: scale shape {list(scale.shape)} fits no strategy for [{out}, {cols}]")
 
 
 def _codebook_layout(infos: Mapping[str, TensorInfo], name: str) -> Layout:
@@ -446,11 +537,12 @@ def dequantize(layout: Layout, read: Callable[[str], np.ndarray]) -> np.ndarray:
         weight = read(name).astype(np.float32)
         return weight * (scale.reshape(-1, 1) if scale.size > 1 else scale.reshape(()))
     out, cols = layout.shape
-    q = unpack_int32(read(name + "_packed"), scheme.num_bits, cols)
+    packed = scheme.format == "pack-quantized"
+    q = unpack_int32(read(name + "_packed"), scheme.num_bits, cols) if packed else read(name)
     zero = None
     if not scheme.symmetric:
         stored = read(name + "_zero_point")
-        if stored.dtype == np.int32 and scheme.strategy != "tensor":
+        if packed and stored.dtype == np.int32 and scheme.strategy != "tensor":
             zero = unpack_int32(np.ascontiguousarray(stored.T), scheme.num_bits, out).T
         else:
             zero = stored
@@ -464,19 +556,24 @@ def dequantize(layout: Layout, read: Callable[[str], np.ndarray]) -> np.ndarray:
 class DecompressedReader(Reader):
     """A checkpoint as its dense weights: each layout is one float tensor, its pieces hidden.
 
-    Tensors that belong to no layout pass through unchanged. `dtype` (a safetensors code) is
-    the dtype of every decompressed weight; None keeps each scale's dtype.
+    Tensors that belong to no layout pass through unchanged, but for the integer tensors named in
+    `as_float`, read as float32 values. `dtype` (a safetensors code) is the dtype of every
+    decompressed weight; None keeps each scale's dtype.
     """
 
-    def __init__(self, inner: Reader, dtype: str | None = None) -> None:
+    def __init__(self, inner: Reader, dtype: str | None = None, as_float: Iterable[str] = ()) -> None:
         self.inner = inner
         self.layouts = {layout.name: layout for layout in find_layouts(inner)}
+        self.as_float = set(as_float)
         hidden = {p.name for layout in self.layouts.values() for p in layout.pieces}
+        first = {layout.pieces[0].name: layout for layout in self.layouts.values()}
         tensors: list[TensorInfo] = []
         for info in inner.tensors:
-            owner = next((lay for lay in self.layouts.values() if lay.pieces[0].name == info.name), None)
+            owner = first.get(info.name)
             if owner is not None:
                 tensors.append(TensorInfo(owner.name, dtype or owner.dtype, owner.shape))
+            elif info.name in self.as_float:
+                tensors.append(TensorInfo(info.name, "F32", info.shape))
             elif info.name not in hidden:
                 tensors.append(info)
         metadata = {k: v for k, v in inner.metadata.items() if k != QUANTIZATION_CONFIG}
@@ -486,7 +583,8 @@ class DecompressedReader(Reader):
     def _read(self, info: TensorInfo) -> np.ndarray:
         layout = self.layouts.get(info.name)
         if layout is None:
-            return self.inner.read(info.name)
+            array = self.inner.read(info.name)
+            return array.astype(np.float32) if info.name in self.as_float else array
         return dequantize(layout, self.inner.read).astype(info.dtype_info.numpy)
 
     def config(self) -> dict[str, object] | None:

@@ -24,20 +24,24 @@ from typing import Any
 
 import numpy as np
 
+from wtool.compressed import Scheme
 from wtool.dtypes import by_code, to_storage
 from wtool.errors import InputError
 from wtool.io import Reader
 from wtool.report import TensorRecord
 from wtool.stats import compare, histogram, same_bytes, tensor_stats
-from wtool.steps import Chain
+from wtool.steps import Chain, GroupOutput
 from wtool.tensor import TensorInfo
 
 
-def materialise(reader: Reader, node: Chain, *, stats: bool = True) -> tuple[np.ndarray, TensorRecord]:
+def materialise(reader: Reader, node: Chain, *, stats: bool = True,
+                behind: Behind | None = None) -> tuple[np.ndarray, TensorRecord | None]:
     """Evaluate one output tensor in its storage dtype, with its before/after statistics.
 
     The input tensor of the same name, if any, is the "before" of the report. A tensor of
-    the same shape is compared in one pass over the pair (`stats.compare`).
+    the same shape is compared in one pass over the pair (`stats.compare`). A weight stored in
+    a compressed layout is one record, made with its first piece (`layout_record`; None for the
+    others), whose statistics are taken `behind` the run when given.
     """
     info = node.info
     source = _source(reader, info.name)
@@ -54,8 +58,10 @@ def materialise(reader: Reader, node: Chain, *, stats: bool = True) -> tuple[np.
     except InputError as exc:
         raise InputError(f"{reader.path}: {exc}") from None
     del value
-    piece = node.compressed_piece  # e.g. fp8 values without their scale: not comparable to the weight
-    comparable = source is not None and source.shape == info.shape and piece is None
+    piece = node.compressed_piece
+    if piece is not None and isinstance(piece.evaluation.group.data, Scheme):
+        return stored, layout_record(reader, piece, node.ops(), stats, behind)
+    comparable = source is not None and source.shape == info.shape
     sizes = {"bytes_before": source.nbytes if source else None, "bytes_after": info.nbytes}
     if not stats:
         changed = not comparable or source.dtype != info.dtype or not same_bytes(before, stored)
@@ -71,27 +77,31 @@ def materialise(reader: Reader, node: Chain, *, stats: bool = True) -> tuple[np.
         before_stats = tensor_stats(before) if before is not None else None
         after_stats, error, changed = tensor_stats(stored), None, True
         histograms = _histograms(before, before_stats, stored, after_stats)
-    if piece is not None and piece.evaluation.group.outputs[0].name == info.name:  # the layout's error
-        error = piece.evaluation.error
     return stored, TensorRecord(info.name, info.dtype, list(info.shape), node.ops(), changed,
                                 before_stats, after_stats, error, extras,
                                 dtype_before=source.dtype if source else None, histogram=histograms, **sizes)
 
 
-def materialise_in_order(reader: Reader, nodes: Sequence[Chain],
-                       jobs: int, stats: bool) -> Iterator[tuple[Chain, tuple[np.ndarray, TensorRecord]]]:
+def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
+                         stats: bool) -> Iterator[tuple[Chain, tuple[np.ndarray, list[TensorRecord]]]]:
     """Materialise the output tensors in order, up to `jobs` of them at once in threads
     (numpy releases the GIL in its kernels); memory grows with `jobs`. One job computes in
-    the calling thread: overlapping the next tensor with the writing would double its memory.
+    the calling thread: overlapping the next tensor with the writing would double its memory,
+    but a compressed weight's statistics run behind it (`Behind`).
 
+    Each tensor comes with the records complete by then, in checkpoint order: none, one, or
+    those held back behind a compressed weight's statistics (all are out once the last is).
     The threads are daemons and nothing waits for them when the run stops early: Ctrl-C or
     SIGTERM takes effect at once, not after every tensor in flight.
     """
-    work = partial(materialise, reader, stats=stats)
     if jobs <= 1:
-        for node in nodes:
-            yield node, work(node)
+        behind = Behind()
+        work = partial(materialise, reader, stats=stats, behind=behind)
+        for index, node in enumerate(nodes):
+            stored, record = work(node)
+            yield node, (stored, behind.release(record, last=index == len(nodes) - 1))
         return
+    work = partial(materialise, reader, stats=stats)
     pending: deque[tuple[Chain, Future]] = deque()
     upcoming = iter(nodes)
     for node in upcoming:
@@ -100,8 +110,9 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain],
             break
     while pending:
         node, future = pending.popleft()
-        yield node, future.result()
-        del future  # the written tensor is freed before the next one starts: `jobs` tensors at most
+        stored, record = future.result()
+        yield node, (stored, [] if record is None else [record])
+        del future, stored  # the written tensor is freed before the next one starts: `jobs` tensors at most
         following = next(upcoming, None)
         if following is not None:
             pending.append((following, _in_thread(work, following)))
@@ -121,11 +132,85 @@ def _in_thread(function: Callable[..., Any], *args: Any) -> Future:
     return future
 
 
-def planned_record(reader: Reader, node: Chain) -> TensorRecord:
-    """The record of a tensor a dry run only plans: its steps, no statistics."""
+class Behind:
+    """A compressed weight's statistics, taken in one background thread while the next tensor
+    is computed: at most one in flight (memory grows by one tensor's decoded values at most),
+    and records released in order, each complete (a spilled record is never written again)."""
+
+    def __init__(self) -> None:
+        self.pending: Future | None = None
+        self.blocking: TensorRecord | None = None  # the record the pending task fills
+        self.held: list[TensorRecord] = []
+
+    def run(self, record: TensorRecord, task: Callable[[], None]) -> None:
+        self.wait()
+        self.pending, self.blocking = _in_thread(task), record
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending, self.blocking = self.pending, None, None
+            pending.result()
+
+    def release(self, record: TensorRecord | None, last: bool = False) -> list[TensorRecord]:
+        """Hold `record` (if any) back with the others; hand out those complete, in order
+        (all of them when `last`)."""
+        if record is not None:
+            self.held.append(record)
+        if last or (self.pending is not None and self.pending.done()):
+            self.wait()
+        cut = next((at for at, held in enumerate(self.held) if held is self.blocking), len(self.held))
+        released, self.held = self.held[:cut], self.held[cut:]
+        return released
+
+
+def layout_record(reader: Reader, piece: GroupOutput, steps: list[str], stats: bool,
+                  behind: Behind | None = None) -> TensorRecord | None:
+    """The report's one row for a weight stored in a compressed layout, made with its first piece
+    (None for the others): the dense weight before, what the layout decodes to after, bytes
+    before → the sum of the pieces. Its statistics are taken `behind` the run when given."""
+    group = piece.evaluation.group
+    if piece.info.name != group.outputs[0].name:
+        return None
+    name = group.inputs[0]
+    dense = piece.history.info
+    source = _source(reader, name)
+    after = piece.evaluation.take_decoded() if stats else None
+    op = piece.evaluation.run.step.op
+    stored_bytes = sum(o.nbytes for o in group.outputs)
+    extras = {f"{op}.layout": group.data.label(), f"{op}.bits_per_weight": 8 * stored_bytes / max(dense.numel, 1)}
+    record = TensorRecord(name, dense.dtype, list(dense.shape), steps, True, None, None, None, extras,
+                          dtype_before=source.dtype if source else None,
+                          bytes_before=source.nbytes if source else None, bytes_after=stored_bytes)
+    if after is not None:
+        measure = partial(_measure_layout, record, reader if source is not None else None, after)
+        if behind is None:
+            measure()
+        else:
+            behind.run(record, measure)
+    return record
+
+
+def _measure_layout(record: TensorRecord, reader: Reader | None, after: np.ndarray) -> None:
+    """Fill `record` with the statistics of the dense weight (read from `reader`, when it has
+    one) and of `after`, what its layout decodes to, and the error between them."""
+    before = reader.read(record.name) if reader is not None else None
+    if before is not None and before.shape == after.shape:
+        pair = compare(before, after)
+        record.before, record.after, record.error, record.histogram = pair.before, pair.after, pair.error, pair.histogram
+    else:
+        record.after = tensor_stats(after)
+        record.histogram = _histograms(None, None, after, record.after)
+
+
+def planned_record(reader: Reader, node: Chain) -> TensorRecord | None:
+    """The record of a tensor a dry run only plans: its steps, no statistics (None for a piece
+    of a compressed layout but the first, which speaks for the weight)."""
     info = node.info
     source = _source(reader, info.name)
     steps = node.ops()
+    piece = node.compressed_piece
+    if piece is not None and isinstance(piece.evaluation.group.data, Scheme):
+        return layout_record(reader, piece, steps, stats=False)
     return TensorRecord(info.name, info.dtype, list(info.shape), steps, bool(steps),
                         None, None, None, {}, dtype_before=source.dtype if source else None)
 

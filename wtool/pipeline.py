@@ -178,7 +178,7 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
     started = time.perf_counter()
     with open_checkpoint(source) as reader:
         if decompress_to is not None or pipeline.allow_requantize:
-            reader = DecompressedReader(reader, decompress_to or None)
+            reader = DecompressedReader(reader, decompress_to or None, as_float=_named_integers(pipeline, reader))
         elif pipeline.steps:
             _refuse_requantizing(pipeline, reader)
         the_plan = plan(pipeline, reader)
@@ -197,7 +197,8 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
                 if output is not None:
                     inputs.refuse(Path(output), "output")
                     check_target(Path(output), force, "folder" if is_folder_output(output) else "file")
-                records = Records(planned_record(reader, node) for node in the_plan.chains)
+                planned = (planned_record(reader, node) for node in the_plan.chains)
+                records = Records(record for record in planned if record is not None)
                 return assemble(the_plan, records, output, time.perf_counter() - started, dry_run=True,
                                 model_files=copied)
             infos = [node.info for node in the_plan.chains]
@@ -211,9 +212,10 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
                     step.run.measure = stats
                 if progress:
                     progress.start(len(infos), sum(i.nbytes for i in infos))
-                for node, (array, record) in materialise_in_order(reader, the_plan.chains, jobs, stats):
+                for node, (array, done) in materialise_in_order(reader, the_plan.chains, jobs, stats):
                     writer.write(node.info.name, array)
-                    records.append(record)
+                    for record in done:  # complete records, in order (a compressed weight's may come later)
+                        records.append(record)
                     del array
                     if progress:
                         progress.advance(node.info)
@@ -224,13 +226,36 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
 
 
 def _refuse_requantizing(pipeline: Pipeline, reader: Reader) -> None:
-    """A step that would change a piece of a compressed layout (a scale, fp8 values) would
-    break it: refuse, unless --allow-requantize has the pieces read as one dense weight."""
+    """Quantizing what is already quantized is refused, unless --allow-requantize has it read
+    as dense float values first: a step that selects a compressed weight (packed, fp8, an
+    integer weight with a scale) or would change one of its pieces (a scale), and a quantize
+    step that names an integer tensor exactly. Integer tensors a default rule or a glob
+    selects (position_ids) are skipped as before, and listed."""
     for layout in find_layouts(reader):
+        dense = TensorInfo(layout.name, layout.dtype, layout.shape)
         for step in pipeline.steps:
-            for piece in layout.pieces:
-                if pipeline.selector.admits(piece.name) and step.selector.admits(piece.name) \
-                        and step.transform.skip(piece) is None:
-                    raise UsageError(f"{reader.path}: {step.op} would change {piece.name!r}, part of "
-                                     f"{layout.name!r} stored as {layout.scheme.label()}; pass "
-                                     f"--allow-requantize to decompress it and {step.op} the dense weight")
+            for info in (dense, *layout.pieces):
+                if pipeline.selector.admits(info.name) and step.selector.admits(info.name) \
+                        and step.transform.skip(info) is None:
+                    part = "" if info is dense else f" ({info.name!r} is part of it)"
+                    raise UsageError(f"{reader.path}: {step.op} would change {layout.name!r}, stored as "
+                                     f"{layout.scheme.label()}{part}; pass --allow-requantize to decompress it "
+                                     f"and {step.op} the dense weight")
+    for name in _named_integers(pipeline, reader):
+        raise UsageError(f"{reader.path}: quantize names {name!r}, a {reader.info(name).dtype} tensor: its values "
+                         "are integers already (quantized?); pass --allow-requantize to quantize them again "
+                         "as float32")
+
+
+def _named_integers(pipeline: Pipeline, reader: Reader) -> list[str]:
+    """Integer tensors outside any compressed layout that a quantize step names exactly (its
+    include, or the run's, spells the whole name), in checkpoint order."""
+    pieces = {p.name for layout in find_layouts(reader) for p in layout.pieces}
+    named = []
+    for info in reader.tensors:
+        if info.dtype_info.numpy.kind not in "iu" or info.name in pieces or not pipeline.selector.admits(info.name):
+            continue
+        if any(step.op == "quantize" and step.selector.admits(info.name)
+               and info.name in (*step.selector.include, *pipeline.selector.include) for step in pipeline.steps):
+            named.append(info.name)
+    return named

@@ -519,8 +519,9 @@ def plan_table(report: Report, limit: int = SHOW_ROWS) -> Table:
     table.add_column("steps", overflow="fold")
     shown, hidden = report.worst(limit)
     for r in shown:
-        before = TensorInfo(r.name, r.dtype_before, tuple(r.shape)).nbytes if r.dtype_before else None
-        after = TensorInfo(r.name, r.dtype, tuple(r.shape)).nbytes
+        before = r.bytes_before if r.bytes_before is not None else \
+            TensorInfo(r.name, r.dtype_before, tuple(r.shape)).nbytes if r.dtype_before else None
+        after = r.bytes_after if r.bytes_after is not None else TensorInfo(r.name, r.dtype, tuple(r.shape)).nbytes
         table.add_row(escape(r.name), _shape(r.shape), arrow(r.dtype_before, r.dtype),
                       arrow(before and human_bytes(before), human_bytes(after)),
                       escape(" → ".join(r.steps)) or "[dim]unchanged[/]")

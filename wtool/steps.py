@@ -37,7 +37,6 @@ from wtool.errors import InputError, UsageError
 from wtool.io import Reader, open_checkpoint
 from wtool.recipe import Step
 from wtool.report import GroupRecord, SkipRecord
-from wtool.stats import error_metrics
 from wtool.tensor import TensorInfo
 from wtool.transforms import Context, Group, GroupTransform, Transform
 
@@ -118,18 +117,22 @@ class StepRun:
             raise self._refused(exc) from None
         return _complete(transform, group, outputs)
 
-    def apply_split(self, group: Group, info: TensorInfo, array: np.ndarray) -> dict[str, np.ndarray]:
-        """Run a per-tensor step that stores `info` as several tensors (`Transform.split`)."""
+    def apply_split(self, group: Group, info: TensorInfo, array: np.ndarray,
+                    decoded: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """Run a per-tensor step that stores `info` as several tensors (`Transform.split`); with
+        `decoded`, also the dense weight they decode to, when the transform has it at hand."""
         transform = self.step.transform
         try:
             guarded = self._guard(info.name, array, {}) if transform.needs_finite else array
             if guarded is None:
                 raise InputError(f"tensor {info.name!r}: non-finite values; {transform.name} cannot leave a "
                                  f"tensor it stores as {group.note or 'several'} alone; use --nonfinite=zero")
-            outputs = transform.apply_split(guarded, Context(info, self.state, {}))
+            ctx = Context(info, self.state, {})
+            outputs, dense = transform.apply_split_decoded(guarded, ctx) if decoded else \
+                (transform.apply_split(guarded, ctx), None)
         except InputError as exc:
             raise self._refused(exc) from None
-        return _complete(transform, group, outputs)
+        return _complete(transform, group, outputs), dense
 
     def fit_input(self, info: TensorInfo, array: np.ndarray) -> np.ndarray:
         """`array` as this step's fit sees it: after the `--nonfinite` policy (`skip` members
@@ -299,8 +302,9 @@ class GroupEvaluation:
 
     def __init__(self, run: StepRun, group: Group, inputs: Mapping[str, Chain]) -> None:
         self.run, self.group, self.inputs = run, group, inputs
-        #: For one tensor stored in a compressed layout: the error of what the layout decodes to.
-        self.error: dict[str, Any] | None = None
+        #: For one tensor stored in a compressed layout, when the run measures: the weight the
+        #: layout decodes to, in the tensor's dtype, until the report takes it (`take_decoded`).
+        self.decoded: np.ndarray | None = None
         self._waiting: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()  # outputs of one group may be taken by two threads
 
@@ -323,23 +327,29 @@ class GroupEvaluation:
         for key, chain in self.inputs.items():
             value = chain.evaluate()[0]
             arrays[key] = convert(value, chain.info.dtype_info.compute) if chain.info.dtype_info.is_float else value
+            del value  # the stored form is not kept while the step runs
         if isinstance(self.run.step.transform, GroupTransform):
             return self.run.apply_group(self.group, arrays)
         (name,) = self.group.inputs
         info = self.inputs[name].info
-        outputs = self.run.apply_split(self.group, info, arrays[name])
-        if isinstance(self.group.data, Scheme) and self.run.measure:
-            self.error = _decoding_error(self.group, info, arrays[name], outputs)
+        measure = isinstance(self.group.data, Scheme) and self.run.measure
+        outputs, decoded = self.run.apply_split(self.group, info, arrays[name], decoded=measure)
+        if measure:
+            self.decoded = decoded if decoded is not None else _decode(self.group, info, outputs)
         return outputs
 
+    def take_decoded(self) -> np.ndarray | None:
+        """The decoded weight (see `decoded`), handed out once."""
+        with self._lock:
+            decoded, self.decoded = self.decoded, None
+            return decoded
 
-def _decoding_error(group: Group, info: TensorInfo, array: np.ndarray,
-                    outputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Decode a layout as a reader will (pieces in their storage dtypes); its error against `array`."""
+
+def _decode(group: Group, info: TensorInfo, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Decode a layout as a reader will (pieces in their storage dtypes), in the tensor's dtype."""
     stored = {o.name: to_storage(outputs[o.name], o.dtype_info) for o in group.outputs}
     layout = Layout(info.name, group.data, info.shape, info.dtype, group.outputs)
-    decoded = to_storage(dequantize(layout, stored.__getitem__), info.dtype_info)
-    return error_metrics(to_storage(array, info.dtype_info), decoded)
+    return to_storage(dequantize(layout, stored.__getitem__), info.dtype_info)
 
 
 # ------------------------------------------------------------------ planning one step

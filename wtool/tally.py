@@ -49,7 +49,8 @@ class Totals:
             self.tensors += 1
             self.changed += r.changed
             self.params += numel
-            self.bytes_out += TensorInfo(r.name, r.dtype, tuple(r.shape)).nbytes
+            self.bytes_out += r.bytes_after if r.bytes_after is not None else \
+                TensorInfo(r.name, r.dtype, tuple(r.shape)).nbytes
             self.measured = self.measured or r.after is not None
             if "quantize.bits_per_weight" in r.extras:
                 self.quantized_numel += numel
@@ -64,7 +65,7 @@ def assemble(the_plan: Plan, records: Records, output: str | Path | None, second
     reader = the_plan.reader
     totals = Totals()
     error = weighted_error(totals.scan(records))
-    output_names = {chain.info.name for chain in the_plan.chains}
+    output_names = {chain.info.name for chain in the_plan.chains} | set(the_plan.stored)  # a packed weight is kept
     summary: dict[str, Any] = {
         "tensors": totals.tensors,
         "changed": totals.changed,

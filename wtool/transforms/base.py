@@ -256,6 +256,12 @@ class Transform:
         """The arrays of the group `split` declared for this tensor, by name."""
         raise NotImplementedError
 
+    def apply_split_decoded(self, array: np.ndarray, ctx: Context) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """`apply_split`, and the dense weight its layout decodes to in the tensor's dtype when
+        the transform has it at hand (the run then measures the layout's error without
+        decoding the pieces again); None: the run decodes them (`compressed.dequantize`)."""
+        return self.apply_split(array, ctx), None
+
 
 @dataclass(frozen=True)
 class Group:

@@ -258,12 +258,12 @@ class Quantize(Transform, name="quantize"):
         problem = self.problem(TensorInfo(ctx.name, "F32", array.shape))
         if problem:
             raise UsageError(f"tensor {ctx.name!r}: {problem}")
+        if full == width:  # whole groups: snapped straight into the result, no copy of it
+            return self._snap(rows.reshape(-1, p.group_size)).reshape(array.shape)
         out = np.empty_like(rows)
         if full:
-            head = rows[:, :full].reshape(-1, p.group_size)
-            out[:, :full] = self._snap(head).reshape(rows.shape[0], full)
-        if full != width:
-            out[:, full:] = self._snap(rows[:, full:])
+            out[:, :full] = self._snap(rows[:, :full].reshape(-1, p.group_size)).reshape(rows.shape[0], full)
+        out[:, full:] = self._snap(rows[:, full:])
         return out.reshape(array.shape)
 
     def problem(self, info: TensorInfo) -> str | None:
@@ -276,11 +276,22 @@ class Quantize(Transform, name="quantize"):
 
     def apply_split(self, array: np.ndarray, ctx: Context) -> dict[str, np.ndarray]:
         """The pieces of the packed layout (see `split`), by name."""
+        return self._encode(array, ctx, decode=False)[0]
+
+    def apply_split_decoded(self, array: np.ndarray, ctx: Context) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """The pieces, and the weight they decode to in the tensor's dtype, from the integer
+        (or fp8/fp4) values before packing: the same numbers a reader unpacks."""
+        return self._encode(array, ctx, decode=True)
+
+    def _encode(self, array: np.ndarray, ctx: Context, decode: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         p = self.params
         name, (out, cols) = ctx.name, array.shape
+        dtype = ctx.info.dtype_info.numpy
         if p.type == "nvfp4":
             values, scale, global_scale = nvfp4_encode(array)
-            return {name + "_packed": pack_fp4(values), name + "_scale": scale, name + "_global_scale": global_scale}
+            decoded = nvfp4_decode(values, scale, global_scale).astype(dtype) if decode else None
+            return ({name + "_packed": pack_fp4(values), name + "_scale": scale,
+                     name + "_global_scale": global_scale}, decoded)
         per_row = self._scales_per_row(cols)
         groups = array.reshape(out * per_row, -1) if per_row else array.reshape(1, -1)
         scale_shape = (out, per_row) if per_row else (1,)
@@ -288,17 +299,17 @@ class Quantize(Transform, name="quantize"):
         if grid is None:  # fp8
             scale = fp8_params(groups)
             values = fp8_quantize(groups, scale)
-            pieces = {name: values.reshape(array.shape), name + "_scale": scale.reshape(scale_shape)}
-        else:
-            scale, zero = grid.params(groups, by_code(ctx.info.dtype).numpy)
-            q = grid.quantize(groups, scale, zero)
-            pieces = {name + "_packed": pack_int32(q.reshape(out, cols), p.bits),
-                      name + "_scale": scale.reshape(scale_shape)}
-            if zero is not None:
-                pieces[name + "_zero_point"] = (pack_int32(zero.reshape(out, per_row).T, p.bits).T if per_row
-                                                else zero.astype(np.int8))
-            pieces[name + "_shape"] = np.array([out, cols], dtype=np.int64)
-        return pieces
+            decoded = dequantize_int(values, scale, None, dtype).reshape(array.shape) if decode else None
+            return {name: values.reshape(array.shape), name + "_scale": scale.reshape(scale_shape)}, decoded
+        scale, zero = grid.params(groups, dtype)
+        q, decoded = grid.quantize(groups, scale, zero, dtype if decode else None)
+        decoded = None if decoded is None else decoded.reshape(array.shape)
+        pieces = {name + "_packed": pack_int32(q.reshape(out, cols), p.bits), name + "_scale": scale.reshape(scale_shape)}
+        if zero is not None:
+            pieces[name + "_zero_point"] = (pack_int32(zero.reshape(out, per_row).T, p.bits).T if per_row
+                                            else zero.astype(np.int8))
+        pieces[name + "_shape"] = np.array([out, cols], dtype=np.int64)
+        return pieces, decoded
 
     def _scales_per_row(self, cols: int) -> int:
         """Scales per output row of a packed weight: 0 for one per tensor."""
@@ -334,7 +345,7 @@ class Quantize(Transform, name="quantize"):
         grid = self.grid()
         if grid is not None:
             scale, zero = grid.params(groups, scale_dtype)
-            return dequantize_int(grid.quantize(groups, scale, zero), scale, zero).astype(groups.dtype)
+            return grid.quantize(groups, scale, zero, groups.dtype)[1]
 
     def _snap(self, groups: np.ndarray) -> np.ndarray:
         """Quantize each row of a 2-D array on its own grid."""
