@@ -24,3 +24,20 @@ def test_convert_keeps_shape_and_values(dtype):
 def test_convert_returns_the_array_itself_when_it_has_the_dtype():
     values = np.ones(4, np.float32)
     assert convert(values, np.dtype(np.float32)) is values
+
+
+def test_convert_reuses_the_pages_of_a_dead_result_and_never_widens_to_float64():
+    import tracemalloc
+
+    narrow = np.random.default_rng(0).normal(size=(1024, 1024)).astype(ml_dtypes.bfloat16)
+    first = convert(narrow, np.dtype(np.float32))
+    address, expected = first.ctypes.data, first.copy()
+    second = convert(narrow[::-1].copy(), np.dtype(np.float32))  # the first is alive: other pages
+    assert second.ctypes.data != address and np.array_equal(first, expected)
+    del first, second
+    tracemalloc.start()
+    third = convert(narrow, np.dtype(np.float32))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert third.ctypes.data == address and np.array_equal(third, expected)
+    assert peak < narrow.size * 2  # no float64 (8 bytes a value), not even a new float32 array

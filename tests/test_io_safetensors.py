@@ -468,3 +468,80 @@ def test_commit_fsyncs_file_and_folder(tmp_path, monkeypatch, target):
     save(tmp_path / target, ARRAYS)
     assert str(tmp_path) in synced  # the rename is durable
     assert any(".wtool-tmp-" in path for path in synced)  # the data was flushed before the rename
+
+
+# -- untouched tensors: copied file to file --------------------------------------------------
+
+def _kernel(calls, mode):
+    """os.copy_file_range as the kernel might behave: all of it, a little at a time then nothing
+    (the file shrank), or not at all (EXDEV: another file system)."""
+    real = os.copy_file_range
+
+    def copy_file_range(source, target, count, offset_src=None, offset_dst=None):
+        calls.append(count)
+        if mode == "refuses":
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        if mode == "stops" and len(calls) > 2:
+            return 0
+        return real(source, target, count if mode == "all" else min(count, 100), offset_src, offset_dst)
+    return copy_file_range
+
+
+@pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="no copy_file_range")
+@pytest.mark.parametrize("mode", ["all", "stops", "refuses"])
+@pytest.mark.parametrize("target", ["out.safetensors", "out"])
+@pytest.mark.parametrize("recycled", [False, True], ids=["own-array", "recycled-buffer"])
+def test_arrays_as_read_are_copied_in_the_kernel_with_the_same_bytes(tmp_path, monkeypatch, mode, target,
+                                                                     recycled):
+    import wtool.buffers
+
+    if recycled:  # large tensors are read into recycled buffers: every one here, too
+        monkeypatch.setattr(wtool.buffers, "SMALL", 0)
+    arrays = {"a": sample("BF16", (64, 33), seed=1), "b": sample("F32", (7, 5), seed=2),
+              "c": sample("I8", (100,), seed=3)}
+    source = save(tmp_path / "in.safetensors", arrays)
+    calls: list[int] = []
+    monkeypatch.setattr(os, "copy_file_range", _kernel(calls, mode))
+    with open_checkpoint(source) as reader:
+        save(tmp_path / target, {info.name: reader.read(info.name) for info in reader.tensors})
+    assert calls and (mode != "all" or len(calls) == len(arrays))
+    written, _ = load(tmp_path / target)
+    assert all(same_bits(written[name], array) for name, array in arrays.items())
+
+
+@pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="no copy_file_range")
+def test_other_arrays_are_written_from_memory(tmp_path, monkeypatch):
+    source = save(tmp_path / "in.safetensors", {"a": sample("F32", (8, 8), seed=1)})
+    calls: list[int] = []
+    monkeypatch.setattr(os, "copy_file_range", _kernel(calls, "all"))
+    with open_checkpoint(source) as reader:
+        array = reader.read("a")
+        save(tmp_path / "out.safetensors", {"a": array + 1, "b": array[::-1]})
+    assert not calls
+    written, _ = load(tmp_path / "out.safetensors")
+    assert same_bits(written["a"], load(source)[0]["a"] + 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise")
+@pytest.mark.parametrize("refuse", [False, True])
+def test_large_tensors_are_sent_to_the_disk_as_they_are_written(tmp_path, monkeypatch, refuse):
+    import wtool.io.safetensors as module
+
+    monkeypatch.setattr(module, "WRITEBACK", 4096)
+    monkeypatch.setattr(module, "WRITEBACK_WINDOW", 8192)
+    hints = []
+
+    def posix_fadvise(descriptor, offset, length, advice):
+        hints.append((offset, length, advice))
+        if refuse:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+    monkeypatch.setattr(os, "posix_fadvise", posix_fadvise)
+    arrays = {"small": sample("F32", (10,), seed=1), "a": sample("F32", (64, 64), seed=2),
+              "b": sample("BF16", (64, 64), seed=3), "c": sample("F32", (64, 64), seed=4)}
+    save(tmp_path / "out.safetensors", arrays)
+    header = struct.unpack("<Q", (tmp_path / "out.safetensors").read_bytes()[:8])[0] + 8
+    ends = [header + 40 + 16384, header + 40 + 16384 + 8192, header + 40 + 16384 + 8192 + 16384]
+    assert hints == [(max(0, end - size - 8192), min(end, size + 8192), os.POSIX_FADV_DONTNEED)
+                     for end, size in zip(ends, (16384, 8192, 16384))]
+    written, _ = load(tmp_path / "out.safetensors")
+    assert all(same_bits(written[name], array) for name, array in arrays.items())

@@ -123,3 +123,18 @@ def test_extras_belong_to_one_evaluation(tmp_path):
     extras = {r.name: r.extras for r in report.tensors}
     assert extras["layer1.weight"] == {"clip.nonfinite": "1 zeroed"}
     assert extras["layer0.weight"] == {}
+
+
+@pytest.mark.parametrize("values, found", [
+    ([3e38, 3e38, -1.0], None),  # finite values whose sum overflows: nothing to report
+    ([np.nan, 1.0, 2.0], "1 zeroed"), ([np.inf, -np.inf, 2.0], "2 zeroed"), ([np.inf, 1.0, 1.0], "1 zeroed"),
+])
+def test_nonfinite_guard_counts_what_is_there(values, found):
+    from wtool.recipe import Step
+
+    step_run = steps_module.StepRun(Step.parse("clip:sigma=3"), policy="zero", source="in.safetensors")
+    array = np.array(values, np.float32)
+    extras: dict = {}
+    guarded = step_run._guard("w", array, extras)
+    assert extras.get("clip.nonfinite") == found
+    assert np.isfinite(guarded).all() and (found is not None or guarded is array)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from wtool.buffers import empty
 from wtool.errors import UsageError
 
 if sys.byteorder != "little":  # native dtypes below are the little-endian file layout
@@ -116,8 +117,10 @@ def convert_into(array: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 def convert(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """`array` as `dtype`: itself when it already is, else a new array (see `convert_into`;
-    empty + copyto is twice as fast as astype for bfloat16)."""
+    empty + copyto is twice as fast as astype for bfloat16), in the pages the last conversion
+    used once no array holds them (`wtool.buffers`): a step's bfloat16 input becomes float32
+    without page faults, never through float64."""
     array = np.asarray(array)
     if array.dtype == dtype:
         return array
-    return convert_into(array, np.empty(array.shape, dtype))
+    return convert_into(array, empty(array.shape, dtype, "convert"))

@@ -132,3 +132,41 @@ def test_threshold_zeroes_nan_keeps_inf_and_signed_zeros(monkeypatch, chunk):
     assert out.tobytes() == expected.tobytes()
     zero = Transform.create("sparsify", {"threshold": 0}).apply(w, ctx(w))
     assert zero[0, 0] == 0 and np.signbit(zero[0, 3])  # NaN fails |w| >= 0; -0.0 passes and stays -0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(width=32, allow_nan=False, allow_infinity=False)),
+       st.integers(0, 299), st.sampled_from([-1, 0, 1]))
+def test_knee_counts_float32_squares_below_the_mean_exactly(w, pick, step):
+    """|w| < t counts exactly the w² < mean of float64 squares, at the boundary too: means
+    right at a square and one float64 step either side of it."""
+    from wtool.transforms.sparsify import _count_below_root
+
+    squares = w.astype(np.float64) ** 2
+    mean = float(squares[pick % w.size])
+    mean = float(np.nextafter(mean, np.inf * step)) if step else mean
+    if mean <= 0:
+        mean = 1e-30
+    assert _count_below_root(w, mean) == int(np.count_nonzero(squares < mean))
+
+
+def test_energy_figures_of_float32_and_float64_weights_agree():
+    from wtool.transforms.sparsify import energy_figures
+
+    w = np.random.default_rng(3).normal(size=(37, 41)).astype(np.float32)
+    out = Transform.create("sparsify", {"threshold": "0.5"}).apply(w, Context.of(w))
+    narrow, wide = energy_figures(w, out), energy_figures(w.astype(np.float64), out.astype(np.float64))
+    assert narrow == wide and 0 < narrow["energy_kept"] < 1 and 0.6 < narrow["knee"] < 0.75
+
+
+@pytest.mark.parametrize("size", [5, 1 << 17, (1 << 17) + 3])
+def test_threshold_figures_taken_with_the_zeros_are_the_separate_ones(monkeypatch, size):
+    from wtool.transforms import sparsify
+
+    monkeypatch.setattr(sparsify, "CHUNK", 1 << 12)
+    w = np.random.default_rng(size).normal(size=size).astype(np.float32)
+    w[::7] = 0.0
+    ctx = Context.of(w)
+    out = Transform.create("sparsify", {"threshold": "0.4"}).apply(w, ctx)
+    assert ctx.extras == sparsify.energy_figures(w, out)
+    assert 0 < ctx.extras["energy_kept"] < 1

@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from wtool.buffers import empty
 from wtool.dtypes import DTYPES, by_code
 from wtool.errors import InputError, OutputError, UsageError
 from wtool.io.atomic import AtomicFile, as_output_error
@@ -136,7 +137,8 @@ class SafetensorsReader(Reader):
     truncates kills the reader with SIGBUS, which Python cannot catch, while pread sees a
     short read and says the input changed. Threads may read at once (pread keeps no offset).
     A tensor read again while an array of it is still alive (the report's "before" and the
-    first step's input) is that same read-only array, not a second copy.
+    first step's input) is that same read-only array, not a second copy. A writer handed that
+    very array copies its bytes file to file in the kernel (`write_data`).
     """
 
     format = "safetensors"
@@ -176,7 +178,7 @@ class SafetensorsReader(Reader):
         array = self._alive.get(info.name)
         if array is not None:
             return array
-        array = np.empty(info.shape, dtype=info.dtype_info.numpy)
+        array = empty(info.shape, info.dtype_info.numpy, "read")  # pages mapped by the last read: 3x faster
         if info.nbytes:
             read_exactly(self._handle.fileno(), memoryview(array.reshape(-1).view(np.uint8)),
                          self._offsets[info.name], f"{self.file}: tensor {show(info.name)}")
@@ -184,7 +186,30 @@ class SafetensorsReader(Reader):
             check_bool_bytes(array, f"{self.file}: tensor {show(info.name)}")
         array.setflags(write=False)  # steps must not change what they were given
         self._alive[info.name] = array
+        key = (array.__array_interface__["data"][0], array.nbytes)
+        _SOURCES[key] = entry = (weakref.ref(array), weakref.ref(self), self._offsets[info.name])
+        weakref.finalize(array, _forget, key, entry)
         return array
+
+    def copy_into(self, array: np.ndarray, offset: int, handle: BinaryIO) -> int:
+        """Copy the stored bytes of `array` (read by this reader from `offset`) to the end of
+        `handle` with copy_file_range, kernel to kernel; returns how many bytes were copied,
+        which is fewer than all (0 included) when the kernel cannot or the file changed."""
+        if self._handle is None or not hasattr(os, "copy_file_range"):
+            return 0
+        source, target = self._handle.fileno(), handle.fileno()
+        handle.flush()
+        start, done = handle.tell(), 0
+        try:
+            while done < array.nbytes:
+                count = os.copy_file_range(source, target, array.nbytes - done, offset + done, start + done)
+                if count == 0:
+                    break
+                done += count
+        except OSError:
+            pass
+        handle.seek(start + done)
+        return done
 
     def close(self) -> None:
         """Close the file; arrays already returned stay valid."""
@@ -221,10 +246,73 @@ def check_header_size(path: Path, tensors: Sequence[TensorInfo], metadata: Mappi
     return header
 
 
+#: Arrays a SafetensorsReader returned, by id: (the array, the reader, the offset of its bytes).
+#: Arrays a SafetensorsReader returned, by (address, size) of their bytes: (the array, the
+#: reader, the file offset of its bytes). An entry whose array is alive describes those bytes:
+#: the array is read-only, and a recycled buffer is not handed out again while it lives.
+_SOURCES: dict[tuple[int, int], tuple[weakref.ref[np.ndarray], weakref.ref[SafetensorsReader], int]] = {}
+
+
+def _forget(key: tuple[int, int], entry: tuple[object, ...]) -> None:
+    if _SOURCES.get(key) is entry:  # not a later array read into the same recycled pages
+        del _SOURCES[key]
+
+
+def _source(array: np.ndarray) -> tuple[SafetensorsReader, int] | None:
+    """The reader and file offset of `array`'s bytes, when they are exactly the bytes of an
+    array a SafetensorsReader returned (that array or a whole view of it) and both that array
+    and its reader are still alive."""
+    if not array.flags.c_contiguous:
+        return None
+    entry = _SOURCES.get((array.__array_interface__["data"][0], array.nbytes))
+    if entry is None or entry[0]() is None:
+        return None
+    reader = entry[1]()
+    return None if reader is None else (reader, entry[2])
+
+
 def write_data(handle: BinaryIO, array: np.ndarray) -> None:
-    """Write a C-contiguous little-endian array's bytes without copying it."""
-    if array.size:
-        handle.write(memoryview(array.reshape(-1).view(np.uint8)))
+    """Write a C-contiguous little-endian array's bytes without copying it.
+
+    An array exactly as a SafetensorsReader returned it (read-only, so its bytes are still
+    the file's) is copied from the input file in the kernel, as `cp` does, without passing
+    through this process; whatever the kernel does not copy is written from memory, so the
+    output bytes are the array's either way.
+    """
+    if not array.size:
+        return
+    done = 0
+    found = _source(array)
+    if found is not None:
+        reader, offset = found
+        done = reader.copy_into(array, offset, handle)
+    if done < array.nbytes:
+        handle.write(memoryview(array.reshape(-1).view(np.uint8))[done:])
+    _written_out(handle, array.nbytes)
+
+
+#: Tensors this large are sent on their way to the disk as soon as they are written.
+WRITEBACK = 8 << 20
+#: How far back each hint reaches: pages still being written at one hint go at a later one.
+WRITEBACK_WINDOW = 1 << 30
+
+
+def _written_out(handle: BinaryIO, nbytes: int) -> None:
+    """Start writing a large tensor's pages to the disk now and drop the ones already there from
+    the page cache (posix_fadvise DONTNEED): the disk works while the next tensors are computed,
+    so the fsync before the output is committed waits for little, and an output of many GB
+    does not push the input and the run's own memory out of RAM (on this kernel, memory kept
+    free that way also spares new arrays the compaction stalls of their huge pages). The
+    output is just as durable: the fsync still comes before the commit."""
+    if nbytes < WRITEBACK or not hasattr(os, "posix_fadvise"):
+        return
+    handle.flush()
+    end = handle.tell()
+    start = max(0, end - nbytes - WRITEBACK_WINDOW)
+    try:
+        os.posix_fadvise(handle.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
+    except OSError:  # a hint: a file system that refuses it loses nothing
+        pass
 
 
 def check_with_reference(target: Path, written: Path, header: bytes, tensors: Sequence[TensorInfo],
