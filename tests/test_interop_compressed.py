@@ -38,6 +38,40 @@ def write_weights(path: Path, dtype: torch.dtype, seed: int = 0) -> dict[str, to
     return tensors
 
 
+def ct_compress(tensors: dict[str, torch.Tensor], args: QuantizationArgs, strategy: str,
+                form: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """compressed-tensors' `form` compressor on both weights (min-max qparams, groups of 32):
+    the stored pieces (plus the untouched bias) and what its own decompressor gives back."""
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, format=form)
+    compressor = BaseCompressor.get_value_from_registry(form)
+    stored, expected = {"layer.fc1.bias": tensors["layer.fc1.bias"]}, {}
+    for module in ("layer.fc1", "layer.fc2"):
+        weight = tensors[module + ".weight"]
+        if strategy == "group":
+            view = weight.unflatten(-1, (-1, 32))
+            low, high = view.amin(-1), view.amax(-1)
+        elif strategy == "channel":
+            low, high = weight.amin(-1, keepdim=True), weight.amax(-1, keepdim=True)
+        else:
+            low, high = weight.amin(), weight.amax()
+        scale, zero = calculate_qparams(low, high, args)
+        compressed = compressor.compress({"weight": weight, "weight_scale": scale, "weight_zero_point": zero}, scheme)
+        stored.update({f"{module}.{k}": v for k, v in compressed.items()})
+        expected[module + ".weight"] = compressor.decompress(compressed, scheme)["weight"]
+    return stored, expected
+
+
+def assert_wtool_decompresses_to(path: Path, expected: dict[str, torch.Tensor]) -> None:
+    """`wtool.decompress` of `path` gives exactly `expected`'s weights, and the bias untouched."""
+    dense = path.with_name("dense-again.safetensors")
+    wtool.decompress(path, dense)
+    ours = load_file(str(dense))
+    assert sorted(ours) == ["layer.fc1.bias", *sorted(expected)]
+    for name, weight in expected.items():
+        assert ours[name].dtype == weight.dtype
+        assert torch.equal(ours[name], weight), name
+
+
 def ct_decompress(path: Path, module: str) -> torch.Tensor:
     """compressed-tensors' decompressor on one module of a file wtool wrote, scheme from its metadata."""
     from safetensors import safe_open
@@ -113,33 +147,12 @@ def test_wtool_decompresses_what_compressed_tensors_compressed(tmp_path, bits, s
     tensors = write_weights(tmp_path / "dense.safetensors", torch.bfloat16)
     args = QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy=strategy,
                             group_size=32 if strategy == "group" else None)
-    scheme = QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
-    compressor = BaseCompressor.get_value_from_registry("pack-quantized")
-    stored, expected = {}, {}
-    for module in ("layer.fc1", "layer.fc2"):
-        weight = tensors[module + ".weight"]
-        if strategy == "group":
-            view = weight.unflatten(-1, (-1, 32))
-            low, high = view.amin(-1), view.amax(-1)
-        elif strategy == "channel":
-            low, high = weight.amin(-1, keepdim=True), weight.amax(-1, keepdim=True)
-        else:
-            low, high = weight.amin(), weight.amax()
-        scale, zero = calculate_qparams(low, high, args)
-        compressed = compressor.compress({"weight": weight, "weight_scale": scale, "weight_zero_point": zero}, scheme)
-        stored.update({f"{module}.{k}": v for k, v in compressed.items()})
-        expected[module + ".weight"] = compressor.decompress(compressed, scheme)["weight"]
-    stored["layer.fc1.bias"] = tensors["layer.fc1.bias"]
+    stored, expected = ct_compress(tensors, args, strategy, "pack-quantized")
     config = {"config_groups": {"group_0": {"targets": ["Linear"], "weights": args.model_dump(mode="json"),
                                             "format": "pack-quantized"}}, "format": "pack-quantized",
               "quant_method": "compressed-tensors", "quantization_status": "compressed"}
     save_file(stored, str(tmp_path / "ct.safetensors"), metadata={"format": "pt", "quantization_config": json.dumps(config)})
-    wtool.decompress(tmp_path / "ct.safetensors", tmp_path / "dense-again.safetensors")
-    ours = load_file(str(tmp_path / "dense-again.safetensors"))
-    assert sorted(ours) == ["layer.fc1.bias", "layer.fc1.weight", "layer.fc2.weight"]
-    for name, weight in expected.items():
-        assert ours[name].dtype == weight.dtype
-        assert torch.equal(ours[name], weight), name
+    assert_wtool_decompresses_to(tmp_path / "ct.safetensors", expected)
 
 
 @pytest.mark.parametrize(("symmetric", "strategy"), [(True, "channel"), (False, "channel"), (True, "tensor"),
@@ -150,31 +163,10 @@ def test_wtool_reads_compressed_tensors_int_quantized_and_refuses_to_requantize_
     tensors = write_weights(tmp_path / "dense.safetensors", torch.bfloat16)
     args = QuantizationArgs(num_bits=8, symmetric=symmetric, strategy=strategy,
                             group_size=32 if strategy == "group" else None)
-    scheme = QuantizationScheme(targets=["Linear"], weights=args, format="int-quantized")
-    compressor = BaseCompressor.get_value_from_registry("int-quantized")
-    stored, expected = {}, {}
-    for module in ("layer.fc1", "layer.fc2"):
-        weight = tensors[module + ".weight"]
-        if strategy == "group":
-            view = weight.unflatten(-1, (-1, 32))
-            low, high = view.amin(-1), view.amax(-1)
-        elif strategy == "channel":
-            low, high = weight.amin(-1, keepdim=True), weight.amax(-1, keepdim=True)
-        else:
-            low, high = weight.amin(), weight.amax()
-        scale, zero = calculate_qparams(low, high, args)
-        compressed = compressor.compress({"weight": weight, "weight_scale": scale, "weight_zero_point": zero}, scheme)
-        assert compressed["weight"].dtype == torch.int8
-        stored.update({f"{module}.{k}": v for k, v in compressed.items()})
-        expected[module + ".weight"] = compressor.decompress(compressed, scheme)["weight"]
-    stored["layer.fc1.bias"] = tensors["layer.fc1.bias"]
+    stored, expected = ct_compress(tensors, args, strategy, "int-quantized")
+    assert all(stored[module + ".weight"].dtype == torch.int8 for module in ("layer.fc1", "layer.fc2"))
     save_file(stored, str(tmp_path / "ct.safetensors"), metadata={"format": "pt"})
-    wtool.decompress(tmp_path / "ct.safetensors", tmp_path / "dense-again.safetensors")
-    ours = load_file(str(tmp_path / "dense-again.safetensors"))
-    assert sorted(ours) == ["layer.fc1.bias", "layer.fc1.weight", "layer.fc2.weight"]
-    for name, weight in expected.items():
-        assert ours[name].dtype == weight.dtype
-        assert torch.equal(ours[name], weight), name
+    assert_wtool_decompresses_to(tmp_path / "ct.safetensors", expected)
     with pytest.raises(wtool.UsageError, match=r"'layer\.fc1\.weight'.*--allow-requantize"):
         wtool.run(wtool.Pipeline.from_specs(["quantize:bits=4"]), tmp_path / "ct.safetensors", tmp_path / "q.safetensors")
 
