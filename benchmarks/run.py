@@ -77,7 +77,10 @@ class Row:
 
 
 def run_child(command: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall time and peak RSS (bytes) of one child process, which must succeed."""
+    """Wall time and peak RSS (bytes) of one child process, which must succeed. The disks are
+    synced first, untimed: no run pays for the writeback of what the run before it wrote
+    (`cp` leaves its copy dirty in the page cache; llm-compressor frees 2–5 GB as it exits)."""
+    os.sync()
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(child.pid, 0)
