@@ -100,6 +100,7 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
         for index, node in enumerate(nodes):
             stored, record = work(node)
             yield node, (stored, behind.release(record, last=index == len(nodes) - 1))
+            del stored  # the written tensor is freed before the next one is computed
         return
     work = partial(materialise, reader, stats=stats)
     pending: deque[tuple[Chain, Future]] = deque()
