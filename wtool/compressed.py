@@ -192,7 +192,7 @@ def _order_keys(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
     return np.bitwise_xor(bits, flip, out=out)
 
 
-_BLOCK = 1 << 16  # values per block: the working copies stay in the CPU cache
+_BLOCK = 1 << 18  # values per block: 1 MiB float32 working copies stay in the L2 cache, few enough calls to share the GIL
 
 
 def _blocks(shape: tuple[int, int], whole_rows: bool = False) -> Iterator[tuple[slice, slice]]:

@@ -29,7 +29,8 @@ from wtool.dtypes import by_code, to_storage
 from wtool.errors import InputError
 from wtool.io import Reader
 from wtool.report import TensorRecord
-from wtool.stats import compare, histogram, same_bytes, tensor_stats
+from wtool.measure import Measurer
+from wtool.stats import Comparison, compare, histogram, same_bytes, tensor_stats
 from wtool.steps import Chain, GroupOutput
 from wtool.tensor import TensorInfo
 
@@ -87,7 +88,7 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
     """Materialise the output tensors in order, up to `jobs` of them at once in threads
     (numpy releases the GIL in its kernels); memory grows with `jobs`. One job computes in
     the calling thread: overlapping the next tensor with the writing would double its memory,
-    but a compressed weight's statistics run behind it (`Behind`).
+    but a large compressed weight's statistics run behind it, in a second process (`Behind`).
 
     Each tensor comes with the records complete by then, in checkpoint order: none, one, or
     those held back behind a compressed weight's statistics (all are out once the last is).
@@ -95,12 +96,15 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
     SIGTERM takes effect at once, not after every tensor in flight.
     """
     if jobs <= 1:
-        behind = Behind()
-        work = partial(materialise, reader, stats=stats, behind=behind)
-        for index, node in enumerate(nodes):
-            stored, record = work(node)
-            yield node, (stored, behind.release(record, last=index == len(nodes) - 1))
-            del stored  # the written tensor is freed before the next one is computed
+        with Measurer() as measurer:
+            if stats and any(Measurer.worth(2 * _layout_bytes(node)) for node in nodes):
+                measurer.start()
+            behind = Behind(measurer)
+            work = partial(materialise, reader, stats=stats, behind=behind)
+            for index, node in enumerate(nodes):
+                stored, record = work(node)
+                yield node, (stored, behind.release(record, last=index == len(nodes) - 1))
+                del stored  # the written tensor is freed before the next one is computed
         return
     work = partial(materialise, reader, stats=stats)
     pending: deque[tuple[Chain, Future]] = deque()
@@ -119,6 +123,12 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
             pending.append((following, _in_thread(work, following)))
 
 
+def _layout_bytes(node: Chain) -> int:
+    """The bytes of the dense weight `node` stores a piece of, in a compressed layout (else 0)."""
+    piece = node.compressed_piece
+    return piece.history.info.nbytes if piece is not None and isinstance(piece.evaluation.group.data, Scheme) else 0
+
+
 def _in_thread(function: Callable[..., Any], *args: Any) -> Future:
     """Run `function(*args)` in a new daemon thread; its result or exception arrives in the future."""
     future: Future = Future()
@@ -134,30 +144,36 @@ def _in_thread(function: Callable[..., Any], *args: Any) -> Future:
 
 
 class Behind:
-    """A compressed weight's statistics, taken in one background thread while the next tensor
-    is computed: at most one in flight (memory grows by one tensor's decoded values at most),
-    and records released in order, each complete (a spilled record is never written again)."""
+    """A compressed weight's statistics, taken in a second process (`wtool.measure`) while the
+    next tensor is computed: one in flight (memory grows by one pair of tensors), records
+    released in order, each complete (a spilled record is never written again)."""
 
-    def __init__(self) -> None:
-        self.pending: Future | None = None
-        self.blocking: TensorRecord | None = None  # the record the pending task fills
+    def __init__(self, measurer: Measurer) -> None:
+        self.measurer = measurer
+        self.blocking: TensorRecord | None = None  # the record the pending comparison fills
         self.held: list[TensorRecord] = []
 
-    def run(self, record: TensorRecord, task: Callable[[], None]) -> None:
+    def run(self, record: TensorRecord, before: np.ndarray, after: np.ndarray) -> bool:
+        """Start comparing the pair for `record` in the process, once the last one is in;
+        False (nothing started) when the pair is for the caller to measure in line."""
+        if not self.measurer.takes(before, after):
+            return False
         self.wait()
-        self.pending, self.blocking = _in_thread(task), record
+        self.measurer.compare(before, after)
+        self.blocking = record
+        return True
 
     def wait(self) -> None:
-        if self.pending is not None:
-            pending, self.pending, self.blocking = self.pending, None, None
-            pending.result()
+        if self.blocking is not None:
+            record, self.blocking = self.blocking, None
+            _fill(record, self.measurer.result())
 
     def release(self, record: TensorRecord | None, last: bool = False) -> list[TensorRecord]:
         """Hold `record` (if any) back with the others; hand out those complete, in order
         (all of them when `last`)."""
         if record is not None:
             self.held.append(record)
-        if last or (self.pending is not None and self.pending.done()):
+        if last or self.measurer.done():
             self.wait()
         cut = next((at for at, held in enumerate(self.held) if held is self.blocking), len(self.held))
         released, self.held = self.held[:cut], self.held[cut:]
@@ -175,32 +191,28 @@ def layout_record(reader: Reader, piece: GroupOutput, steps: list[str], stats: b
     name = group.inputs[0]
     dense = piece.history.info
     source = _source(reader, name)
-    after = piece.evaluation.take_decoded() if stats else None
+    measured = piece.evaluation.take_measured() if stats else None
     op = piece.evaluation.run.step.op
     stored_bytes = sum(o.nbytes for o in group.outputs)
     extras = {f"{op}.layout": group.data.label(), f"{op}.bits_per_weight": 8 * stored_bytes / max(dense.numel, 1)}
     record = TensorRecord(name, dense.dtype, list(dense.shape), steps, True, None, None, None, extras,
                           dtype_before=source.dtype if source else None,
                           bytes_before=source.nbytes if source else None, bytes_after=stored_bytes)
-    if after is not None:
-        measure = partial(_measure_layout, record, reader if source is not None else None, after)
-        if behind is None:
-            measure()
-        else:
-            behind.run(record, measure)
+    if measured is not None:
+        before, after = measured
+        if before is None and source is not None:
+            before = reader.read(name)
+        if before is None or before.shape != after.shape:
+            record.after = tensor_stats(after)
+            record.histogram = _histograms(None, None, after, record.after)
+        elif behind is None or not behind.run(record, before, after):
+            _fill(record, compare(before, after))
     return record
 
 
-def _measure_layout(record: TensorRecord, reader: Reader | None, after: np.ndarray) -> None:
-    """Fill `record` with the statistics of the dense weight (read from `reader`, when it has
-    one) and of `after`, what its layout decodes to, and the error between them."""
-    before = reader.read(record.name) if reader is not None else None
-    if before is not None and before.shape == after.shape:
-        pair = compare(before, after)
-        record.before, record.after, record.error, record.histogram = pair.before, pair.after, pair.error, pair.histogram
-    else:
-        record.after = tensor_stats(after)
-        record.histogram = _histograms(None, None, after, record.after)
+def _fill(record: TensorRecord, pair: Comparison) -> None:
+    """A compressed weight's record, completed with the dense weight against what its layout decodes to."""
+    record.before, record.after, record.error, record.histogram = pair.before, pair.after, pair.error, pair.histogram
 
 
 def planned_record(reader: Reader, node: Chain) -> TensorRecord | None:

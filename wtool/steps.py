@@ -302,9 +302,11 @@ class GroupEvaluation:
 
     def __init__(self, run: StepRun, group: Group, inputs: Mapping[str, Chain]) -> None:
         self.run, self.group, self.inputs = run, group, inputs
-        #: For one tensor stored in a compressed layout, when the run measures: the weight the
-        #: layout decodes to, in the tensor's dtype, until the report takes it (`take_decoded`).
-        self.decoded: np.ndarray | None = None
+        #: For one tensor stored in a compressed layout, when the run measures: the input tensor
+        #: as read when no step came before (the report's "before", so it is not read twice; else
+        #: None), and what the layout decodes to, in the tensor's dtype, until the report takes
+        #: them (`take_measured`).
+        self.measured: tuple[np.ndarray | None, np.ndarray] | None = None
         self._waiting: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()  # outputs of one group may be taken by two threads
 
@@ -323,26 +325,28 @@ class GroupEvaluation:
             return self._waiting.pop(name)
 
     def _evaluate(self) -> dict[str, np.ndarray]:
-        arrays = {}
+        measure = isinstance(self.group.data, Scheme) and self.run.measure
+        arrays, stored = {}, None
         for key, chain in self.inputs.items():
             value = chain.evaluate()[0]
             arrays[key] = convert(value, chain.info.dtype_info.compute) if chain.info.dtype_info.is_float else value
-            del value  # the stored form is not kept while the step runs
+            stored = value if measure and chain.untouched else None  # else not kept while the step runs
+            del value
         if isinstance(self.run.step.transform, GroupTransform):
             return self.run.apply_group(self.group, arrays)
         (name,) = self.group.inputs
         info = self.inputs[name].info
-        measure = isinstance(self.group.data, Scheme) and self.run.measure
         outputs, decoded = self.run.apply_split(self.group, info, arrays[name], decoded=measure)
         if measure:
-            self.decoded = decoded if decoded is not None else _decode(self.group, info, outputs)
+            self.measured = stored, decoded if decoded is not None else _decode(self.group, info, outputs)
         return outputs
 
-    def take_decoded(self) -> np.ndarray | None:
-        """The decoded weight (see `decoded`), handed out once."""
+    def take_measured(self) -> tuple[np.ndarray | None, np.ndarray] | None:
+        """The input weight (None when steps came before) and what its layout decodes to (see
+        `measured`), handed out once."""
         with self._lock:
-            decoded, self.decoded = self.decoded, None
-            return decoded
+            measured, self.measured = self.measured, None
+            return measured
 
 
 def _decode(group: Group, info: TensorInfo, outputs: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -1,0 +1,145 @@
+"""The statistics process: the same figures as in line, every error back in the parent, nothing left running."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import wtool
+import wtool.measure
+from wtool.errors import WtoolError
+from wtool.measure import Measurer
+from wtool.stats import compare
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="the statistics process needs Linux's memfd")
+
+
+def _pair(dtype: type, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    before = (rng.standard_normal(shape) * 0.05).astype(dtype)
+    after = (np.round(before.astype(np.float64) * 40) / 40).astype(dtype)
+    if before.size > 3 and np.dtype(dtype).kind in "fV":
+        flat = before.reshape(-1)
+        flat[0], flat[1], flat[2] = np.nan, np.inf, 0.0  # NaN/Inf are counted, not measured
+    return before, after
+
+
+def _figures(comparison: object) -> str:
+    """Every figure of a comparison, NaN-proof and exact (repr of each float)."""
+    return json.dumps(vars(comparison), default=repr, sort_keys=True)
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, np.float32, np.float64, ml_dtypes.float8_e4m3fn,
+                                   np.int8])
+@pytest.mark.parametrize("shape", [(0,), (5,), (33, 70)])
+def test_the_process_gives_the_figures_of_compare_in_line(dtype, shape):
+    before, after = _pair(dtype, shape)
+    with Measurer() as measurer:
+        measurer.compare(before, after)
+        assert _figures(measurer.result()) == _figures(compare(before, after))
+
+
+def test_pairs_of_growing_size_and_dtype_go_through_one_process_in_order():
+    """A larger pair maps a larger slot; each result is the one of its own pair."""
+    pairs = [_pair(dtype, shape) for dtype, shape in
+             [(np.float32, (10,)), (ml_dtypes.bfloat16, (300, 301)), (np.float64, (4,)), (np.float32, (1000, 999))]]
+    with Measurer() as measurer:
+        for before, after in pairs:
+            measurer.compare(before, after)
+            before[...] = 0  # the process has its own copy: the caller may reuse its arrays at once
+            assert measurer.result().after == compare(before, after).after
+        pid = measurer.process.pid
+    assert measurer.process is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # ended and reaped: no zombie either
+
+
+def test_an_error_in_the_process_is_raised_in_the_parent():
+    with Measurer() as measurer:
+        measurer.compare(np.zeros(3, np.float32), np.zeros(4, np.float32))
+        with pytest.raises(ValueError, match="3 elements before, 4 after"):
+            measurer.result()
+        measurer.compare(*_pair(np.float32, (6,)))  # and the process goes on
+        assert measurer.result().before["numel"] == 6
+
+
+def test_a_process_that_dies_is_a_one_line_error_not_a_hang():
+    with Measurer() as measurer:
+        measurer.start()
+        os.kill(measurer.process.pid, signal.SIGKILL)
+        measurer.process.wait()
+        with pytest.raises(WtoolError, match=r"statistics process stopped \(exit code -9\).*--no-stats"):
+            measurer.compare(*_pair(np.float32, (6,)))
+            measurer.result()
+
+
+def test_closing_with_a_comparison_running_stops_the_process_at_once():
+    before, after = _pair(np.float64, (4096, 1024))
+    measurer = Measurer()
+    measurer.compare(before, after)
+    process = measurer.process
+    measurer.close()
+    assert process.poll() is not None and measurer.process is None and measurer.slot is None
+
+
+def test_small_pairs_stay_in_line_and_start_nothing():
+    measurer = Measurer()
+    assert not measurer.takes(np.zeros(16, np.float32), np.zeros(16, np.float32))
+    assert measurer.takes(np.zeros(1 << 20, np.float32), np.zeros(1 << 20, np.float32))
+    assert measurer.process is None
+
+
+@pytest.mark.parametrize("spec", ["quantize:bits=4,granularity=group,group_size=8,storage=packed",
+                                  "quantize:type=fp8", "clip:c=0.05,include=*.q_proj.weight"])
+def test_a_run_measured_in_the_process_reports_what_one_measured_in_line_does(llama, tmp_path, monkeypatch, spec):
+    """Every compressed weight goes to the process (MIN_BYTES 0); the report, records spilled
+    to disk at once included, is the one of a run that measures everything in line."""
+    from wtool.report import Records
+
+    monkeypatch.setattr(Records, "KEEP", 0)
+    pipeline = wtool.Pipeline.from_specs([spec])
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 1 << 62)
+    in_line = wtool.run(pipeline, llama, tmp_path / "a.safetensors").to_json()
+    started: list[int] = []
+    real_start = Measurer.start
+
+    def start(self: Measurer) -> None:
+        real_start(self)
+        started.append(self.process.pid)
+
+    monkeypatch.setattr(Measurer, "start", start)
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    behind = wtool.run(pipeline, llama, tmp_path / "b.safetensors").to_json()
+    for report in (in_line, behind):
+        report.pop("output")
+        report.pop("seconds", None)
+        report["totals"].pop("seconds", None)
+    assert behind == in_line
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert len(set(started)) == ("storage=packed" in spec or "fp8" in spec)  # one process, and only for layouts
+
+
+def test_every_public_name_of_the_package_resolves_and_the_statistics_process_imports_little():
+    """`wtool`'s names are imported on first use: each in __all__ resolves to its module's
+    object, and importing wtool.measure (what the statistics process runs) leaves the
+    pipeline, the CLI and the transforms unimported."""
+    import subprocess
+    import sys
+
+    import wtool.pipeline
+    import wtool.transforms
+
+    assert sorted(dir(wtool)) == sorted(wtool.__all__)
+    assert wtool.run is wtool.pipeline.run and wtool.TRANSFORMS is wtool.transforms.REGISTRY
+    assert all(getattr(wtool, name) is not None for name in wtool.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        wtool.nothing  # noqa: B018
+    loaded = subprocess.run([sys.executable, "-c", "import sys, wtool.measure; print(' '.join(sys.modules))"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert "wtool.stats" in loaded
+    assert not {"wtool.pipeline", "wtool.cli", "wtool.transforms", "rich", "typer"} & set(loaded)

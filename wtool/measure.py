@@ -1,0 +1,213 @@
+"""Statistics in a second process: a large compressed weight measured on the other core.
+
+Counting a 16-bit tensor's bit patterns (`wtool.stats`) is one numpy `bincount` per chunk,
+and bincount holds the GIL for all its work: in a thread it runs instead of the next
+tensor's quantization, not beside it (a packed 4-bit run of 8 bfloat16 tensors of 64 MiB
+took as long with its statistics in a thread as in line). A process has an interpreter of
+its own. The pair goes over in memory both processes map (one Linux memfd, grown when a
+larger pair comes): one copy of each tensor's bytes, no pickling; the `Comparison`, a few
+hundred bytes, comes back over a pipe.
+
+One comparison is in flight at a time, so memory grows by one pair. The process is
+started at the first pair of `MIN_BYTES` or more, as `python -m wtool.measure` (not through
+multiprocessing, which would run the caller's main script again in it); it inherits no file
+of this one but its end of the pipe; smaller pairs, and every pair where Linux's memfd is missing, are for the caller to
+measure in line (`takes` says which).
+
+>>> import numpy as np
+>>> measurer = Measurer()
+>>> measurer.takes(np.zeros(4, np.float32), np.ones(4, np.float32))   # too small to be worth a process
+False
+>>> measurer.close()
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle, send_handle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wtool.errors import WtoolError
+from wtool.stats import Comparison, compare
+
+MIN_BYTES = 8 << 20  # both tensors of a pair together: below this, starting a process costs more than it saves
+_ALIGN = 64
+
+
+class Measurer:
+    """A process that compares pairs of tensors (`stats.compare`), one at a time, in order."""
+
+    def __init__(self) -> None:
+        self.process: Any = None
+        self.connection: Connection | None = None
+        self.slot: mmap.mmap | None = None
+        self.busy = False
+
+    @staticmethod
+    def worth(nbytes: int) -> bool:
+        """Whether a pair of `nbytes` in all is measured in the process (large enough, memfd at hand)."""
+        return nbytes >= max(MIN_BYTES, 1) and hasattr(os, "memfd_create")
+
+    def takes(self, before: np.ndarray, after: np.ndarray) -> bool:
+        """Whether `compare` would measure this pair in the process."""
+        return self.worth(before.nbytes + after.nbytes)
+
+    def start(self) -> None:
+        """Start the process now (the first `compare` does otherwise): it then imports numpy
+        while the first tensors are computed."""
+        if self.process is not None:
+            return
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            home = str(Path(__file__).resolve().parent.parent)  # where this wtool is imported from
+            path = os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "wtool.measure", str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": path})
+            self.connection = Connection(os.dup(ours.fileno()))
+
+    def compare(self, before: np.ndarray, after: np.ndarray) -> None:
+        """Start comparing `before` with `after` in the process; `result` gives the comparison.
+        Waits for the one before to be taken first. The arrays are copied: the caller may drop them."""
+        if self.busy:
+            raise RuntimeError("Measurer.compare: the last result was not taken")
+        offsets = [0, _aligned(before.nbytes)]
+        self._reserve(max(offsets[1] + after.nbytes, _ALIGN))  # a mapping is never empty
+        assert self.slot is not None and self.connection is not None
+        specs = []
+        for array, offset in zip((before, after), offsets):
+            flat = np.ascontiguousarray(array).reshape(-1)
+            target = np.frombuffer(self.slot, np.uint8, flat.nbytes, offset)
+            np.copyto(target, flat.view(np.uint8))
+            del target  # no view of the slot may outlive this call: the slot could not be closed
+            specs.append((array.dtype, array.shape, offset))
+        self._send(("compare", specs))
+        self.busy = True
+
+    def done(self) -> bool:
+        """Whether the result is in (so `result` will not wait)."""
+        return self.busy and self.connection is not None and self.connection.poll()
+
+    def result(self) -> Comparison:
+        """The comparison started last, once the process has it (its error, raised here, if any)."""
+        if not self.busy or self.connection is None:
+            raise RuntimeError("Measurer.result: nothing was started")
+        self.busy = False
+        try:
+            status, value = self.connection.recv()
+        except (EOFError, OSError):
+            raise self._stopped() from None
+        if status == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Stop the process (at once when a comparison is still running) and free the slot."""
+        if self.process is not None:
+            if self.busy:
+                self.process.terminate()
+            else:
+                try:
+                    self._send(None)
+                except WtoolError:
+                    pass
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+        if self.slot is not None:
+            self.slot.close()
+            self.slot = None
+        self.busy = False
+
+    def __enter__(self) -> Measurer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _reserve(self, size: int) -> None:
+        """Start the process if need be; map a slot of at least `size` bytes in both processes."""
+        self.start()
+        if self.slot is not None and len(self.slot) >= size:
+            return
+        if self.slot is not None:
+            self.slot.close()
+        descriptor = os.memfd_create("wtool-stats")
+        try:
+            os.ftruncate(descriptor, size)
+            self.slot = mmap.mmap(descriptor, size)
+            self._send(("map", size))
+            send_handle(self.connection, descriptor, self.process.pid)
+        except OSError:
+            raise self._stopped() from None
+        finally:
+            os.close(descriptor)
+
+    def _send(self, message: object) -> None:
+        assert self.connection is not None
+        try:
+            self.connection.send(message)
+        except OSError:
+            raise self._stopped() from None
+
+    def _stopped(self) -> WtoolError:
+        code = self.process.poll() if self.process is not None else None
+        return WtoolError(f"the statistics process stopped (exit code {code}); run again, or with --no-stats")
+
+
+def _aligned(size: int) -> int:
+    return -(-size // _ALIGN) * _ALIGN
+
+
+def serve(connection: Connection) -> None:
+    """The process: map the slots it is sent, compare the pairs in them, send each result back.
+
+    What the terminal sends the whole group (Ctrl-C, hang-up, quit) is the parent's to
+    handle: the parent stops this process when it stops. It ends when the parent closes the
+    pipe, whatever the reason."""
+    for name in ("SIGINT", "SIGHUP", "SIGQUIT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    slot: mmap.mmap | None = None
+    while True:
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        if message[0] == "map":
+            if slot is not None:
+                slot.close()
+            descriptor = recv_handle(connection)
+            slot = mmap.mmap(descriptor, message[1])
+            os.close(descriptor)
+            continue
+        arrays = [np.frombuffer(slot, dtype, int(np.prod(shape)), offset).reshape(shape)
+                  for dtype, shape, offset in message[1]]
+        try:
+            reply: tuple[str, object] = ("ok", compare(*arrays))
+        except Exception as exc:  # handed to the parent, which raises it; its traceback would keep views of the slot
+            reply = ("error", exc.with_traceback(None))
+        del arrays
+        connection.send(reply)
+
+
+if __name__ == "__main__":  # started by Measurer: python -m wtool.measure FD
+    serve(Connection(int(sys.argv[1])))
