@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -77,19 +78,70 @@ class Row:
 
 
 def run_child(command: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall time and peak RSS (bytes) of one child process, which must succeed. The disks are
+    """Wall time and peak memory (bytes) of one child process, which must succeed. The disks are
     synced first, untimed: no run pays for the writeback of what the run before it wrote
-    (`cp` leaves its copy dirty in the page cache; llm-compressor frees 2–5 GB as it exits)."""
+    (`cp` leaves its copy dirty in the page cache; llm-compressor frees 2–5 GB as it exits).
+
+    Peak memory is the larger of the process's own peak RSS and the peak, sampled every 20 ms,
+    of what the process and its descendants hold: their anonymous and file pages summed, the
+    shared memory they map counted once (wtool's statistics process maps what wtool hands it).
+    The kernel's counters in /proc/PID/status are read, not the page tables, so sampling does
+    not slow the process down.
+    """
     os.sync()
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    sampler = TreeMemory(child.pid)
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
+    sampler.stop()
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode:
         raise RuntimeError(f"{' '.join(command)} failed ({child.returncode}): {child.stderr.read().decode()[-2000:]}")
     child.stderr.close()
-    return seconds, usage.ru_maxrss * 1024
+    return seconds, max(usage.ru_maxrss * 1024, sampler.peak)
+
+
+class TreeMemory:
+    """The peak memory of a process and its descendants, sampled in a thread (Linux /proc; 0 elsewhere)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self.running = pid, 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join()
+
+    def _sample(self) -> None:
+        while self.running:
+            held = [_held(pid) for pid in _tree(self.pid)]
+            self.peak = max(self.peak, sum(own for own, _ in held) + max((shared for _, shared in held), default=0))
+            time.sleep(0.02)
+
+
+def _tree(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                todo.extend(int(c) for c in children.read_text().split())
+            except OSError:
+                pass
+    return found
+
+
+def _held(pid: int) -> tuple[int, int]:
+    """(anonymous + file pages, shared memory pages) resident for `pid`, in bytes."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:  # gone, or not Linux
+        return 0, 0
+    kib = {line.split(":")[0]: int(line.split()[1]) for line in lines if line.startswith(("RssAnon", "RssFile", "RssShmem"))}
+    return 1024 * (kib.get("RssAnon", 0) + kib.get("RssFile", 0)), 1024 * kib.get("RssShmem", 0)
 
 
 def timings(func: Callable[[], object], repeat: int) -> tuple[list[float], list[float]]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from wtool.buffers import empty
 from wtool.errors import InputError
 from wtool.io.base import Reader
 from wtool.tensor import TensorInfo
@@ -58,12 +59,16 @@ def pack_int32(q: np.ndarray, bits: int) -> np.ndarray:
     width = -(-cols // per_word) * per_word  # values per row, padding included
     # q + 2^(b-1) as bytes (two's complement wraps the same way), then 8/b of them per byte; the
     # host is little-endian (wtool.dtypes), so four bytes in a row are one word, lowest first.
-    # Rows go in blocks that stay in the CPU cache.
+    # The 8/b bytes that make one byte are read as one wider integer w (byte k at bit 8k):
+    # w | w >> (8−b) | w >> 2(8−b) ... puts byte k's b bits at bit k·b of the lowest byte, which
+    # the cast to uint8 keeps (whole rows at once: no strided lanes). Rows go in blocks that
+    # stay in the CPU cache.
     raw = (q if q.dtype == np.int8 else q.astype(np.int8)).view(np.uint8)
     out = np.empty((rows, width // per_byte), dtype=np.uint8)
     step = max(1, _BLOCK // max(width, 1))
     unsigned = np.zeros((min(step, rows), width), dtype=np.uint8)  # the padding columns stay 0
-    lane_bits = np.empty((min(step, rows), width // per_byte), dtype=np.uint8)
+    lanes = np.empty((min(step, rows), width // per_byte), dtype=f"<u{per_byte}")
+    gathered = np.empty_like(lanes)
     for start in range(0, rows, step):
         count = min(step, rows - start)
         values, target = unsigned[:count], out[start:start + count]
@@ -71,10 +76,11 @@ def pack_int32(q: np.ndarray, bits: int) -> np.ndarray:
         if bits == 8:
             target[...] = values
             continue
-        values &= np.uint8((1 << bits) - 1)
-        target[...] = values[:, 0::per_byte]
+        wide, work = values.view(lanes.dtype), gathered[:count]
+        np.copyto(work, wide)
         for lane in range(1, per_byte):
-            target |= np.left_shift(values[:, lane::per_byte], np.uint8(lane * bits), out=lane_bits[:count])
+            work |= np.right_shift(wide, lane * (8 - bits), out=lanes[:count])
+        np.copyto(target, work, casting="unsafe")  # the lowest byte of each
     return out.view(np.int32)
 
 
@@ -141,8 +147,8 @@ class IntGrid:
         """q = clamp(round(w/scale + zero)) as int8, one scale (and zero) per row; half to even.
         With `decoded`, also (q − zero)·scale stored as that dtype, from the same cache block
         (what `dequantize_int` gives)."""
-        out = np.empty(groups.shape, dtype=np.int8)
-        values = None if decoded is None else np.empty(groups.shape, dtype=decoded)
+        out = empty(groups.shape, np.int8, "codes")  # pages mapped by the last tensor's (wtool.buffers)
+        values = None if decoded is None else empty(groups.shape, decoded, "decoded")
         for rows, cols in _blocks(groups.shape):
             work = groups[rows, cols] / scale[rows, None]
             if zero is not None:

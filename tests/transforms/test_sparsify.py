@@ -170,3 +170,23 @@ def test_threshold_figures_taken_with_the_zeros_are_the_separate_ones(monkeypatc
     out = Transform.create("sparsify", {"threshold": "0.4"}).apply(w, ctx)
     assert ctx.extras == sparsify.energy_figures(w, out)
     assert 0 < ctx.extras["energy_kept"] < 1
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 1 << 17])
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_fraction_zeroes_chunk_by_chunk_as_a_stable_sort_says(monkeypatch, chunk, scope):
+    """The zeros are made a few values at a time (the ties to drop may sit in several chunks);
+    NaN is the largest magnitude, so it stays, and every dropped value is +0.0."""
+    import wtool.transforms.sparsify as sparsify
+
+    monkeypatch.setattr(sparsify, "CHUNK", chunk)
+    w = np.array([0.3, -0.1, 0.1, np.nan, -0.0, 0.1, 2.0, -0.1, 0.1, 0.3, np.inf, 0.1, -5.0], np.float32)
+    step = Transform.create("sparsify", {"fraction": 0.5, "scope": scope})
+    state = step.fit([(ctx(w).info, lambda: w)]) if scope == "global" else None
+    out = step.apply(w, ctx(w, state=state))
+    finite = np.where(np.isnan(w), np.inf, w)  # the reference ranks NaN above everything
+    expected = reference_fraction([finite], 0.5)[0]
+    expected[np.isnan(w)] = np.nan
+    np.testing.assert_array_equal(out, expected)
+    dropped = (out == 0) & (w != 0)
+    assert dropped.sum() + 1 == round(0.5 * w.size) and not np.signbit(out[dropped]).any()

@@ -130,14 +130,17 @@ class Sparsify(Transform, name="sparsify"):
             cutoff = ctx.state.get(ctx.name) if ctx.state else None
             if cutoff is None:  # nothing to zero anywhere (fraction·numel rounds to 0)
                 return array.copy()
-            return _zero_below(array, _magnitude_keys(array, cutoff.wide), cutoff)
+            return _zero_below(array, cutoff)
         target = round(p.fraction * array.size)
         if target == 0:
             return array.copy()
         wide = array.dtype == np.float64
         keys = _magnitude_keys(array, wide)
-        key = int(np.partition(keys, target - 1)[target - 1])
-        return _zero_below(array, keys, Cutoff(key, target - int(np.count_nonzero(keys < key)), wide))
+        keys.partition(target - 1)  # in place: a permutation of the keys, so the count below stays right
+        key = int(keys[target - 1])
+        below = int(np.count_nonzero(keys < key))
+        del keys  # freed before the output is made
+        return _zero_below(array, Cutoff(key, target - below, wide))
 
     def problem(self, info: TensorInfo) -> str | None:
         if self.params.nm is None or not info.shape:
@@ -246,9 +249,23 @@ def _magnitude_keys(array: np.ndarray, wide: bool) -> np.ndarray:
         flat.astype(np.float32, copy=False).view(np.uint32)
 
 
-def _zero_below(array: np.ndarray, keys: np.ndarray, cutoff: Cutoff) -> np.ndarray:
-    drop = keys < cutoff.key
-    if cutoff.ties:
-        equal = np.flatnonzero(keys == cutoff.key)[: cutoff.ties]
-        drop[equal] = True
-    return np.where(drop.reshape(array.shape), np.zeros((), array.dtype), array)
+def _zero_below(array: np.ndarray, cutoff: Cutoff) -> np.ndarray:
+    """`array` with the values `cutoff` drops set to +0.0 (NaN kept: its key is above any number),
+    chunk by chunk: the keys and the mask stay in cache, the bits times the mask go to a
+    recycled buffer (`wtool.buffers`), and no key array of the whole tensor is made."""
+    bits = np.dtype(f"u{array.dtype.itemsize}")
+    flat = np.ascontiguousarray(array).reshape(-1)
+    out = empty_like(flat)
+    magnitudes = np.empty(min(flat.size, CHUNK), np.float64 if cutoff.wide else np.float32)
+    keep = np.empty(magnitudes.size, np.bool_)
+    ties = cutoff.ties
+    for start in range(0, flat.size, CHUNK):
+        part, target = flat[start:start + CHUNK], out[start:start + CHUNK]
+        keys = np.abs(part, out=magnitudes[:part.size]).view(np.uint64 if cutoff.wide else np.uint32)
+        kept = np.greater_equal(keys, cutoff.key, out=keep[:part.size])
+        if ties:  # the first `ties` keys equal to the cutoff, in flat order, go too
+            equal = np.flatnonzero(keys == cutoff.key)[:ties]
+            kept[equal] = False
+            ties -= equal.size
+        np.multiply(part.view(bits), kept, out=target.view(bits))
+    return out.reshape(array.shape)
