@@ -7,7 +7,7 @@ machine (end to end, every round runs `cp` and then each case once), and prints 
 input, peak RSS, and the ratio to the baseline measured in the same run. Each target of
 issue 11 is flagged met or not; everything goes to benchmarks/results.json as well.
 
-    python benchmarks/run.py            # 2 GiB, 5 rounds (< 10 minutes on a quiet machine)
+    python benchmarks/run.py            # 1 GiB, 5 rounds, the peer at 3 GiB (< 10 minutes on a quiet machine)
     python benchmarks/run.py --quick    # 256 MiB, 3 runs, no llm-compressor: a one-minute look
 
 Baselines: `cp -r` of the checkpoint for end-to-end runs (warm page cache: the ratios
@@ -17,8 +17,10 @@ do in a run, so each kernel row's note also gives its ratio to a copy into mappe
 statistics, the same pipeline run with --no-stats. Kernel and statistics rows also give the
 CPU time of the thread (`time.thread_time`), which other processes on the machine disturb
 far less than the wall time the targets are judged on. Peers, when installed (`make
-bench-env`): llm-compressor's model-free PTQ (W4A16, writes packed int4) and gguf-py's
-numpy Q4_0 quantizer; absent, their rows say "skipped".
+bench-env`): llm-compressor's model-free PTQ (W4A16, writes packed int4), run against wtool on
+a checkpoint of its own at issue 12's size (`--peer-tensors`, 48: 3 GiB), and gguf-py's
+numpy Q4_0 quantizer; absent, their rows say "skipped". Peak memory counts wtool's
+statistics process too (`run_child`).
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ def run_child(command: Sequence[str], env: dict[str, str] | None = None) -> tupl
     The kernel's counters in /proc/PID/status are read, not the page tables, so sampling does
     not slow the process down.
     """
+    if env is None:  # children keep their compiled bytecode, as an installed tool does (pip compiles what it
+        # installs): with PYTHONDONTWRITEBYTECODE, which some machines set, every run compiles wtool again
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
     os.sync()
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -157,23 +162,28 @@ def timings(func: Callable[[], object], repeat: int) -> tuple[list[float], list[
 
 
 class Suite:
-    def __init__(self, work: Path, repeat: int, tensors: int, peer_python: str | None) -> None:
+    def __init__(self, work: Path, repeat: int, tensors: int, peer_python: str | None, peer_tensors: int) -> None:
         self.work, self.repeat, self.tensors, self.peer_python = work, repeat, tensors, peer_python
+        self.peer_tensors = peer_tensors
         self.rows: list[Row] = []
         self.source = work / "in"
         self.wtool = [sys.executable, "-m", "wtool"]
 
     # ---------------------------------------------------------------- end to end
     def build(self) -> None:
+        self.size = self.checkpoint(self.source, self.tensors)
+        self.largest_f32 = SHAPE[0] * SHAPE[1] * 4
+
+    def checkpoint(self, folder: Path, tensors: int) -> int:
+        """A sharded folder of `tensors` bfloat16 tensors with a config.json (the peers read
+        folders), made with `wtool new`; its bytes."""
         spec = self.work / "spec.toml"
         spec.write_text('[metadata]\nformat = "pt"\n[defaults]\ndtype = "bfloat16"\nscheme = "he"\n'
-                        f'[[tensors]]\nname = "model.layers.{{i}}.mlp.down_proj.weight"\ncount = {self.tensors}\n'
+                        f'[[tensors]]\nname = "model.layers.{{i}}.mlp.down_proj.weight"\ncount = {tensors}\n'
                         f"shape = [{SHAPE[0]}, {SHAPE[1]}]\n")
-        subprocess.run([*self.wtool, "new", str(spec), str(self.source), "--max-shard-size", "100GB", "-q"],
-                       check=True)
-        (self.source / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
-        self.size = sum(p.stat().st_size for p in self.source.glob("*.safetensors"))
-        self.largest_f32 = SHAPE[0] * SHAPE[1] * 4
+        subprocess.run([*self.wtool, "new", str(spec), str(folder), "--max-shard-size", "100GB", "-q"], check=True)
+        (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+        return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
     def cp(self) -> tuple[float, int]:
         target = self.work / "cp"
@@ -195,12 +205,12 @@ class Suite:
         report.unlink(missing_ok=True)
         return run_child([*self.wtool, "inspect", str(self.source), "--json", str(report), "-q"])
 
-    def wtool_apply(self, name: str, *options: str) -> Callable[[], tuple[float, int]]:
+    def wtool_apply(self, name: str, *options: str, source: Path | None = None) -> Callable[[], tuple[float, int]]:
         target = self.work / name
 
         def go() -> tuple[float, int]:
             shutil.rmtree(target, ignore_errors=True)
-            return run_child([*self.wtool, "apply", str(self.source), str(target), "-q", *options])
+            return run_child([*self.wtool, "apply", str(source or self.source), str(target), "-q", *options])
         return go
 
     def end_to_end_cases(self) -> None:
@@ -242,7 +252,7 @@ class Suite:
         row("inspect --json", "inspect", "cp", 1.5)
         row("apply clip:c=0.05", "clip", "cp", 2.0)
         row(f"apply {QUANTIZE}", "quantize", "cp", 4.0)
-        packed = row(f"apply {PACKED}", "packed", "cp", 4.0)
+        row(f"apply {PACKED}", "packed", "cp", 4.0)
         row("  the same with statistics vs --no-stats", "quantize", "quantize --no-stats", 1.3,
             "report adds ≤ 30%", "every statistic, error metric and histogram")
         same = _digest(self.work / "q1") == _digest(self.work / "q2")
@@ -256,41 +266,42 @@ class Suite:
             self.rows.append(Row(f"  peak RSS of the quantize run, {label}", self.size, 0.0, peaks[name],
                                  target=f"≤ {jobs} × (3 × largest f32 + 200 MiB) = {jobs * bound / MIB:.0f} MiB",
                                  met=peaks[name] <= jobs * bound))
-        self.llm_compressor(packed)
 
-    def llm_compressor(self, packed: Row) -> None:
-        """The peer against wtool writing the same layout (packed int4, group 128)."""
+    def llm_compressor(self) -> None:
+        """The peer against wtool writing the same layout (packed int4, group 128), on a
+        checkpoint of its own at issue 12's size (48 tensors, 3 GiB, by default): runs of the
+        peer, wtool and wtool --no-stats alternate, so all three see the same minutes."""
         case = "llm-compressor model_free_ptq W4A16 (peer)"
+        source = self.work / "peer-in"
         if not self.peer_python:
-            self.rows.append(Row(case, self.size, 0.0, note="skipped: llmcompressor not installed (make bench-env)"))
+            self.rows.append(Row(case, 0, 0.0, note="skipped: llmcompressor not installed (make bench-env)"))
             return
+        size = self.checkpoint(source, self.peer_tensors)
         script = HERE / "peer_llm_compressor.py"
-        times, peer_peak, ours, bare, bare_peak = [], 0, [], [], 0
+        runs: dict[str, list[tuple[float, int]]] = {"peer": [], "wtool": [], "bare": []}
         for _ in range(PEER_RUNS):  # no warm-up: the checkpoint is in the page cache already
-            seconds, rss = self._peer(script)
-            times.append(seconds)
-            peer_peak = max(peer_peak, rss)
-            ours.append(self.wtool_apply("p1", "-t", PACKED)()[0])
-            seconds, rss = self.wtool_apply("p2", "-t", PACKED, "--no-stats")()
-            bare.append(seconds)
-            bare_peak = max(bare_peak, rss)
-        median, base_median = statistics.median(times), statistics.median(ours)
+            runs["peer"].append(self._peer(script, source))
+            runs["wtool"].append(self.wtool_apply("p1", "-t", PACKED, source=source)())
+            runs["bare"].append(self.wtool_apply("p2", "-t", PACKED, "--no-stats", source=source)())
+        median = {name: statistics.median(s for s, _ in values) for name, values in runs.items()}
+        peak = {name: max(rss for _, rss in values) for name, values in runs.items()}
+        times = [s for s, _ in runs["peer"]]
         seconds = json.loads((self.work / "peer.json").read_text())["seconds"]
-        faster, lighter = median / base_median, peer_peak / max(packed.peak_rss or 1, 1)
-        self.rows.append(Row(case, self.size, median, peer_peak, "wtool packed W4A16", base_median, faster,
-                             "wtool ≥ 4× faster, ≤ 1/8 of its RSS", faster >= 4 and lighter >= 8,
-                             f"wtool {faster:.1f}× faster, peer RSS {lighter:.1f}× wtool's; "
-                             f"peer's own timer without its imports: {seconds:.1f} s", times))
-        faster = median / statistics.median(bare)
-        self.rows.append(Row("  the same against wtool packed W4A16 --no-stats", self.size, median, peer_peak,
-                             "wtool --no-stats", statistics.median(bare), faster, "wtool ≥ 4× faster, ≤ 1/8 of its RSS",
-                             faster >= 4 and peer_peak / max(bare_peak, 1) >= 8,
-                             f"wtool {faster:.1f}× faster at {bare_peak / MIB:.0f} MiB", times))
+        shutil.rmtree(source, ignore_errors=True)
+        for label, name, note in (("wtool packed W4A16", "wtool", f"peer's own timer without its imports: {seconds:.1f} s"),
+                                  ("wtool --no-stats", "bare", "")):
+            faster, lighter = median["peer"] / median[name], peak["peer"] / max(peak[name], 1)
+            self.rows.append(Row(case if name == "wtool" else "  the same against wtool packed W4A16 --no-stats",
+                                 size, median["peer"], peak["peer"], label, median[name], faster,
+                                 "wtool ≥ 4× faster, ≤ 1/8 of its memory", faster >= 4 and lighter >= 8,
+                                 "; ".join(filter(None, [f"wtool {faster:.2f}× faster ({median[name]:.1f} s), at "
+                                                         f"{peak[name] / MIB:.0f} MiB: 1/{lighter:.1f} of the peer's",
+                                                         note])), times))
 
-    def _peer(self, script: Path) -> tuple[float, int]:
+    def _peer(self, script: Path, source: Path) -> tuple[float, int]:
         target = self.work / "peer"
         shutil.rmtree(target, ignore_errors=True)
-        return run_child([self.peer_python, str(script), str(self.source), str(target), str(self.work / "peer.json")])
+        return run_child([self.peer_python, str(script), str(source), str(target), str(self.work / "peer.json")])
 
     # ---------------------------------------------------------------- kernels, in this process
     def kernels(self) -> None:
@@ -404,6 +415,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, help="timed runs per case (default 5, 3 with --quick)")
     parser.add_argument("--tensors", type=int, help="4096×8192 bfloat16 tensors (default 16: 1 GiB, about 5 minutes here; 4 with --quick)")
     parser.add_argument("--peer-python", help="a Python with llmcompressor installed (default: found)")
+    parser.add_argument("--peer-tensors", type=int, default=48,
+                        help="tensors of the checkpoint the peer and wtool both quantize (default 48: 3 GiB, issue 12's)")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
     repeat = args.repeat or (3 if args.quick else 5)
@@ -411,12 +424,13 @@ def main() -> None:
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="wtool-bench-"))
     try:
-        suite = Suite(work, repeat, tensors, None if args.quick else peer_python(args.peer_python))
+        suite = Suite(work, repeat, tensors, None if args.quick else peer_python(args.peer_python), args.peer_tensors)
         suite.build()
         print(f"checkpoint: {tensors} bfloat16 tensors of {SHAPE[0]}×{SHAPE[1]}, {suite.size / MIB:.0f} MiB; "
               f"{repeat} runs per case after a warm-up", flush=True)
         suite.end_to_end_cases()
         suite.kernels()
+        suite.llm_compressor()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(table(suite.rows))

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.stress
 
 ROWS, COLS, COUNT = 4096, 4096, 48          # 48 × 64 MiB float32 = 3 GiB
 LIMIT = 1 << 30                              # peak RSS must stay well under 1 GiB
+BOUND = 3 * ROWS * COLS * 4 + (200 << 20)    # issue 11: 3 x the largest tensor in float32 + 200 MiB, per job
 
 
 def make_checkpoint(path: Path) -> None:
@@ -59,8 +60,8 @@ def test_apply_on_3gib_checkpoint_stays_under_1gib(big, tmp_path):
                                    "-t", "clip:percentile=99.9", "-t", "quantize:bits=4,granularity=group,group_size=128",
                                    "-t", "sparsify:fraction=0.5"])
     print(f"with --jobs 2: peak RSS {peak2 / 2**20:.0f} MiB, {seconds2:.1f} s")
-    assert peak < LIMIT, f"peak RSS {peak / 2**20:.0f} MiB"
-    assert peak2 < LIMIT, f"peak RSS with --jobs 2 {peak2 / 2**20:.0f} MiB"
+    assert peak <= BOUND, f"peak RSS {peak / 2**20:.0f} MiB, bound {BOUND / 2**20:.0f} MiB"
+    assert peak2 <= 2 * BOUND, f"peak RSS with --jobs 2 {peak2 / 2**20:.0f} MiB, bound {2 * BOUND / 2**20:.0f} MiB"
     assert copy_peak < LIMIT
     with safe_open(out, "numpy") as f:
         assert len(list(f.keys())) == COUNT
