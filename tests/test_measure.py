@@ -143,3 +143,45 @@ def test_every_public_name_of_the_package_resolves_and_the_statistics_process_im
                             capture_output=True, text=True, check=True).stdout.split()
     assert "wtool.stats" in loaded
     assert not {"wtool.pipeline", "wtool.cli", "wtool.transforms", "rich", "typer"} & set(loaded)
+
+
+def _children() -> set[int]:
+    found: set[int] = set()
+    for tasks in os.scandir("/proc/self/task"):
+        with open(f"{tasks.path}/children") as handle:
+            found.update(int(pid) for pid in handle.read().split())
+    return found
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, WtoolError])
+def test_a_run_stopped_with_a_comparison_in_flight_leaves_no_process_and_no_output(llama, tmp_path, monkeypatch,
+                                                                                      stop):
+    """Ctrl-C (or an error) while the process measures a weight: the run stops at once, the
+    process with it (nothing left running, no zombie), and the output is not written."""
+    import wtool.materialise
+
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    real, calls, started = wtool.materialise.materialise, [], []
+    real_compare = Measurer.compare
+
+    def compare(self: Measurer, before: np.ndarray, after: np.ndarray) -> None:
+        real_compare(self, before, after)
+        started.append(self.process.pid)
+
+    def materialise(*args, **kwargs):
+        calls.append(1)
+        if started and len(calls) > 6:  # a comparison was started and may still run
+            raise stop("stopped")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Measurer, "compare", compare)
+    monkeypatch.setattr(wtool.materialise, "materialise", materialise)
+    before = _children()
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(stop, match="stopped"):
+        wtool.run(wtool.Pipeline.from_specs(["quantize:bits=4,granularity=group,group_size=8,storage=packed"]),
+                  llama, out)
+    assert started and _children() == before
+    with pytest.raises(ProcessLookupError):
+        os.kill(started[0], 0)
+    assert not out.exists() and [p for p in tmp_path.iterdir() if p != llama] == []  # no temporary either
