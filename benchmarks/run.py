@@ -217,7 +217,7 @@ class Suite:
         """Every end-to-end case once per round, rounds repeated: each case runs right after its
         baseline in every round, so all ratios come from the same minutes of the machine."""
         runs = {"cp": self.cp, "cp+sync": self.durable_cp, "start-up": self.startup, "copy": self.wtool_apply("copy"),
-                "inspect": self.inspect,
+                "copy --no-stats": self.wtool_apply("bare-copy", "--no-stats"), "inspect": self.inspect,
                 "clip": self.wtool_apply("clip", "-t", "clip:c=0.05"),
                 "quantize --no-stats": self.wtool_apply("bare", "-t", QUANTIZE, "--no-stats"),
                 "quantize": self.wtool_apply("q1", "-t", QUANTIZE),
@@ -249,6 +249,10 @@ class Suite:
         self.rows.append(Row("wtool --version (interpreter and imports)", 0, median["start-up"],
                              runs=times["start-up"]))
         row("apply, no steps (copy)", "copy", "cp", 1.3)
+        self.rows.append(Row("  the same with --no-stats (the copy without the report)", self.size,
+                             median["copy --no-stats"], peaks["copy --no-stats"], "cp", median["cp"],
+                             median["copy --no-stats"] / median["cp"], runs=times["copy --no-stats"],
+                             note=f"{median['copy --no-stats'] / median['cp+sync']:.2f}× cp+sync"))
         row("inspect --json", "inspect", "cp", 1.5)
         row("apply clip:c=0.05", "clip", "cp", 2.0)
         row(f"apply {QUANTIZE}", "quantize", "cp", 4.0)

@@ -246,7 +246,6 @@ def check_header_size(path: Path, tensors: Sequence[TensorInfo], metadata: Mappi
     return header
 
 
-#: Arrays a SafetensorsReader returned, by id: (the array, the reader, the offset of its bytes).
 #: Arrays a SafetensorsReader returned, by (address, size) of their bytes: (the array, the
 #: reader, the file offset of its bytes). An entry whose array is alive describes those bytes:
 #: the array is read-only, and a recycled buffer is not handed out again while it lives.
