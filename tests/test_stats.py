@@ -100,7 +100,9 @@ def test_histogram_matches_numpy(bins):
     assert stats.histogram(values, low, high, bins) == expected.tolist()
 
 
-def test_huge_float64_values_do_not_overflow():
+@pytest.mark.parametrize("blas", [False, True], ids=["sums", "blas-dot"])
+def test_huge_float64_values_do_not_overflow(monkeypatch, blas):
+    monkeypatch.setattr(stats, "_blas_dot", blas)
     values = np.array([1e200, -1e200, 3.0, 2e300])
     got = stats.tensor_stats(values)
     exact = [float(v) for v in values]
@@ -143,8 +145,10 @@ def _pair(code, seed):
 
 @pytest.mark.parametrize("code", ALL_CODES)
 @pytest.mark.parametrize("chunk", [64, 1 << 16])
-def test_compare_matches_the_separate_functions(monkeypatch, code, chunk):
+@pytest.mark.parametrize("blas", [False, True], ids=["sums", "blas-dot"])  # True: as the statistics process
+def test_compare_matches_the_separate_functions(monkeypatch, code, chunk, blas):
     monkeypatch.setattr(stats, "CHUNK", chunk)
+    monkeypatch.setattr(stats, "_blas_dot", blas)
     before, after = _pair(code, seed=4)
     got = stats.compare(before, after)
     for side, array in ((got.before, before), (got.after, after)):

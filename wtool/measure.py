@@ -37,8 +37,10 @@ from typing import Any
 import numpy as np
 
 from wtool.errors import WtoolError
-from wtool.stats import Comparison, compare
+from wtool.stats import Comparison, compare, use_blas_dot
 
+#: The process's BLAS runs one thread: its sums of squares are BLAS dots (`stats.use_blas_dot`).
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 MIN_BYTES = 8 << 20  # both tensors of a pair together: below this, starting a process costs more than it saves
 _ALIGN = 64
 
@@ -73,7 +75,7 @@ class Measurer:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "wtool.measure", str(theirs.fileno())], pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONPATH": path})
+                env={**os.environ, "PYTHONPATH": path, **ONE_THREAD})
             self.connection = Connection(os.dup(ours.fileno()))
 
     def compare(self, before: np.ndarray, after: np.ndarray) -> None:
@@ -184,6 +186,7 @@ def serve(connection: Connection) -> None:
     for name in ("SIGINT", "SIGHUP", "SIGQUIT"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+    use_blas_dot()
     slot: mmap.mmap | None = None
     while True:
         try:

@@ -7,7 +7,8 @@ elements (small enough to stay in cache), each converted once into reused per-th
 buffers; sums and sums of squares are taken in float64 over exact float64 copies of the
 values. `compare` takes a tensor before and after a pipeline: both sides' statistics, the
 error metrics and both histograms, with one pass over the pair for the error. No BLAS call
-is made: a BLAS dot starts threads of its own that fight `--jobs` for the cores.
+is made (a BLAS dot starts threads of its own that fight `--jobs` for the cores) but in the
+statistics process, where BLAS runs one thread (`use_blas_dot`).
 
 >>> tensor_stats(np.array([[0.0, -2.0], [3.0, 1.0]], dtype=np.float32))["absmax"]
 3.0
@@ -93,6 +94,17 @@ def _wide(values: np.ndarray, slot: str) -> np.ndarray:
     return convert_into(values, _buffer(slot, np.float64, values.size))
 
 
+_blas_dot = False  # see use_blas_dot
+
+
+def use_blas_dot() -> None:
+    """Take Σx² with a BLAS dot from now on, in this process: ~5× faster than a multiply and a
+    sum, the same to float64 rounding. Only for a process whose BLAS runs on one thread (the
+    statistics process, `wtool.measure`): elsewhere its threads would fight `--jobs` for the cores."""
+    global _blas_dot
+    _blas_dot = True
+
+
 class SumOfSquares:
     """Σx and Σx² kept as scale·Σ(x/scale) and scale²·Σ(x/scale)², as LAPACK's dnrm2 keeps its
     scale, so finite float64 values up to 1e308 never overflow; the scale only moves off 1
@@ -117,6 +129,9 @@ class SumOfSquares:
             np.divide(values, self.scale, out=values)
         if first:
             self.first += float(np.add.reduce(values))
+        if _blas_dot:
+            self.total += float(np.dot(values, values))
+            return
         np.multiply(values, values, out=values)
         self.total += float(np.add.reduce(values))
 
