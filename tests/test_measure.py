@@ -100,10 +100,11 @@ def test_closing_with_a_comparison_running_stops_the_process_at_once():
 
 
 def test_small_pairs_stay_in_line_and_start_nothing():
-    measurer = Measurer()
-    assert not measurer.takes(np.zeros(16, np.float32), np.zeros(16, np.float32))
-    assert measurer.takes(np.zeros(1 << 20, np.float32), np.zeros(1 << 20, np.float32))
-    assert measurer.process is None
+    with Measurer() as measurer:
+        assert not measurer.takes(np.zeros(16, np.float32), np.zeros(16, np.float32))
+        assert measurer.process is None
+        assert measurer.takes(np.zeros(1 << 20, np.float32), np.zeros(1 << 20, np.float32))  # 8 MiB: started
+        assert measurer.process is not None
 
 
 @pytest.mark.parametrize("spec", ["quantize:bits=4,granularity=group,group_size=8,storage=packed",
@@ -197,3 +198,29 @@ def test_a_run_stopped_with_a_comparison_in_flight_leaves_no_process_and_no_outp
     with pytest.raises(ProcessLookupError):
         os.kill(started[0], 0)
     assert not out.exists() and [p for p in tmp_path.iterdir() if p != llama] == []  # no temporary either
+
+
+def test_without_an_interpreter_to_start_the_statistics_are_taken_in_line(llama, tmp_path, monkeypatch):
+    """An embedded Python has no interpreter at sys.executable: the run measures in line, and
+    its report is the one of a run that never tried the process."""
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 1 << 62)
+    pipeline = wtool.Pipeline.from_specs(["quantize:bits=4,granularity=group,group_size=8,storage=packed"])
+    in_line = wtool.run(pipeline, llama, tmp_path / "a.safetensors").to_json()
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    monkeypatch.setattr(wtool.measure.sys, "executable", str(tmp_path / "no-python"))
+    measurer = Measurer()
+    assert not measurer.start() and measurer.failed and not measurer.takes(*_pair(np.float32, (9,)))
+    without = wtool.run(pipeline, llama, tmp_path / "b.safetensors").to_json()
+    for report in (in_line, without):
+        report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
+    assert without == in_line
+
+
+def test_a_wtool_folder_in_the_working_directory_does_not_shadow_the_process(tmp_path, monkeypatch):
+    """The process imports the wtool the run imported, whatever the working folder holds."""
+    (tmp_path / "wtool").mkdir()
+    (tmp_path / "wtool" / "__init__.py").write_text("raise SystemExit('the wrong wtool')\n")
+    monkeypatch.chdir(tmp_path)
+    with Measurer() as measurer:
+        measurer.compare(*_pair(np.float32, (5,)))
+        assert measurer.result().before["numel"] == 5

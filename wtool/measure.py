@@ -53,6 +53,7 @@ class Measurer:
         self.connection: Connection | None = None
         self.slot: mmap.mmap | None = None
         self.busy = False
+        self.failed = False  # the process could not be started: every pair is measured in line
 
     @staticmethod
     def worth(nbytes: int) -> bool:
@@ -60,23 +61,30 @@ class Measurer:
         return nbytes >= max(MIN_BYTES, 1) and hasattr(os, "memfd_create")
 
     def takes(self, before: np.ndarray, after: np.ndarray) -> bool:
-        """Whether `compare` would measure this pair in the process."""
-        return self.worth(before.nbytes + after.nbytes)
+        """Whether `compare` would measure this pair in the process (False for every pair once
+        the process could not be started)."""
+        return self.worth(before.nbytes + after.nbytes) and self.start()
 
-    def start(self) -> None:
+    def start(self) -> bool:
         """Start the process now (the first `compare` does otherwise): it then imports numpy
-        while the first tensors are computed."""
-        if self.process is not None:
-            return
-        ours, theirs = socket.socketpair()
-        with ours, theirs:
-            home = str(Path(__file__).resolve().parent.parent)  # where this wtool is imported from
-            path = os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "wtool.measure", str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONPATH": path, **ONE_THREAD})
-            self.connection = Connection(os.dup(ours.fileno()))
+        while the first tensors are computed. False when it cannot be started (no interpreter
+        at `sys.executable`, as in an embedded Python): the caller then measures in line."""
+        if self.process is None and not self.failed:
+            ours, theirs = socket.socketpair()
+            with ours, theirs:
+                home = str(Path(__file__).resolve().parent.parent)  # where this wtool is imported from
+                path = os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))
+                try:
+                    self.process = subprocess.Popen(
+                        # -P: the working folder is not put on sys.path, so nothing there shadows wtool or numpy
+                        [sys.executable, "-P", "-m", "wtool.measure", str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        env={**os.environ, "PYTHONPATH": path, **ONE_THREAD})
+                except OSError:
+                    self.failed = True
+                    return False
+                self.connection = Connection(os.dup(ours.fileno()))
+        return self.process is not None
 
     def compare(self, before: np.ndarray, after: np.ndarray) -> None:
         """Start comparing `before` with `after` in the process; `result` gives the comparison.
@@ -145,7 +153,8 @@ class Measurer:
 
     def _reserve(self, size: int) -> None:
         """Start the process if need be; map a slot of at least `size` bytes in both processes."""
-        self.start()
+        if not self.start():
+            raise WtoolError(f"the statistics process could not be started with {sys.executable}")
         if self.slot is not None and len(self.slot) >= size:
             return
         if self.slot is not None:
