@@ -224,3 +224,26 @@ def test_a_wtool_folder_in_the_working_directory_does_not_shadow_the_process(tmp
     with Measurer() as measurer:
         measurer.compare(*_pair(np.float32, (5,)))
         assert measurer.result().before["numel"] == 5
+
+
+def test_jobs_measure_their_large_pairs_in_the_process_with_the_figures_of_one_job(llama, tmp_path, monkeypatch):
+    """With --jobs, every pair large enough goes to the process (each job waits for its own);
+    the output bytes and the report are those of one job measuring in line."""
+    pipeline = wtool.Pipeline.from_specs(["clip:c=0.05", "quantize:bits=4,granularity=group,group_size=8"])
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 1 << 62)
+    one = wtool.run(pipeline, llama, tmp_path / "a.safetensors").to_json()
+    measured: list[int] = []
+    real = Measurer.result
+
+    def result(self: Measurer):
+        measured.append(1)
+        return real(self)
+
+    monkeypatch.setattr(Measurer, "result", result)
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    two = wtool.run(pipeline, llama, tmp_path / "b.safetensors", jobs=2).to_json()
+    for report in (one, two):
+        report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
+    assert _same(two, one)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert len(measured) == sum(r["changed"] for r in two["tensors"]) > 1  # each changed pair, in the process

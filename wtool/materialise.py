@@ -35,14 +35,15 @@ from wtool.steps import Chain, GroupOutput
 from wtool.tensor import TensorInfo
 
 
-def materialise(reader: Reader, node: Chain, *, stats: bool = True,
-                behind: Behind | None = None) -> tuple[np.ndarray, TensorRecord | None]:
+def materialise(reader: Reader, node: Chain, *, stats: bool = True, behind: Behind | None = None,
+                measure: Measure = compare) -> tuple[np.ndarray, TensorRecord | None]:
     """Evaluate one output tensor in its storage dtype, with its before/after statistics.
 
     The input tensor of the same name, if any, is the "before" of the report. A tensor of
     the same shape is compared in one pass over the pair (`stats.compare`). A weight stored in
     a compressed layout is one record, made with its first piece (`layout_record`; None for the
-    others), whose statistics are taken `behind` the run when given.
+    others), whose statistics are taken `behind` the run when given. Pairs are compared with
+    `measure` (`stats.compare` in line, or `Measurer.measure`).
     """
     info = node.info
     source = _source(reader, info.name)
@@ -61,7 +62,7 @@ def materialise(reader: Reader, node: Chain, *, stats: bool = True,
     del value
     piece = node.compressed_piece
     if piece is not None and isinstance(piece.evaluation.group.data, Scheme):
-        return stored, layout_record(reader, piece, node.ops(), stats, behind)
+        return stored, layout_record(reader, piece, node.ops(), stats, behind, measure)
     comparable = source is not None and source.shape == info.shape
     sizes = {"bytes_before": source.nbytes if source else None, "bytes_after": info.nbytes}
     if not stats:
@@ -70,7 +71,7 @@ def materialise(reader: Reader, node: Chain, *, stats: bool = True,
                                     None, None, None, extras,
                                     dtype_before=source.dtype if source else None, **sizes)
     if comparable:
-        pair = compare(before, stored)
+        pair = measure(before, stored)
         changed = source.dtype != info.dtype or not pair.same_bytes
         before_stats, after_stats, error = pair.before, pair.after, pair.error
         histograms = pair.histogram if changed else None
@@ -83,12 +84,17 @@ def materialise(reader: Reader, node: Chain, *, stats: bool = True,
                                 dtype_before=source.dtype if source else None, histogram=histograms, **sizes)
 
 
+Measure = Callable[[np.ndarray, np.ndarray], Comparison]
+
+
 def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
                          stats: bool) -> Iterator[tuple[Chain, tuple[np.ndarray, list[TensorRecord]]]]:
     """Materialise the output tensors in order, up to `jobs` of them at once in threads
     (numpy releases the GIL in its kernels); memory grows with `jobs`. One job computes in
     the calling thread: overlapping the next tensor with the writing would double its memory,
     but a large compressed weight's statistics run behind it, in a second process (`Behind`).
+    With more jobs, each compares its large pairs in that process and waits for them there
+    (`Measurer.measure`): their `bincount`s then no longer take turns at the GIL.
 
     Each tensor comes with the records complete by then, in checkpoint order: none, one, or
     those held back behind a compressed weight's statistics (all are out once the last is).
@@ -106,21 +112,24 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
                 yield node, (stored, behind.release(record, last=index == len(nodes) - 1))
                 del stored  # the written tensor is freed before the next one is computed
         return
-    work = partial(materialise, reader, stats=stats)
-    pending: deque[tuple[Chain, Future]] = deque()
-    upcoming = iter(nodes)
-    for node in upcoming:
-        pending.append((node, _in_thread(work, node)))
-        if len(pending) >= jobs:
-            break
-    while pending:
-        node, future = pending.popleft()
-        stored, record = future.result()
-        yield node, (stored, [] if record is None else [record])
-        del future, stored  # the written tensor is freed before the next one starts: `jobs` tensors at most
-        following = next(upcoming, None)
-        if following is not None:
-            pending.append((following, _in_thread(work, following)))
+    with Measurer() as measurer:
+        if stats and any(Measurer.worth(2 * max(node.info.nbytes, _layout_bytes(node))) for node in nodes):
+            measurer.start()
+        work = partial(materialise, reader, stats=stats, measure=measurer.measure)
+        pending: deque[tuple[Chain, Future]] = deque()
+        upcoming = iter(nodes)
+        for node in upcoming:
+            pending.append((node, _in_thread(work, node)))
+            if len(pending) >= jobs:
+                break
+        while pending:
+            node, future = pending.popleft()
+            stored, record = future.result()
+            yield node, (stored, [] if record is None else [record])
+            del future, stored  # the written tensor is freed before the next one starts: `jobs` tensors at most
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append((following, _in_thread(work, following)))
 
 
 def _layout_bytes(node: Chain) -> int:
@@ -181,7 +190,7 @@ class Behind:
 
 
 def layout_record(reader: Reader, piece: GroupOutput, steps: list[str], stats: bool,
-                  behind: Behind | None = None) -> TensorRecord | None:
+                  behind: Behind | None = None, measure: Measure = compare) -> TensorRecord | None:
     """The report's one row for a weight stored in a compressed layout, made with its first piece
     (None for the others): the dense weight before, what the layout decodes to after, bytes
     before → the sum of the pieces. Its statistics are taken `behind` the run when given."""
@@ -206,7 +215,7 @@ def layout_record(reader: Reader, piece: GroupOutput, steps: list[str], stats: b
             record.after = tensor_stats(after)
             record.histogram = _histograms(None, None, after, record.after)
         elif behind is None or not behind.run(record, before, after):
-            _fill(record, compare(before, after))
+            _fill(record, measure(before, after))
     return record
 
 
