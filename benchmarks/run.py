@@ -84,11 +84,12 @@ def run_child(command: Sequence[str], env: dict[str, str] | None = None) -> tupl
     synced first, untimed: no run pays for the writeback of what the run before it wrote
     (`cp` leaves its copy dirty in the page cache; llm-compressor frees 2–5 GB as it exits).
 
-    Peak memory is the larger of the process's own peak RSS and the peak, sampled every 20 ms,
-    of what the process and its descendants hold: their anonymous and file pages summed, the
-    shared memory they map counted once (wtool's statistics process maps what wtool hands it).
-    The kernel's counters in /proc/PID/status are read, not the page tables, so sampling does
-    not slow the process down.
+    Peak memory is the larger of the process's own peak RSS (its VmHWM, which starts at its
+    exec: the RSS that wait4 reports would count this process's own, inherited at the fork)
+    and the peak, sampled every 20 ms, of what the process and its descendants hold: their
+    anonymous and file pages summed, the shared memory they map counted once (wtool's
+    statistics process maps what wtool hands it). The kernel's counters in /proc/PID/status
+    are read, not the page tables, so sampling does not slow the process down.
     """
     if env is None:  # children keep their compiled bytecode, as an installed tool does (pip compiles what it
         # installs): with PYTHONDONTWRITEBYTECODE, which some machines set, every run compiles wtool again
@@ -97,14 +98,14 @@ def run_child(command: Sequence[str], env: dict[str, str] | None = None) -> tupl
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     sampler = TreeMemory(child.pid)
-    _, status, usage = os.wait4(child.pid, 0)
+    _, status, _ = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
     sampler.stop()
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode:
         raise RuntimeError(f"{' '.join(command)} failed ({child.returncode}): {child.stderr.read().decode()[-2000:]}")
     child.stderr.close()
-    return seconds, max(usage.ru_maxrss * 1024, sampler.peak)
+    return seconds, sampler.peak
 
 
 class TreeMemory:
@@ -122,7 +123,8 @@ class TreeMemory:
     def _sample(self) -> None:
         while self.running:
             held = [_held(pid) for pid in _tree(self.pid)]
-            self.peak = max(self.peak, sum(own for own, _ in held) + max((shared for _, shared in held), default=0))
+            tree = sum(own for own, _, _ in held) + max((shared for _, shared, _ in held), default=0)
+            self.peak = max(self.peak, tree, held[0][2])  # held[0]: the process itself
             time.sleep(0.02)
 
 
@@ -139,14 +141,16 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
-def _held(pid: int) -> tuple[int, int]:
-    """(anonymous + file pages, shared memory pages) resident for `pid`, in bytes."""
+def _held(pid: int) -> tuple[int, int, int]:
+    """(anonymous + file pages, shared memory pages, peak RSS since exec) of `pid`, in bytes."""
     try:
         lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:  # gone, or not Linux
-        return 0, 0
-    kib = {line.split(":")[0]: int(line.split()[1]) for line in lines if line.startswith(("RssAnon", "RssFile", "RssShmem"))}
-    return 1024 * (kib.get("RssAnon", 0) + kib.get("RssFile", 0)), 1024 * kib.get("RssShmem", 0)
+        return 0, 0, 0
+    kib = {line.split(":")[0]: int(line.split()[1]) for line in lines
+           if line.startswith(("RssAnon", "RssFile", "RssShmem", "VmHWM"))}
+    return (1024 * (kib.get("RssAnon", 0) + kib.get("RssFile", 0)), 1024 * kib.get("RssShmem", 0),
+            1024 * kib.get("VmHWM", 0))
 
 
 def timings(func: Callable[[], object], repeat: int) -> tuple[list[float], list[float]]:

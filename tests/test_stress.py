@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,13 +28,14 @@ def make_checkpoint(path: Path) -> None:
 
 
 def peak_rss_of(command: list[str]) -> tuple[int, float]:
-    """Run a command in a child process; its peak resident set size in bytes and its wall time."""
-    script = ("import resource, subprocess, sys, time\n"
-              "t = time.perf_counter(); subprocess.run(sys.argv[1:], check=True)\n"
-              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, time.perf_counter() - t)")
-    out = subprocess.run([sys.executable, "-c", script, *command], check=True, capture_output=True, text=True)
-    peak, seconds = out.stdout.split()[-2:]
-    return int(peak), float(seconds)
+    """Run a command in a child process; its peak memory in bytes (`make bench`'s measure: the
+    process tree's, wtool's statistics process included, shared memory counted once) and its
+    wall time."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from run import run_child
+
+    seconds, peak = run_child(command)
+    return peak, seconds
 
 
 @pytest.fixture(scope="module")
