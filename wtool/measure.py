@@ -1,4 +1,4 @@
-"""Statistics in a second process: a large compressed weight measured on the other core.
+"""Statistics in a second process: a large pair of tensors measured on the other core.
 
 Counting a 16-bit tensor's bit patterns (`wtool.stats`) is one numpy `bincount` per chunk,
 and bincount holds the GIL for all its work: in a thread it runs instead of the next
@@ -6,13 +6,14 @@ tensor's quantization, not beside it (a packed 4-bit run of 8 bfloat16 tensors o
 took as long with its statistics in a thread as in line). A process has an interpreter of
 its own. The pair goes over in memory both processes map (one Linux memfd, grown when a
 larger pair comes): one copy of each tensor's bytes, no pickling; the `Comparison`, a few
-hundred bytes, comes back over a pipe.
+hundred bytes, comes back over a socket.
 
 One comparison is in flight at a time, so memory grows by one pair. The process is
-started at the first pair of `MIN_BYTES` or more, as `python -m wtool.measure` (not through
-multiprocessing, which would run the caller's main script again in it); it inherits no file
-of this one but its end of the pipe; smaller pairs, and every pair where Linux's memfd is missing, are for the caller to
-measure in line (`takes` says which).
+`python -P -m wtool.measure FD`: not started through multiprocessing, which would run the
+caller's main script again in it, and with -P so that nothing in the working folder shadows
+wtool. It inherits no file of this one but its end of the socket. Pairs under `MIN_BYTES`,
+and every pair where there is no memfd (not Linux) or no interpreter to start, are for the
+caller to measure in line (`takes` says which; `measure` does either).
 
 >>> import numpy as np
 >>> measurer = Measurer()
@@ -33,7 +34,6 @@ import threading
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class Measurer:
     """A process that compares pairs of tensors (`stats.compare`), one at a time, in order."""
 
     def __init__(self) -> None:
-        self.process: Any = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.connection: Connection | None = None
         self.slot: mmap.mmap | None = None
         self.busy = False
