@@ -84,3 +84,35 @@ def test_a_larger_array_replaces_an_unused_smaller_buffer_and_roles_are_apart():
     others = [_recycle.empty((1 << 20,), np.float32, "output") for _ in range(_recycle.KEEP + 1)]
     assert len(_recycle._pools["output"]) == _recycle.KEEP
     assert len({a.ctypes.data for a in [held, *others]}) == _recycle.KEEP + 2
+
+
+def test_shared_buffers_are_memfds_reused_while_free_and_closed_when_dropped():
+    """`share`: a role's large buffers become shared memory another process can map; `idle`
+    hands out a kept one only while nothing holds it; dropped, its file is closed."""
+    import gc
+    import os
+
+    if not hasattr(os, "memfd_create"):
+        pytest.skip("shared buffers need Linux's memfd")
+    _recycle.share("t", keep=2)
+    try:
+        first = _recycle.empty((1 << 20,), np.float32, "t")
+        found = _recycle.shared_file(first[10:])
+        assert found is not None and found[1] == 40 and found[0].size == first.nbytes
+        file = found[0]
+        assert os.fstat(file.fd).st_size == first.nbytes and _recycle.alive(file.serial)
+        assert _recycle.idle("t", 1024) is None  # held by `first`
+        second = _recycle.empty((1 << 20,), np.float32, "t")  # a second one is kept
+        assert _recycle.shared_file(second)[0].serial != file.serial
+        del first
+        free = _recycle.idle("t", 1024)
+        assert free is not None and _recycle.shared_file(free)[0] is file and free.nbytes == 1024
+        assert _recycle.empty((1 << 20,), np.float32, "t").ctypes.data != free.ctypes.data  # held by `free`
+        assert _recycle.shared_file(np.zeros(4)) is None
+    finally:
+        _recycle.unshare("t")
+    del free, second
+    gc.collect()
+    assert not _recycle.alive(file.serial) and _recycle._shared == {}
+    with pytest.raises(OSError):
+        os.fstat(file.fd)

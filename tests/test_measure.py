@@ -52,7 +52,7 @@ def _figures(comparison: object) -> dict:
 def test_the_process_gives_the_figures_of_compare_in_line(dtype, shape):
     before, after = _pair(dtype, shape)
     with Measurer() as measurer:
-        measurer.compare(before, after)
+        measurer.submit(before, after)
         assert _same(_figures(measurer.result()), _figures(compare(before, after)))
 
 
@@ -62,7 +62,7 @@ def test_pairs_of_growing_size_and_dtype_go_through_one_process_in_order():
              [(np.float32, (10,)), (ml_dtypes.bfloat16, (300, 301)), (np.float64, (4,)), (np.float32, (1000, 999))]]
     with Measurer() as measurer:
         for before, after in pairs:
-            measurer.compare(before, after)
+            measurer.submit(before, after)
             before[...] = 0  # the process has its own copy: the caller may reuse its arrays at once
             assert _same(measurer.result().after, compare(before, after).after)
         pid = measurer.process.pid
@@ -73,10 +73,10 @@ def test_pairs_of_growing_size_and_dtype_go_through_one_process_in_order():
 
 def test_an_error_in_the_process_is_raised_in_the_parent():
     with Measurer() as measurer:
-        measurer.compare(np.zeros(3, np.float32), np.zeros(4, np.float32))
+        measurer.submit(np.zeros(3, np.float32), np.zeros(4, np.float32))
         with pytest.raises(ValueError, match="3 elements before, 4 after"):
             measurer.result()
-        measurer.compare(*_pair(np.float32, (6,)))  # and the process goes on
+        measurer.submit(*_pair(np.float32, (6,)))  # and the process goes on
         assert measurer.result().before["numel"] == 6
 
 
@@ -86,14 +86,14 @@ def test_a_process_that_dies_is_a_one_line_error_not_a_hang():
         os.kill(measurer.process.pid, signal.SIGKILL)
         measurer.process.wait()
         with pytest.raises(WtoolError, match=r"statistics process stopped \(exit code -9\).*--no-stats"):
-            measurer.compare(*_pair(np.float32, (6,)))
+            measurer.submit(*_pair(np.float32, (6,)))
             measurer.result()
 
 
 def test_closing_with_a_comparison_running_stops_the_process_at_once():
     before, after = _pair(np.float64, (4096, 1024))
     measurer = Measurer()
-    measurer.compare(before, after)
+    measurer.submit(before, after)
     process = measurer.process
     measurer.close()
     assert process.poll() is not None and measurer.process is None and measurer.slot is None
@@ -175,11 +175,12 @@ def test_a_run_stopped_with_a_comparison_in_flight_leaves_no_process_and_no_outp
 
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
     real, calls, started = wtool.materialise.materialise, [], []
-    real_compare = Measurer.compare
+    real_submit = Measurer.submit
 
-    def compare(self: Measurer, before: np.ndarray, after: np.ndarray) -> None:
-        real_compare(self, before, after)
+    def submit(self: Measurer, before: np.ndarray, after: np.ndarray):
+        previous = real_submit(self, before, after)
         started.append(self.process.pid)
+        return previous
 
     def materialise(*args, **kwargs):
         calls.append(1)
@@ -187,7 +188,7 @@ def test_a_run_stopped_with_a_comparison_in_flight_leaves_no_process_and_no_outp
             raise stop("stopped")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(Measurer, "compare", compare)
+    monkeypatch.setattr(Measurer, "submit", submit)
     monkeypatch.setattr(wtool.materialise, "materialise", materialise)
     before = _children()
     out = tmp_path / "out.safetensors"
@@ -222,7 +223,7 @@ def test_a_wtool_folder_in_the_working_directory_does_not_shadow_the_process(tmp
     (tmp_path / "wtool" / "__init__.py").write_text("raise SystemExit('the wrong wtool')\n")
     monkeypatch.chdir(tmp_path)
     with Measurer() as measurer:
-        measurer.compare(*_pair(np.float32, (5,)))
+        measurer.submit(*_pair(np.float32, (5,)))
         assert measurer.result().before["numel"] == 5
 
 
@@ -247,3 +248,42 @@ def test_jobs_measure_their_large_pairs_in_the_process_with_the_figures_of_one_j
     assert _same(two, one)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert len(measured) == sum(r["changed"] for r in two["tensors"]) > 1  # each changed pair, in the process
+
+
+def test_a_pair_goes_into_the_float32_copy_the_weight_no_longer_needs(tmp_path, monkeypatch):
+    """bfloat16 weights: each pair is copied into the dead float32 copy of its weight (shared
+    memory while the process runs), not into the process's own slot, two such copies taking
+    turns, so the process never waits for a copy; the report is the one measured in line, and
+    every shared buffer is freed, and its file closed, with the run."""
+    import gc
+
+    from wtool import buffers, new_checkpoint
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[defaults]\ndtype = "bfloat16"\nscheme = "he"\n'
+                    '[[tensors]]\nname = "layers.{i}.mlp.weight"\ncount = 4\nshape = [512, 1024]\n')
+    source = tmp_path / "bf16.safetensors"
+    new_checkpoint(spec, source)  # 1 MiB a weight: its float32 copy is a recycled buffer
+    pipeline = wtool.Pipeline.from_specs(["quantize:bits=4,granularity=group,group_size=128,storage=packed"])
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 1 << 62)
+    in_line = wtool.run(pipeline, source, tmp_path / "a.safetensors").to_json()
+    keys: list[object] = []
+    real_send = Measurer._send
+
+    def send(self: Measurer, message: object) -> None:
+        if isinstance(message, tuple) and message[0] == "compare":
+            keys.extend(key for key, *_ in message[1])
+        real_send(self, message)
+
+    monkeypatch.setattr(Measurer, "_send", send)
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    shared = wtool.run(pipeline, source, tmp_path / "b.safetensors").to_json()
+    for report in (in_line, shared):
+        report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
+    assert _same(shared, in_line)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    # two sides a pair, each in a shared buffer, two buffers taking turns (never the slot)
+    assert len(keys) == 8 and all(isinstance(key, int) for key in keys) and len(set(keys)) == 2
+    assert keys[0::2] == keys[1::2] and keys[0] != keys[2]
+    gc.collect()
+    assert buffers._shared == {} and "convert" not in buffers._shared_roles

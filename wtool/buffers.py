@@ -18,9 +18,14 @@ True
 
 from __future__ import annotations
 
+import itertools
 import math
+import mmap
+import os
 import sys
 import threading
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,6 +34,21 @@ SMALL = 1 << 20  # smaller arrays come from numpy: malloc reuses their pages any
 
 _pools: dict[str, list[np.ndarray]] = {}
 _lock = threading.Lock()
+_shared_roles: dict[str, int] = {}  # role -> buffers kept, while its buffers are shared memory (`share`)
+
+
+@dataclass(frozen=True)
+class SharedFile:
+    """Where a shared buffer lives: its memfd (open while the buffer is), its size and a serial
+    number no other buffer of this process gets."""
+
+    fd: int
+    size: int
+    serial: int
+
+
+_shared: dict[int, SharedFile] = {}  # address of a shared buffer's first byte -> its file
+_serials = itertools.count(1)
 
 
 def empty_like(array: np.ndarray, role: str = "output") -> np.ndarray:
@@ -50,10 +70,69 @@ def empty(shape: tuple[int, ...], dtype: np.dtype | type, role: str) -> np.ndarr
                 if pool[index].nbytes >= size:
                     return pool[index][:size].view(dtype).reshape(shape)
                 idle = index
-        buffer = np.empty(size, np.uint8)
-        if len(pool) >= KEEP:
+        buffer = _shared_buffer(size) if role in _shared_roles else np.empty(size, np.uint8)
+        if len(pool) >= _shared_roles.get(role, KEEP):
             if idle is None:
                 return buffer.view(dtype).reshape(shape)  # every kept buffer in use: this one is not kept
             del pool[idle]  # an unused one too small: replaced by the larger one
         pool.append(buffer)
         return buffer.view(dtype).reshape(shape)
+
+
+def share(role: str, keep: int = 2) -> None:
+    """From now on, large buffers of `role` are shared memory, one Linux memfd each, that another
+    process can map (`shared_file`), and `keep` of them are kept: while that process reads one,
+    the next tensor uses another. The buffers kept so far are forgotten (their arrays stay valid)."""
+    with _lock:
+        _shared_roles[role] = keep
+        _pools.pop(role, None)
+
+
+def unshare(role: str) -> None:
+    """Back to private buffers for `role`; the shared ones are freed once nothing holds them."""
+    with _lock:
+        _shared_roles.pop(role, None)
+        _pools.pop(role, None)
+
+
+def idle(role: str, size: int) -> np.ndarray | None:
+    """A kept shared buffer of `role` that nothing uses, of at least `size` bytes, as uint8 (None
+    when there is none: nothing is allocated). Holding the result keeps it from `empty`."""
+    with _lock:
+        pool = _pools.get(role, [])
+        for index in range(len(pool)):
+            if sys.getrefcount(pool[index]) == 2 and pool[index].nbytes >= size and shared_file(pool[index]):
+                return pool[index][:size]
+    return None
+
+
+def shared_file(array: np.ndarray) -> tuple[SharedFile, int] | None:
+    """The shared buffer `array` lies in and the offset of its first byte there, else None."""
+    base = array
+    while isinstance(base, np.ndarray) and base.base is not None and isinstance(base.base, np.ndarray):
+        base = base.base
+    found = _shared.get(base.__array_interface__["data"][0]) if isinstance(base, np.ndarray) else None
+    if found is None:
+        return None
+    return found, array.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+
+
+def alive(serial: int) -> bool:
+    """Whether the shared buffer of this serial number still exists."""
+    return any(file.serial == serial for file in list(_shared.values()))
+
+
+def _shared_buffer(size: int) -> np.ndarray:
+    fd = os.memfd_create("wtool-buffer")
+    os.ftruncate(fd, size)
+    buffer = np.frombuffer(mmap.mmap(fd, size), np.uint8)
+    address = buffer.__array_interface__["data"][0]
+    _shared[address] = file = SharedFile(fd, size, next(_serials))
+    weakref.finalize(buffer, _release, address, file)
+    return buffer
+
+
+def _release(address: int, file: SharedFile) -> None:
+    if _shared.get(address) is file:
+        del _shared[address]
+    os.close(file.fd)

@@ -163,12 +163,14 @@ class Behind:
         self.held: list[TensorRecord] = []
 
     def run(self, record: TensorRecord, before: np.ndarray, after: np.ndarray) -> bool:
-        """Start comparing the pair for `record` in the process, once the last one is in;
-        False (nothing started) when the pair is for the caller to measure in line."""
+        """Start comparing the pair for `record` in the process (the last one's record is
+        completed as it comes in); False (nothing started) when the pair is for the caller to
+        measure in line."""
         if not self.measurer.takes(before, after):
             return False
-        self.wait()
-        self.measurer.compare(before, after)
+        previous = self.measurer.submit(before, after)
+        if previous is not None and self.blocking is not None:
+            _fill(self.blocking, previous)
         self.blocking = record
         return True
 

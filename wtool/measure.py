@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wtool import buffers
 from wtool.errors import WtoolError
 from wtool.stats import Comparison, compare, use_blas_dot
 
@@ -55,6 +56,9 @@ class Measurer:
         self.slot: mmap.mmap | None = None
         self.busy = False
         self.failed = False  # the process could not be started: every pair is measured in line
+        self.sharing = False  # "convert" buffers are shared memory while the process runs
+        self.held: np.ndarray | None = None  # the shared buffer the pair in flight is in
+        self.mapped: set[int] = set()  # the shared buffers the process maps, by serial number
         self._lock = threading.Lock()  # `measure`'s callers, one at a time
 
     @staticmethod
@@ -86,25 +90,49 @@ class Measurer:
                     self.failed = True
                     return False
                 self.connection = Connection(os.dup(ours.fileno()))
+                buffers.share("convert")
+                self.sharing = True
         return self.process is not None
 
-    def compare(self, before: np.ndarray, after: np.ndarray) -> None:
-        """Start comparing `before` with `after` in the process; `result` gives the comparison.
-        Waits for the one before to be taken first. The arrays are copied: the caller may drop them."""
-        if self.busy:
-            raise RuntimeError("Measurer.compare: the last result was not taken")
+    def submit(self, before: np.ndarray, after: np.ndarray) -> Comparison | None:
+        """Start comparing `before` with `after` in the process; return the comparison started
+        before it, if it was still out (waited for). The pair is copied: the caller may drop
+        its arrays at once.
+
+        The copy goes, while the process still works on the last pair, into a kept "convert"
+        buffer that nothing uses (`wtool.buffers`, shared memory while a process runs): the
+        float32 copy of the weight just quantized is dead by then, and a weight's two 16-bit
+        sides fill it exactly, so the process never waits for the copy and no memory is added.
+        Otherwise (float32 weights) the last pair is waited for and this one goes into the
+        process's own slot."""
+        previous = None
         offsets = [0, _aligned(before.nbytes)]
-        self._reserve(max(offsets[1] + after.nbytes, _ALIGN))  # a mapping is never empty
-        assert self.slot is not None and self.connection is not None
+        size = max(offsets[1] + after.nbytes, _ALIGN)  # a mapping is never empty
+        target = buffers.idle("convert", size) if self.start() else None
+        found = None if target is None else buffers.shared_file(target)
+        if found is None:
+            target = None
+            if self.busy:
+                previous = self.result()
+            self._reserve(size)
+            key, base = "slot", 0
+        else:
+            file, base = found
+            key = self._map(file)
         specs = []
         for array, offset in zip((before, after), offsets):
             flat = np.ascontiguousarray(array).reshape(-1)
-            target = np.frombuffer(self.slot, np.uint8, flat.nbytes, offset)
-            np.copyto(target, flat.view(np.uint8))
-            del target  # no view of the slot may outlive this call: the slot could not be closed
-            specs.append((array.dtype, array.shape, offset))
+            view = np.frombuffer(self.slot, np.uint8, flat.nbytes, offset) if target is None else \
+                target[offset:offset + flat.nbytes]
+            np.copyto(view, flat.view(np.uint8))
+            del view  # no view of the slot may outlive this call: the slot could not be closed
+            specs.append((key, array.dtype, array.shape, base + offset))
+        if self.busy:
+            previous = self.result()
+        self._forget_dead()
         self._send(("compare", specs))
-        self.busy = True
+        self.busy, self.held = True, target
+        return previous
 
     def measure(self, before: np.ndarray, after: np.ndarray) -> Comparison:
         """`stats.compare(before, after)`, in the process when it takes the pair, one caller at a
@@ -113,7 +141,7 @@ class Measurer:
         if self.worth(before.nbytes + after.nbytes):
             with self._lock:
                 if self.start():
-                    self.compare(before, after)
+                    self.submit(before, after)
                     return self.result()
         return compare(before, after)
 
@@ -126,6 +154,7 @@ class Measurer:
         if not self.busy or self.connection is None:
             raise RuntimeError("Measurer.result: nothing was started")
         self.busy = False
+        self.held = None  # the shared buffer the pair was in is free again
         try:
             status, value = self.connection.recv()
         except (EOFError, OSError):
@@ -156,7 +185,10 @@ class Measurer:
         if self.slot is not None:
             self.slot.close()
             self.slot = None
-        self.busy = False
+        if self.sharing:
+            buffers.unshare("convert")
+            self.sharing = False
+        self.busy, self.held, self.mapped = False, None, set()
 
     def __enter__(self) -> Measurer:
         return self
@@ -176,12 +208,29 @@ class Measurer:
         try:
             os.ftruncate(descriptor, size)
             self.slot = mmap.mmap(descriptor, size)
-            self._send(("map", size))
+            self._send(("map", "slot", size))
             send_handle(self.connection, descriptor, self.process.pid)
         except OSError:
             raise self._stopped() from None
         finally:
             os.close(descriptor)
+
+    def _map(self, file: buffers.SharedFile) -> int:
+        """Have the process map a shared buffer, the first time it gets a pair there; its key."""
+        if file.serial not in self.mapped:
+            self._send(("map", file.serial, file.size))
+            try:
+                send_handle(self.connection, file.fd, self.process.pid)
+            except OSError:
+                raise self._stopped() from None
+            self.mapped.add(file.serial)
+        return file.serial
+
+    def _forget_dead(self) -> None:
+        """Have the process unmap the shared buffers freed here: its mapping would keep their pages."""
+        for serial in [s for s in self.mapped if not buffers.alive(s)]:
+            self._send(("unmap", serial))
+            self.mapped.discard(serial)
 
     def _send(self, message: object) -> None:
         assert self.connection is not None
@@ -209,7 +258,7 @@ def serve(connection: Connection) -> None:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     use_blas_dot()
-    slot: mmap.mmap | None = None
+    maps: dict[object, mmap.mmap] = {}  # the process's own slot ("slot") and the shared buffers, by key
     while True:
         try:
             message = connection.recv()
@@ -218,14 +267,18 @@ def serve(connection: Connection) -> None:
         if message is None:
             return
         if message[0] == "map":
-            if slot is not None:
-                slot.close()
+            _, key, size = message
+            if key in maps:
+                maps.pop(key).close()
             descriptor = recv_handle(connection)
-            slot = mmap.mmap(descriptor, message[1])
+            maps[key] = mmap.mmap(descriptor, size)
             os.close(descriptor)
             continue
-        arrays = [np.frombuffer(slot, dtype, int(np.prod(shape)), offset).reshape(shape)
-                  for dtype, shape, offset in message[1]]
+        if message[0] == "unmap":
+            maps.pop(message[1]).close()
+            continue
+        arrays = [np.frombuffer(maps[key], dtype, int(np.prod(shape)), offset).reshape(shape)
+                  for key, dtype, shape, offset in message[1]]
         try:
             reply: tuple[str, object] = ("ok", compare(*arrays))
         except Exception as exc:  # handed to the parent, which raises it; its traceback would keep views of the slot
