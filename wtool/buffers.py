@@ -9,6 +9,8 @@ alive any more: every view holds a reference to its buffer, so the buffer's refe
 says when the last one died (checked and taken under a lock, so two threads never take one
 buffer). At most `KEEP` buffers are kept per role (an idle one costs at most the largest
 array of that role), so the next tensor lands in the pages the previous one used.
+A role can be `share`d: its buffers are then shared memory (a Linux memfd each) that the
+statistics process maps (`wtool.measure`), and two are kept, one for that process to read.
 
 >>> first = empty((1 << 20,), np.float32, "doc"); address = first.ctypes.data
 >>> del first

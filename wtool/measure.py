@@ -4,11 +4,15 @@ Counting a 16-bit tensor's bit patterns (`wtool.stats`) is one numpy `bincount` 
 and bincount holds the GIL for all its work: in a thread it runs instead of the next
 tensor's quantization, not beside it (a packed 4-bit run of 8 bfloat16 tensors of 64 MiB
 took as long with its statistics in a thread as in line). A process has an interpreter of
-its own. The pair goes over in memory both processes map (one Linux memfd, grown when a
-larger pair comes): one copy of each tensor's bytes, no pickling; the `Comparison`, a few
-hundred bytes, comes back over a socket.
+its own. The pair goes over in memory both processes map, one copy of each tensor's bytes,
+no pickling; the `Comparison`, a few hundred bytes, comes back over a socket. For a 16-bit
+weight the pair fills the float32 copy of the weight that its quantization no longer needs
+(the run's "convert" buffers are shared memory, a Linux memfd each, while the process runs,
+two taking turns): the next pair is copied while the process works on the last, and no
+memory is added. Other pairs go into a slot of the process's own, one at a time, so memory
+grows by one pair.
 
-One comparison is in flight at a time, so memory grows by one pair. The process is
+The process is
 `python -P -m wtool.measure FD`: not started through multiprocessing, which would run the
 caller's main script again in it, and with -P so that nothing in the working folder shadows
 wtool. It inherits no file of this one but its end of the socket. Pairs under `MIN_BYTES`,
