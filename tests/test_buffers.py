@@ -116,3 +116,18 @@ def test_shared_buffers_are_memfds_reused_while_free_and_closed_when_dropped():
     assert not _recycle.alive(file.serial) and _recycle._shared == {}
     with pytest.raises(OSError):
         os.fstat(file.fd)
+
+
+def test_a_shared_buffer_the_kernel_will_not_make_is_a_private_one(monkeypatch):
+    import os
+
+    def refuse(*args):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "memfd_create", refuse, raising=False)
+    _recycle.share("t")
+    try:
+        array = _recycle.empty((1 << 20,), np.float32, "t")
+        assert array.shape == (1 << 20,) and _recycle.shared_file(array) is None
+    finally:
+        _recycle.unshare("t")

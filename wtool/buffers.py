@@ -125,9 +125,18 @@ def alive(serial: int) -> bool:
 
 
 def _shared_buffer(size: int) -> np.ndarray:
-    fd = os.memfd_create("wtool-buffer")
-    os.ftruncate(fd, size)
-    buffer = np.frombuffer(mmap.mmap(fd, size), np.uint8)
+    """A buffer in a new memfd; a private one when the kernel will not make it (the pair then
+    goes through the statistics process's own slot)."""
+    try:
+        fd = os.memfd_create("wtool-buffer")
+    except OSError:
+        return np.empty(size, np.uint8)
+    try:
+        os.ftruncate(fd, size)
+        buffer = np.frombuffer(mmap.mmap(fd, size), np.uint8)
+    except OSError:
+        os.close(fd)
+        return np.empty(size, np.uint8)
     address = buffer.__array_interface__["data"][0]
     _shared[address] = file = SharedFile(fd, size, next(_serials))
     weakref.finalize(buffer, _release, address, file)
