@@ -31,7 +31,9 @@ def peak_rss_of(command: list[str]) -> tuple[int, float]:
     """Run a command in a child process; its peak memory in bytes (`make bench`'s measure: the
     process tree's, wtool's statistics process included, shared memory counted once) and its
     wall time."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    bench = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
     from run import run_child
 
     seconds, peak = run_child(command)
