@@ -110,8 +110,9 @@ def test_small_pairs_stay_in_line_and_start_nothing():
 @pytest.mark.parametrize("spec", ["quantize:bits=4,granularity=group,group_size=8,storage=packed",
                                   "quantize:type=fp8", "clip:c=0.05,include=*.q_proj.weight"])
 def test_a_run_measured_in_the_process_reports_what_one_measured_in_line_does(llama, tmp_path, monkeypatch, spec):
-    """Every compressed weight goes to the process (MIN_BYTES 0); the report, records spilled
-    to disk at once included, is the one of a run that measures everything in line."""
+    """Every compressed weight, and every untouched tensor the process is free for, goes to
+    the process (MIN_BYTES 0); the report, records spilled to disk at once included, is the
+    one of a run that measures everything in line."""
     from wtool.report import Records
 
     monkeypatch.setattr(Records, "KEEP", 0)
@@ -134,7 +135,7 @@ def test_a_run_measured_in_the_process_reports_what_one_measured_in_line_does(ll
         report["totals"].pop("seconds", None)
     assert _same(behind, in_line)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
-    assert len(set(started)) == ("storage=packed" in spec or "fp8" in spec)  # one process, and only for layouts
+    assert len(set(started)) == 1  # one process: for the layouts, and for the untouched tensors
 
 
 def test_every_public_name_of_the_package_resolves_and_the_statistics_process_imports_little():
@@ -177,8 +178,8 @@ def test_a_run_stopped_with_a_comparison_in_flight_leaves_no_process_and_no_outp
     real, calls, started = wtool.materialise.materialise, [], []
     real_submit = Measurer.submit
 
-    def submit(self: Measurer, before: np.ndarray, after: np.ndarray):
-        previous = real_submit(self, before, after)
+    def submit(self: Measurer, *arrays: np.ndarray):
+        previous = real_submit(self, *arrays)
         started.append(self.process.pid)
         return previous
 
@@ -234,20 +235,20 @@ def test_jobs_measure_their_large_pairs_in_the_process_with_the_figures_of_one_j
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 1 << 62)
     one = wtool.run(pipeline, llama, tmp_path / "a.safetensors").to_json()
     measured: list[int] = []
-    real = Measurer.result
+    real = Measurer.submit
 
-    def result(self: Measurer):
-        measured.append(1)
-        return real(self)
+    def submit(self: Measurer, *arrays: np.ndarray):
+        measured.append(len(arrays))
+        return real(self, *arrays)
 
-    monkeypatch.setattr(Measurer, "result", result)
+    monkeypatch.setattr(Measurer, "submit", submit)
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
     two = wtool.run(pipeline, llama, tmp_path / "b.safetensors", jobs=2).to_json()
     for report in (one, two):
         report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
     assert _same(two, one)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
-    assert len(measured) == sum(r["changed"] for r in two["tensors"]) > 1  # each changed pair, in the process
+    assert measured.count(2) == sum(r["changed"] for r in two["tensors"]) > 1  # each changed pair, in the process
 
 
 def test_a_pair_goes_into_the_float32_copy_the_weight_no_longer_needs(tmp_path, monkeypatch):

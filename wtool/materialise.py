@@ -29,31 +29,34 @@ from wtool.dtypes import by_code, to_storage
 from wtool.errors import InputError
 from wtool.io import Reader
 from wtool.report import TensorRecord
-from wtool.measure import Measurer
+from wtool.measure import Behind, Measurer
 from wtool.stats import Comparison, compare, histogram, same_bytes, tensor_stats
 from wtool.steps import Chain, GroupOutput
 from wtool.tensor import TensorInfo
 
 
 def materialise(reader: Reader, node: Chain, *, stats: bool = True, behind: Behind | None = None,
-                measure: Measure = compare) -> tuple[np.ndarray, TensorRecord | None]:
+                measure: Measure = compare,
+                describe: Describe = tensor_stats) -> tuple[np.ndarray, TensorRecord | None]:
     """Evaluate one output tensor in its storage dtype, with its before/after statistics.
 
     The input tensor of the same name, if any, is the "before" of the report. A tensor of
     the same shape is compared in one pass over the pair (`stats.compare`). A weight stored in
     a compressed layout is one record, made with its first piece (`layout_record`; None for the
-    others), whose statistics are taken `behind` the run when given. Pairs are compared with
-    `measure` (`stats.compare` in line, or `Measurer.measure`).
+    others), whose statistics are taken `behind` the run when given, as are an untouched
+    tensor's when the statistics process is free. Pairs are compared with `measure`
+    (`stats.compare` in line, or `Measurer.measure`), other tensors with `describe`
+    (`stats.tensor_stats`, or `Measurer.describe`).
     """
     info = node.info
     source = _source(reader, info.name)
     before = reader.read(info.name) if source is not None else None
     if node.untouched:
-        stored = before
-        after_stats = before_stats = tensor_stats(before) if stats else None
-        return stored, TensorRecord(info.name, info.dtype, list(info.shape), [], False,
-                                    before_stats, after_stats, None, {},
-                                    bytes_before=info.nbytes, bytes_after=info.nbytes)
+        record = TensorRecord(info.name, info.dtype, list(info.shape), [], False, None, None, None, {},
+                              bytes_before=info.nbytes, bytes_after=info.nbytes)
+        if stats and (behind is None or not behind.one(record, partial(_fill_one, record), before)):
+            _fill_one(record, describe(before))
+        return before, record
     value, extras = node.evaluate()
     try:
         stored = to_storage_checked(value, info)
@@ -85,6 +88,7 @@ def materialise(reader: Reader, node: Chain, *, stats: bool = True, behind: Behi
 
 
 Measure = Callable[[np.ndarray, np.ndarray], Comparison]
+Describe = Callable[[np.ndarray], dict[str, Any]]
 
 
 def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
@@ -92,19 +96,21 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
     """Materialise the output tensors in order, up to `jobs` of them at once in threads
     (numpy releases the GIL in its kernels); memory grows with `jobs`. One job computes in
     the calling thread: overlapping the next tensor with the writing would double its memory,
-    but a large compressed weight's statistics run behind it, in a second process (`Behind`).
-    With more jobs, each compares its large pairs in that process and waits for them there
-    (`Measurer.measure`): their `bincount`s then no longer take turns at the GIL.
+    but a large compressed weight's statistics run behind it, in a second process (`Behind`),
+    and so do a large untouched tensor's whenever that process is free (the others are
+    counted here meanwhile: a copy counts on both cores). With more jobs, each compares its
+    large pairs in that process and waits for them there (`Measurer.measure`): their
+    `bincount`s then no longer take turns at the GIL; an untouched tensor goes there when the
+    process is free (`Measurer.describe`).
 
     Each tensor comes with the records complete by then, in checkpoint order: none, one, or
-    those held back behind a compressed weight's statistics (all are out once the last is).
+    those held back behind statistics still in the process (all are out once the last is).
     The threads are daemons and nothing waits for them when the run stops early: Ctrl-C or
     SIGTERM takes effect at once, not after every tensor in flight.
     """
     if jobs <= 1:
         with Measurer() as measurer:
-            if stats and any(Measurer.worth(2 * _layout_bytes(node)) for node in nodes):
-                measurer.start()
+            _start(measurer, nodes, stats)
             behind = Behind(measurer)
             work = partial(materialise, reader, stats=stats, behind=behind)
             for index, node in enumerate(nodes):
@@ -113,9 +119,8 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
                 del stored  # the written tensor is freed before the next one is computed
         return
     with Measurer() as measurer:
-        if stats and any(Measurer.worth(2 * max(node.info.nbytes, _layout_bytes(node))) for node in nodes):
-            measurer.start()
-        work = partial(materialise, reader, stats=stats, measure=measurer.measure)
+        _start(measurer, nodes, stats, pairs=True)
+        work = partial(materialise, reader, stats=stats, measure=measurer.measure, describe=measurer.describe)
         pending: deque[tuple[Chain, Future]] = deque()
         upcoming = iter(nodes)
         for node in upcoming:
@@ -130,6 +135,20 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
             following = next(upcoming, None)
             if following is not None:
                 pending.append((following, _in_thread(work, following)))
+
+
+def _start(measurer: Measurer, nodes: Sequence[Chain], stats: bool, pairs: bool = False) -> None:
+    """Start the statistics process now when the plan has work for it: large compressed
+    weights, untouched tensors (read into shared memory from then on, so they need no copy)
+    and, with `pairs` (jobs), other large pairs."""
+    if not stats:
+        return
+    untouched = any(node.untouched and Measurer.worth(node.info.nbytes) for node in nodes)
+    if untouched or any(Measurer.worth(2 * max(node.info.nbytes if pairs else 0, _layout_bytes(node)))
+                        for node in nodes):
+        measurer.start()
+    if untouched:
+        measurer.share("read")
 
 
 def _layout_bytes(node: Chain) -> int:
@@ -150,45 +169,6 @@ def _in_thread(function: Callable[..., Any], *args: Any) -> Future:
 
     threading.Thread(target=work, name="wtool-job", daemon=True).start()
     return future
-
-
-class Behind:
-    """A compressed weight's statistics, taken in a second process (`wtool.measure`) while the
-    next tensor is computed: one in flight (memory grows by one pair of tensors), records
-    released in order, each complete (a spilled record is never written again)."""
-
-    def __init__(self, measurer: Measurer) -> None:
-        self.measurer = measurer
-        self.blocking: TensorRecord | None = None  # the record the pending comparison fills
-        self.held: list[TensorRecord] = []
-
-    def run(self, record: TensorRecord, before: np.ndarray, after: np.ndarray) -> bool:
-        """Start comparing the pair for `record` in the process (the last one's record is
-        completed as it comes in); False (nothing started) when the pair is for the caller to
-        measure in line."""
-        if not self.measurer.takes(before, after):
-            return False
-        previous = self.measurer.submit(before, after)
-        if previous is not None and self.blocking is not None:
-            _fill(self.blocking, previous)
-        self.blocking = record
-        return True
-
-    def wait(self) -> None:
-        if self.blocking is not None:
-            record, self.blocking = self.blocking, None
-            _fill(record, self.measurer.result())
-
-    def release(self, record: TensorRecord | None, last: bool = False) -> list[TensorRecord]:
-        """Hold `record` (if any) back with the others; hand out those complete, in order
-        (all of them when `last`)."""
-        if record is not None:
-            self.held.append(record)
-        if last or self.measurer.done():
-            self.wait()
-        cut = next((at for at, held in enumerate(self.held) if held is self.blocking), len(self.held))
-        released, self.held = self.held[:cut], self.held[cut:]
-        return released
 
 
 def layout_record(reader: Reader, piece: GroupOutput, steps: list[str], stats: bool,
@@ -216,9 +196,14 @@ def layout_record(reader: Reader, piece: GroupOutput, steps: list[str], stats: b
         if before is None or before.shape != after.shape:
             record.after = tensor_stats(after)
             record.histogram = _histograms(None, None, after, record.after)
-        elif behind is None or not behind.run(record, before, after):
+        elif behind is None or not behind.pair(record, partial(_fill, record), before, after):
             _fill(record, measure(before, after))
     return record
+
+
+def _fill_one(record: TensorRecord, figures: dict[str, Any]) -> None:
+    """An untouched tensor's record, completed with its statistics (the same before and after)."""
+    record.before = record.after = figures
 
 
 def _fill(record: TensorRecord, pair: Comparison) -> None:

@@ -35,15 +35,22 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from wtool import buffers
 from wtool.errors import WtoolError
-from wtool.stats import Comparison, compare, use_blas_dot
+from wtool.stats import Comparison, compare, tensor_stats, use_blas_dot
+
+#: What the process sends back: a pair's `Comparison`, or one tensor's statistics.
+Measured = Comparison | dict[str, Any]
+#: What it does with what it is sent, by the message's name.
+_TASKS = {"compare": compare, "stats": tensor_stats}
 
 #: The process's BLAS runs one thread: its sums of squares are BLAS dots (`stats.use_blas_dot`).
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -60,8 +67,8 @@ class Measurer:
         self.slot: mmap.mmap | None = None
         self.busy = False
         self.failed = False  # the process could not be started: every pair is measured in line
-        self.sharing = False  # "convert" buffers are shared memory while the process runs
-        self.held: np.ndarray | None = None  # the shared buffer the pair in flight is in
+        self.shared: list[str] = []  # the roles whose buffers are shared memory while the process runs
+        self.held: object = None  # the shared buffers the arrays in flight are in
         self.mapped: set[int] = set()  # the shared buffers the process maps, by serial number
         self._lock = threading.Lock()  # `measure`'s callers, one at a time
 
@@ -70,10 +77,10 @@ class Measurer:
         """Whether a pair of `nbytes` in all is measured in the process (large enough, memfd at hand)."""
         return nbytes >= max(MIN_BYTES, 1) and hasattr(os, "memfd_create")
 
-    def takes(self, before: np.ndarray, after: np.ndarray) -> bool:
-        """Whether `compare` would measure this pair in the process (False for every pair once
-        the process could not be started)."""
-        return self.worth(before.nbytes + after.nbytes) and self.start()
+    def takes(self, *arrays: np.ndarray) -> bool:
+        """Whether these arrays (a pair, or one tensor) would be measured in the process (False
+        for all once the process could not be started)."""
+        return self.worth(sum(a.nbytes for a in arrays)) and self.start()
 
     def start(self) -> bool:
         """Start the process now (the first `compare` does otherwise): it then imports numpy
@@ -94,49 +101,68 @@ class Measurer:
                     self.failed = True
                     return False
                 self.connection = Connection(os.dup(ours.fileno()))
-                buffers.share("convert")
-                self.sharing = True
+                self.share("convert")
         return self.process is not None
 
-    def submit(self, before: np.ndarray, after: np.ndarray) -> Comparison | None:
-        """Start comparing `before` with `after` in the process; return the comparison started
-        before it, if it was still out (waited for). The pair is copied: the caller may drop
-        its arrays at once.
+    def share(self, role: str) -> None:
+        """Make `role`'s buffers shared memory until `close` (`buffers.share`), once the process
+        runs: an array read into one ("read") is measured where it lies, with no copy."""
+        if self.process is not None and role not in self.shared:
+            buffers.share(role)
+            self.shared.append(role)
 
-        The copy goes, while the process still works on the last pair, into a kept "convert"
-        buffer that nothing uses (`wtool.buffers`, shared memory while a process runs): the
-        float32 copy of the weight just quantized is dead by then, and a weight's two 16-bit
-        sides fill it exactly, so the process never waits for the copy and no memory is added.
-        Otherwise (float32 weights) the last pair is waited for and this one goes into the
-        process's own slot."""
+    def submit(self, *arrays: np.ndarray) -> Measured | None:
+        """Start measuring in the process, a pair (before, after) with `stats.compare` or one
+        tensor with `stats.tensor_stats`; return what was measured before, if it was still out
+        (waited for). The caller may drop its arrays at once.
+
+        Arrays that all lie in shared buffers (`wtool.buffers`: "read" ones, when the run
+        `share`s them) are read there, not copied: the buffer is held until the result is in.
+        Others are copied. The copy goes, while the process still works on the last
+        measurement, into a kept "convert" buffer that nothing uses (shared memory while a
+        process runs): the float32 copy of the weight just quantized is dead by then, and a
+        weight's two 16-bit sides fill it exactly, so the process never waits for the copy and
+        no memory is added. Otherwise (float32 weights) the last measurement is waited for and
+        the arrays go into the process's own slot."""
+        if len(arrays) not in (1, 2):
+            raise ValueError(f"Measurer.submit: 1 or 2 arrays, not {len(arrays)}")
         previous = None
-        offsets = [0, _aligned(before.nbytes)]
-        size = max(offsets[1] + after.nbytes, _ALIGN)  # a mapping is never empty
-        target = buffers.idle("convert", size) if self.start() else None
-        found = None if target is None else buffers.shared_file(target)
-        if found is None:
-            target = None
-            if self.busy:
-                previous = self.result()
+        placed = [buffers.shared_file(a) if self.start() and a.flags.c_contiguous else None for a in arrays]
+        if all(placed):
+            specs = [(self._map(file), a.dtype, a.shape, base) for a, (file, base) in zip(arrays, placed)]
+            held: object = arrays
+        else:
+            offsets, size = _packed(arrays)
+            held = buffers.idle("convert", size)
+            if held is None and self.busy:
+                previous = self.result()  # the slot is still the process's
+            specs = self._copy(arrays, offsets, size, held)
+        if self.busy:
+            previous = self.result()
+        self._forget_dead()
+        self._send(("compare" if len(arrays) == 2 else "stats", specs))
+        self.busy, self.held = True, held
+        return previous
+
+    def _copy(self, arrays: Sequence[np.ndarray], offsets: Sequence[int], size: int,
+              target: np.ndarray | None) -> list[tuple]:
+        """Copy `arrays` at `offsets` into `target`, an idle shared buffer, or into the
+        process's slot (None) of `size` bytes; their specs for the process."""
+        if target is None:
             self._reserve(size)
             key, base = "slot", 0
         else:
-            file, base = found
+            file, base = buffers.shared_file(target)
             key = self._map(file)
         specs = []
-        for array, offset in zip((before, after), offsets):
+        for array, offset in zip(arrays, offsets):
             flat = np.ascontiguousarray(array).reshape(-1)
             view = np.frombuffer(self.slot, np.uint8, flat.nbytes, offset) if target is None else \
                 target[offset:offset + flat.nbytes]
             np.copyto(view, flat.view(np.uint8))
             del view  # no view of the slot may outlive this call: the slot could not be closed
             specs.append((key, array.dtype, array.shape, base + offset))
-        if self.busy:
-            previous = self.result()
-        self._forget_dead()
-        self._send(("compare", specs))
-        self.busy, self.held = True, target
-        return previous
+        return specs
 
     def measure(self, before: np.ndarray, after: np.ndarray) -> Comparison:
         """`stats.compare(before, after)`, in the process when it takes the pair, one caller at a
@@ -149,16 +175,33 @@ class Measurer:
                     return self.result()
         return compare(before, after)
 
+    def describe(self, array: np.ndarray) -> dict[str, Any]:
+        """`stats.tensor_stats(array)`, in the process when it is large and the process is free,
+        else in line: with `--jobs`, one job's tensor is counted there while another's is
+        counted here, so both cores count."""
+        if self.worth(array.nbytes) and self._lock.acquire(blocking=False):
+            try:
+                if self.start() and not self.busy:
+                    self.submit(array)
+                    return self.result()
+            finally:
+                self._lock.release()
+        return tensor_stats(array)
+
+    def free(self) -> bool:
+        """Whether nothing is being measured (a result that is in counts as nothing)."""
+        return not self.busy or self.done()
+
     def done(self) -> bool:
         """Whether the result is in (so `result` will not wait)."""
         return self.busy and self.connection is not None and self.connection.poll()
 
-    def result(self) -> Comparison:
-        """The comparison started last, once the process has it (its error, raised here, if any)."""
+    def result(self) -> Measured:
+        """What was submitted last, once the process has measured it (its error, raised here, if any)."""
         if not self.busy or self.connection is None:
             raise RuntimeError("Measurer.result: nothing was started")
         self.busy = False
-        self.held = None  # the shared buffer the pair was in is free again
+        self.held = None  # the shared buffers the arrays were in are free again
         try:
             status, value = self.connection.recv()
         except (EOFError, OSError):
@@ -189,9 +232,9 @@ class Measurer:
         if self.slot is not None:
             self.slot.close()
             self.slot = None
-        if self.sharing:
-            buffers.unshare("convert")
-            self.sharing = False
+        for role in self.shared:
+            buffers.unshare(role)
+        self.shared = []
         self.busy, self.held, self.mapped = False, None, set()
 
     def __enter__(self) -> Measurer:
@@ -248,8 +291,72 @@ class Measurer:
         return WtoolError(f"the statistics process stopped (exit code {code}); run again, or with --no-stats")
 
 
-def _aligned(size: int) -> int:
-    return -(-size // _ALIGN) * _ALIGN
+class Behind:
+    """Measurements taken in the process while the run goes on: one in flight, each handed to
+    its `then` as it comes in. The run's items (its records) are released in order, each
+    complete, as the measurements they wait for come in.
+
+    >>> behind = Behind(Measurer())
+    >>> behind.one("w", print, np.zeros(4, np.float32))   # too small: for the caller, in line
+    False
+    >>> behind.release("w", last=True)
+    ['w']
+    """
+
+    def __init__(self, measurer: Measurer) -> None:
+        self.measurer = measurer
+        self.blocking: object = None  # the item the measurement in flight completes
+        self.then: Callable[[Any], None] = print
+        self.held: list[Any] = []
+
+    def pair(self, item: object, then: Callable[[Comparison], None], before: np.ndarray, after: np.ndarray) -> bool:
+        """Start comparing `before` with `after` for `item`; False (nothing started) when the pair
+        is for the caller to measure in line."""
+        if not self.measurer.takes(before, after):
+            return False
+        self._submit(item, then, before, after)
+        return True
+
+    def one(self, item: object, then: Callable[[dict[str, Any]], None], array: np.ndarray) -> bool:
+        """Start the statistics of `array` for `item` when the process is free; False (nothing
+        started) when the caller is to count it in line: the two cores then count in turns."""
+        if not (self.measurer.free() and self.measurer.takes(array)):
+            return False
+        self._submit(item, then, array)
+        return True
+
+    def _submit(self, item: object, then: Callable[[Any], None], *arrays: np.ndarray) -> None:
+        previous = self.measurer.submit(*arrays)
+        if previous is not None and self.blocking is not None:
+            self.then(previous)
+        self.blocking, self.then = item, then
+
+    def wait(self) -> None:
+        """Wait for the measurement in flight, if any, and hand it over."""
+        if self.blocking is not None:
+            self.blocking = None
+            self.then(self.measurer.result())
+
+    def release(self, item: object = None, last: bool = False) -> list[Any]:
+        """Hold `item` (if any) back with the others; hand out those complete, in order (all of
+        them when `last`)."""
+        if item is not None:
+            self.held.append(item)
+        if last or self.measurer.done():
+            self.wait()
+        cut = next((at for at, held in enumerate(self.held) if held is self.blocking), len(self.held))
+        released, self.held = self.held[:cut], self.held[cut:]
+        return released
+
+
+def _packed(arrays: Sequence[np.ndarray]) -> tuple[list[int], int]:
+    """Where each array goes in one buffer (aligned offsets), and the buffer's size (never 0: a
+    mapping is never empty)."""
+    offsets, end = [], 0
+    for array in arrays:
+        offsets.append(end)
+        end = -(-(end + array.nbytes) // _ALIGN) * _ALIGN
+    return offsets, max(offsets[-1] + arrays[-1].nbytes, _ALIGN)
 
 
 def serve(connection: Connection) -> None:
@@ -284,7 +391,7 @@ def serve(connection: Connection) -> None:
         arrays = [np.frombuffer(maps[key], dtype, int(np.prod(shape)), offset).reshape(shape)
                   for key, dtype, shape, offset in message[1]]
         try:
-            reply: tuple[str, object] = ("ok", compare(*arrays))
+            reply: tuple[str, object] = ("ok", _TASKS[message[0]](*arrays))
         except Exception as exc:  # handed to the parent, which raises it; its traceback would keep views of the slot
             reply = ("error", exc.with_traceback(None))
         del arrays

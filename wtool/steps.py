@@ -79,8 +79,9 @@ class StepRun:
         dtype = self.step.transform.output_dtype(info.dtype)
         return info if dtype == info.dtype else TensorInfo(info.name, dtype, info.shape)
 
-    def apply(self, info: TensorInfo, array: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-        """Run this per-tensor step on `array`, the value of `info` in compute dtype.
+    def apply(self, info: TensorInfo, array: np.ndarray, owned: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+        """Run this per-tensor step on `array`, the value of `info` in compute dtype; `owned`
+        when it is a copy made for this step alone, which the step may overwrite (`Context.owned`).
 
         Returns the result and the figures the step reported, keyed `op.name`; a tensor the
         `skip` policy leaves alone comes back as it came.
@@ -91,7 +92,8 @@ class StepRun:
             guarded = self._guard(info.name, array, extras) if transform.needs_finite else array
             if guarded is None:
                 return array, extras
-            ctx = Context(info, self.state, self._companions(info.name, guarded.dtype))
+            ctx = Context(info, self.state, self._companions(info.name, guarded.dtype),
+                          owned=owned or guarded is not array)
             result = transform.apply(guarded, ctx)
         except InputError as exc:
             raise self._refused(exc) from None
@@ -258,7 +260,9 @@ class Chain:
         value = self.origin.take()
         extras: dict[str, Any] = {}
         for run in islice(self.runs, upto):
-            value, reported = run.apply(info, convert(value, info.dtype_info.compute))
+            converted = convert(value, info.dtype_info.compute)
+            value, reported = run.apply(info, converted, owned=converted is not value)
+            del converted
             extras.update(reported)
             info = run.output_info(info)
         return value, extras

@@ -110,3 +110,29 @@ def test_min_ndim_is_the_default_skip_rule(name):
     if below is not None:
         assert transform.skip(below) is not None
     assert transform.skip(TensorInfo("ids", "I64", (4, 4))).hard
+
+
+OWNED_SPECS = sorted({REGISTRY[n].example for n in SINGLE} | {
+    "quantize:bits=4,scheme=asym,granularity=group,group_size=8",
+    "quantize:bits=3,scheme=sym,granularity=group,group_size=8", "clip:c=0.3", "clip:percentile=90"})
+
+
+@pytest.mark.parametrize("spec", OWNED_SPECS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_step_that_owns_its_input_gives_the_bytes_of_one_that_does_not(spec, dtype):
+    """`Context.owned`: a transform may write its result over an input made for it alone (a
+    bfloat16 weight's float32 copy); the bytes are those it makes from a read-only input.
+    Rows of one repeated value (-0.0 among them) are the ones a quantizer keeps as they are."""
+    transform = Step.parse(spec).transform
+    if transform.companion_paths():
+        pytest.skip(f"{spec} streams a companion checkpoint")
+    array = np.random.default_rng(1).normal(size=(16, 128)).astype(dtype)
+    array[0], array[1], array[2, :8], array[3, 8:16] = -0.0, 0.5, -0.0, 0.0
+    info = TensorInfo("layer.weight", "F64" if dtype == np.float64 else "F32", array.shape)
+    kept = array.copy()
+    kept.setflags(write=False)
+    reference = transform.apply(kept, Context(info))
+    owned = array.copy()
+    result = transform.apply(owned, Context(info, owned=True))
+    assert result.dtype == reference.dtype and result.shape == reference.shape
+    assert result.tobytes() == reference.tobytes()

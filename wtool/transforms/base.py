@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from wtool.buffers import empty_like
 from wtool.dtypes import by_numpy
 from wtool.errors import UsageError
 from wtool.tensor import TensorInfo
@@ -87,6 +88,9 @@ class Context:
     companions: Mapping[str, np.ndarray | None] = field(default_factory=dict)
     #: Per-tensor figures a transform reports (e.g. sigma before/after); shown in the report.
     extras: dict[str, Any] = field(default_factory=dict)
+    #: The array is a copy made for this step alone (its conversion to compute dtype), which
+    #: nothing else reads: `apply` may write its result over it (`output`).
+    owned: bool = False
 
     @classmethod
     def of(cls, array: np.ndarray, name: str = "w", **fields: Any) -> Context:
@@ -97,6 +101,17 @@ class Context:
     def name(self) -> str:
         return self.info.name
 
+    def output(self, array: np.ndarray) -> np.ndarray:
+        """Where to write an elementwise result of `array`: `array` itself when the step owns it
+        (a bfloat16 weight's float32 copy then holds the result, and no second float32 tensor
+        is made), else a recycled buffer of its shape and dtype.
+
+        >>> w = np.ones(3, np.float32)
+        >>> Context.of(w, owned=True).output(w) is w, Context.of(w).output(w) is w
+        (True, False)
+        """
+        return array if self.owned else empty_like(array)
+
     def rng(self, seed: int) -> np.random.Generator:
         """A random stream that depends only on (seed, tensor name), never on tensor order."""
         digest = hashlib.sha256(self.info.name.encode("utf-8")).digest()
@@ -106,8 +121,8 @@ class Context:
 class Transform:
     """Base of every transform: subclass with `name=`, a docstring, `Params`, `formula`, `example`.
 
-    Implement `apply(array, ctx)`: the tensor in compute dtype (float32, float64 for F64) to a new
-    array of its shape, never mutating it. Declare the rest: `min_ndim`, `spreads_nonfinite`,
+    Implement `apply(array, ctx)`: the tensor in compute dtype (float32, float64 for F64) to an
+    array of its shape, never mutating it unless the step owns it (`ctx.output`). Declare the rest: `min_ndim`, `spreads_nonfinite`,
     companions as `param(kind="checkpoint")`, a first pass as `param(fit_when=...)` plus `fit`.
     """
 

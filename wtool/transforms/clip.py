@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wtool.buffers import empty_like
 from wtool.errors import UsageError
 from wtool.transforms.base import Context, Transform, param
 
@@ -65,4 +64,4 @@ class Clip(Transform, name="clip"):
         with np.errstate(over="ignore"):  # bounds beyond the dtype's range become ±inf, as numpy casts them
             low, high = (None if v is None else array.dtype.type(v) for v in (low, high))
         # scalars of the array's dtype take numpy's fast path; pages already mapped double its speed
-        return np.clip(array, low, high, out=empty_like(array))
+        return np.clip(array, low, high, out=ctx.output(array))

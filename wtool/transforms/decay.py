@@ -18,7 +18,6 @@ from typing import ClassVar
 
 import numpy as np
 
-from wtool.buffers import empty_like
 from wtool.errors import InputError, UsageError
 from wtool.transforms.base import Context, Transform, param
 
@@ -73,7 +72,7 @@ class Decay(Transform, name="decay"):
     def apply(self, array: np.ndarray, ctx: Context) -> np.ndarray:
         p = self.params
         shrink = p.lr * p.wd
-        out = np.multiply(array, array.dtype.type(1.0 - shrink), out=empty_like(array))
+        out = np.multiply(array, array.dtype.type(1.0 - shrink), out=ctx.output(array))
         if p.anchor is not None:
             reference = self._companion("anchor", array, ctx)
             if reference is not None:

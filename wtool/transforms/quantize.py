@@ -258,8 +258,8 @@ class Quantize(Transform, name="quantize"):
         problem = self.problem(TensorInfo(ctx.name, "F32", array.shape))
         if problem:
             raise UsageError(f"tensor {ctx.name!r}: {problem}")
-        if full == width:  # whole groups: snapped straight into the result, no copy of it
-            return self._snap(rows.reshape(-1, p.group_size)).reshape(array.shape)
+        if full == width:  # whole groups: snapped straight into the result (over the input the step owns)
+            return self._snap(rows.reshape(-1, p.group_size), in_place=ctx.owned).reshape(array.shape)
         out = np.empty_like(rows)
         if full:
             out[:, :full] = self._snap(rows[:, :full].reshape(-1, p.group_size)).reshape(rows.shape[0], full)
@@ -347,11 +347,11 @@ class Quantize(Transform, name="quantize"):
             scale, zero = grid.params(groups, scale_dtype)
             return grid.quantize(groups, scale, zero, groups.dtype)[1]
 
-    def _snap(self, groups: np.ndarray) -> np.ndarray:
-        """Quantize each row of a 2-D array on its own grid."""
+    def _snap(self, groups: np.ndarray, in_place: bool = False) -> np.ndarray:
+        """Quantize each row of a 2-D array on its own grid, into a new array or, `in_place`,
+        over `groups` itself (no second copy of the tensor)."""
         levels = 2 ** self.params.bits - 1
-        # One working array, updated in place: peak memory is one extra copy of the tensor.
-        out = np.empty_like(groups)
+        out = groups if in_place else np.empty_like(groups)
         step = max(1, _BLOCK // max(groups.shape[1], 1))
         spread = np.empty_like(groups[:step])
         for start in range(0, groups.shape[0], step):  # blocks of rows small enough to stay in cache
@@ -360,21 +360,24 @@ class Quantize(Transform, name="quantize"):
         return out
 
     def _snap_block(self, groups: np.ndarray, work: np.ndarray, spread: np.ndarray, levels: int) -> None:
-        """Quantize rows of `groups` into `work`. Per-row figures are spread to the block's
-        shape first (`spread`): whole-block arithmetic is several times faster than broadcasting."""
+        """Quantize rows of `groups` into `work`, which may be `groups` itself. Per-row figures
+        are spread to the block's shape first (`spread`, also the scratch of the row ranges):
+        whole-block arithmetic is several times faster than broadcasting."""
         if self.params.scheme == "sym":
             half = 2 ** (self.params.bits - 1) - 1
-            scale = _row_absmax(groups, work) / half
+            scale = _row_absmax(groups, spread) / half
             constant = scale == 0
+            kept = groups[constant.reshape(-1)]  # rows left as they are: a copy, as `work` may be `groups`
             scale[constant] = 1
             np.copyto(spread, scale)
             np.divide(groups, spread, out=work)
             np.round(work, out=work)
             work *= spread
         else:
-            low, high = _row_extremes(groups, work)
+            low, high = _row_extremes(groups, spread)
             span = high - low
             constant = span == 0
+            kept = groups[constant.reshape(-1)]
             span[constant] = 1
             np.copyto(spread, low)
             np.subtract(groups, spread, out=work)
@@ -386,9 +389,8 @@ class Quantize(Transform, name="quantize"):
             work /= levels
             np.copyto(spread, low)
             work += spread
-        rows = constant.reshape(-1)
-        if rows.any():
-            work[rows] = groups[rows]
+        if kept.size:
+            work[constant.reshape(-1)] = kept
 
 
 def _row_absmax(rows: np.ndarray, scratch: np.ndarray) -> np.ndarray:
