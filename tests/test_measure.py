@@ -288,3 +288,75 @@ def test_a_pair_goes_into_the_float32_copy_the_weight_no_longer_needs(tmp_path, 
     assert keys[0::2] == keys[1::2] and keys[0] != keys[2]
     gc.collect()
     assert buffers._shared == {} and "convert" not in buffers._shared_roles
+
+
+def _checkpoint(tmp_path, dtype: str) -> object:
+    from wtool import new_checkpoint
+
+    spec = tmp_path / f"{dtype}.toml"
+    spec.write_text(f'[defaults]\ndtype = "{dtype}"\nscheme = "he"\n'
+                    '[[tensors]]\nname = "layers.{i}.mlp.weight"\ncount = 4\nshape = [512, 1024]\n')
+    source = tmp_path / f"{dtype}.safetensors"
+    new_checkpoint(spec, source)
+    return source
+
+
+@pytest.mark.parametrize(("dtype", "spec", "sent"), [
+    ("bfloat16", None, "stats"),  # a copy: untouched tensors, read into shared memory
+    ("float32", None, "stats"),
+    ("bfloat16", "clip:c=0.05", "compare"),  # bfloat16 pairs: read and stored in shared memory
+    ("bfloat16", "quantize:bits=4,granularity=group,group_size=128", "compare"),
+    ("float32", "clip:c=0.05", None),  # float32 pairs would need a copy (one tensor more): in line
+])
+def test_what_lies_in_shared_memory_is_measured_there_without_a_copy(tmp_path, monkeypatch, dtype, spec, sent):
+    """Untouched tensors and pairs both of whose sides the run made in shared memory go to the
+    process as they lie: nothing is copied for them (no slot, no spare buffer), each message
+    names shared buffers only, and the report and the bytes are those of a run measured in line."""
+    source = _checkpoint(tmp_path, dtype)
+    pipeline = wtool.Pipeline.from_specs([spec] if spec else [])
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 1 << 62)
+    in_line = wtool.run(pipeline, source, tmp_path / "a.safetensors").to_json()
+    messages: list[tuple] = []
+    real_send = Measurer._send
+
+    def send(self: Measurer, message: object) -> None:
+        if isinstance(message, tuple) and message[0] in ("compare", "stats"):
+            messages.append(message)
+        real_send(self, message)
+
+    def copy(*args: object) -> None:
+        raise AssertionError("copied")
+
+    monkeypatch.setattr(Measurer, "_send", send)
+    monkeypatch.setattr(Measurer, "_copy", copy)
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    shared = wtool.run(pipeline, source, tmp_path / "b.safetensors").to_json()
+    for report in (in_line, shared):
+        report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
+    assert _same(shared, in_line)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert {name for name, _ in messages} == ({sent} if sent else set())
+    assert all(isinstance(key, int) for _, specs in messages for key, *_ in specs)  # shared buffers, never the slot
+
+
+def test_inspect_counts_on_both_cores_with_the_figures_of_one(tmp_path, monkeypatch):
+    """`inspect` hands a tensor to the process whenever it is free, with no copy, and counts the
+    others itself: the report is the one counted in line, rows in checkpoint order."""
+    from wtool.analyze import inspect
+
+    source = _checkpoint(tmp_path, "bfloat16")
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 1 << 62)
+    in_line = inspect(source).to_json()
+    sent: list[str] = []
+    real_submit = Measurer.submit
+
+    def submit(self: Measurer, *arrays: np.ndarray):
+        assert self.lies_shared(*arrays)
+        sent.append(arrays[0].shape)
+        return real_submit(self, *arrays)
+
+    monkeypatch.setattr(Measurer, "submit", submit)
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    both = inspect(source).to_json()
+    assert sent and _same(both, in_line)
+    assert list(both["tensors"][0]) == list(in_line["tensors"][0])  # the keys in the same order

@@ -18,6 +18,7 @@ import numpy as np
 from wtool.compressed import DecompressedReader
 from wtool.errors import UsageError
 from wtool.io import Reader, open_checkpoint
+from wtool.measure import Behind, Measurer
 from wtool.pipeline import Progress
 from wtool.report import DiffReport, InspectReport
 from wtool.selection import Selector, no_match_hint
@@ -39,26 +40,35 @@ def inspect(path: str | Path, selector: Selector | None = None, *, allow_empty: 
     `bytes` as stored, `dense_bytes` as they would be decompressed; `by_dtype` counts what is stored.
     """
     selector = selector or Selector()
-    with open_checkpoint(path) as stored, DecompressedReader(stored) as reader:
+    with open_checkpoint(path) as stored, DecompressedReader(stored) as reader, Measurer() as measurer:
         names = [t.name for t in reader.tensors]
         _check_patterns(selector, names, allow_empty, str(reader.path))
         chosen = [t for t in reader.tensors if selector.admits(t.name)]
         if progress:
             progress.start(len(chosen), sum(t.nbytes for t in chosen))
-        rows, by_dtype = [], {}
+        if any(Measurer.worth(t.nbytes) for t in chosen):
+            measurer.start()
+            measurer.share("read")  # tensors are read into memory the statistics process maps
+        behind = Behind(measurer)  # a tensor's statistics there when it is free, here otherwise
+        parts, by_dtype = [], {}
         dense_bytes = 0
         for info in chosen:
-            row = {"name": info.name, "dtype": info.dtype, "shape": list(info.shape),
-                   **tensor_stats(reader.read(info.name))}
+            head = {"name": info.name, "dtype": info.dtype, "shape": list(info.shape)}
+            figures: dict[str, Any] = {}
+            array = reader.read(info.name)
+            if not behind.one(figures, figures.update, array):
+                figures.update(tensor_stats(array))
+            del array
             layout = reader.layouts.get(info.name)
             pieces = layout.pieces if layout else (info,)
+            tail = {}
             if layout:
-                row["layout"] = {"format": layout.scheme.format, "scheme": layout.scheme.label(),
-                                 "stored_bytes": layout.stored_bytes,
-                                 "bits_per_weight": round(layout.bits_per_weight, 4),
-                                 "ratio": round(info.nbytes / layout.stored_bytes, 4),
-                                 "tensors": [p.name for p in layout.pieces]}
-            rows.append(row)
+                tail["layout"] = {"format": layout.scheme.format, "scheme": layout.scheme.label(),
+                                  "stored_bytes": layout.stored_bytes,
+                                  "bits_per_weight": round(layout.bits_per_weight, 4),
+                                  "ratio": round(info.nbytes / layout.stored_bytes, 4),
+                                  "tensors": [p.name for p in layout.pieces]}
+            parts.append((head, figures, tail))
             dense_bytes += info.nbytes
             for piece in pieces:
                 bucket = by_dtype.setdefault(piece.dtype, {"tensors": 0, "params": 0, "bytes": 0})
@@ -67,6 +77,8 @@ def inspect(path: str | Path, selector: Selector | None = None, *, allow_empty: 
                 bucket["bytes"] += piece.nbytes
             if progress:
                 progress.advance(info)
+        behind.wait()
+        rows = [{**head, **figures, **tail} for head, figures, tail in parts]
         totals = {"tensors": len(rows), "params": sum(int(np.prod(r["shape"], dtype=np.int64)) for r in rows),
                   "bytes": sum(b["bytes"] for b in by_dtype.values()), "dense_bytes": dense_bytes,
                   "by_dtype": by_dtype}

@@ -44,7 +44,8 @@ def materialise(reader: Reader, node: Chain, *, stats: bool = True, behind: Behi
     the same shape is compared in one pass over the pair (`stats.compare`). A weight stored in
     a compressed layout is one record, made with its first piece (`layout_record`; None for the
     others), whose statistics are taken `behind` the run when given, as are an untouched
-    tensor's when the statistics process is free. Pairs are compared with `measure`
+    tensor's when the statistics process is free, and a pair's that lies in memory that process
+    maps (a bfloat16 weight read and stored in shared buffers). Others are compared with `measure`
     (`stats.compare` in line, or `Measurer.measure`), other tensors with `describe`
     (`stats.tensor_stats`, or `Measurer.describe`).
     """
@@ -74,17 +75,18 @@ def materialise(reader: Reader, node: Chain, *, stats: bool = True, behind: Behi
                                     None, None, None, extras,
                                     dtype_before=source.dtype if source else None, **sizes)
     if comparable:
-        pair = measure(before, stored)
-        changed = source.dtype != info.dtype or not pair.same_bytes
-        before_stats, after_stats, error = pair.before, pair.after, pair.error
-        histograms = pair.histogram if changed else None
-    else:
-        before_stats = tensor_stats(before) if before is not None else None
-        after_stats, error, changed = tensor_stats(stored), None, True
-        histograms = _histograms(before, before_stats, stored, after_stats)
-    return stored, TensorRecord(info.name, info.dtype, list(info.shape), node.ops(), changed,
-                                before_stats, after_stats, error, extras,
-                                dtype_before=source.dtype if source else None, histogram=histograms, **sizes)
+        record = TensorRecord(info.name, info.dtype, list(info.shape), node.ops(), True, None, None, None, extras,
+                              dtype_before=source.dtype, **sizes)
+        fill = partial(_fill, record, retyped=source.dtype != info.dtype)
+        if behind is None or not behind.pair(record, fill, before, stored, copy=False):
+            fill(measure(before, stored))
+        return stored, record
+    before_stats = tensor_stats(before) if before is not None else None
+    after_stats = tensor_stats(stored)
+    return stored, TensorRecord(info.name, info.dtype, list(info.shape), node.ops(), True,
+                                before_stats, after_stats, None, extras,
+                                dtype_before=source.dtype if source else None,
+                                histogram=_histograms(before, before_stats, stored, after_stats), **sizes)
 
 
 Measure = Callable[[np.ndarray, np.ndarray], Comparison]
@@ -139,16 +141,28 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
 
 def _start(measurer: Measurer, nodes: Sequence[Chain], stats: bool, pairs: bool = False) -> None:
     """Start the statistics process now when the plan has work for it: large compressed
-    weights, untouched tensors (read into shared memory from then on, so they need no copy)
-    and, with `pairs` (jobs), other large pairs."""
+    weights; untouched tensors and, with one job, pairs whose weight is converted to a narrower
+    dtype to be stored (both then lie in shared memory, read and stored there, and need no
+    copy); with `pairs` (jobs), every large pair."""
     if not stats:
         return
     untouched = any(node.untouched and Measurer.worth(node.info.nbytes) for node in nodes)
-    if untouched or any(Measurer.worth(2 * max(node.info.nbytes if pairs else 0, _layout_bytes(node)))
-                        for node in nodes):
+    narrowed = not pairs and any(_narrowed(node) and Measurer.worth(2 * node.info.nbytes) for node in nodes)
+    if untouched or narrowed or any(Measurer.worth(2 * max(node.info.nbytes if pairs else 0, _layout_bytes(node)))
+                                    for node in nodes):
         measurer.start()
-    if untouched:
+    if untouched or narrowed:
         measurer.share("read")
+    if narrowed:
+        measurer.share("stored")
+
+
+def _narrowed(node: Chain) -> bool:
+    """Whether `node` is computed in a wider dtype than it is stored in (a bfloat16 weight), and
+    stored whole: its stored value is then a conversion of its own."""
+    dtype = node.info.dtype_info
+    return (not node.untouched and not _layout_bytes(node) and dtype.is_float
+            and dtype.itemsize < dtype.compute.itemsize)
 
 
 def _layout_bytes(node: Chain) -> int:
@@ -206,9 +220,13 @@ def _fill_one(record: TensorRecord, figures: dict[str, Any]) -> None:
     record.before = record.after = figures
 
 
-def _fill(record: TensorRecord, pair: Comparison) -> None:
-    """A compressed weight's record, completed with the dense weight against what its layout decodes to."""
-    record.before, record.after, record.error, record.histogram = pair.before, pair.after, pair.error, pair.histogram
+def _fill(record: TensorRecord, pair: Comparison, retyped: bool = True) -> None:
+    """A record completed with its comparison: a tensor before and after (changed when `retyped`
+    or its bytes differ; only then with histograms), or a compressed weight's dense values
+    against what its layout decodes to."""
+    record.changed = retyped or not pair.same_bytes
+    record.before, record.after, record.error = pair.before, pair.after, pair.error
+    record.histogram = pair.histogram if record.changed else None
 
 
 def planned_record(reader: Reader, node: Chain) -> TensorRecord | None:

@@ -104,6 +104,10 @@ class Measurer:
                 self.share("convert")
         return self.process is not None
 
+    def lies_shared(self, *arrays: np.ndarray) -> bool:
+        """Whether the process reads these arrays where they lie (`submit` then copies nothing)."""
+        return all(a.flags.c_contiguous and buffers.shared_file(a) for a in arrays)
+
     def share(self, role: str) -> None:
         """Make `role`'s buffers shared memory until `close` (`buffers.share`), once the process
         runs: an array read into one ("read") is measured where it lies, with no copy."""
@@ -127,9 +131,9 @@ class Measurer:
         if len(arrays) not in (1, 2):
             raise ValueError(f"Measurer.submit: 1 or 2 arrays, not {len(arrays)}")
         previous = None
-        placed = [buffers.shared_file(a) if self.start() and a.flags.c_contiguous else None for a in arrays]
-        if all(placed):
-            specs = [(self._map(file), a.dtype, a.shape, base) for a, (file, base) in zip(arrays, placed)]
+        if self.start() and self.lies_shared(*arrays):
+            specs = [(self._map(file), a.dtype, a.shape, base)
+                     for a, (file, base) in zip(arrays, map(buffers.shared_file, arrays))]
             held: object = arrays
         else:
             offsets, size = _packed(arrays)
@@ -309,10 +313,12 @@ class Behind:
         self.then: Callable[[Any], None] = print
         self.held: list[Any] = []
 
-    def pair(self, item: object, then: Callable[[Comparison], None], before: np.ndarray, after: np.ndarray) -> bool:
+    def pair(self, item: object, then: Callable[[Comparison], None], before: np.ndarray, after: np.ndarray,
+             copy: bool = True) -> bool:
         """Start comparing `before` with `after` for `item`; False (nothing started) when the pair
-        is for the caller to measure in line."""
-        if not self.measurer.takes(before, after):
+        is for the caller to measure in line: too small, or, unless `copy`, not lying where the
+        process reads it (a copy of the pair would be one tensor more in memory)."""
+        if not self.measurer.takes(before, after) or not (copy or self.measurer.lies_shared(before, after)):
             return False
         self._submit(item, then, before, after)
         return True
