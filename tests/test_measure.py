@@ -229,8 +229,8 @@ def test_a_wtool_folder_in_the_working_directory_does_not_shadow_the_process(tmp
 
 
 def test_jobs_measure_their_large_pairs_in_the_process_with_the_figures_of_one_job(llama, tmp_path, monkeypatch):
-    """With --jobs, every pair large enough goes to the process (each job waits for its own);
-    the output bytes and the report are those of one job measuring in line."""
+    """With jobs in threads, every pair large enough goes to the process (each job waits for its
+    own); the output bytes and the report are those of one job measuring in line."""
     pipeline = wtool.Pipeline.from_specs(["clip:c=0.05", "quantize:bits=4,granularity=group,group_size=8"])
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 1 << 62)
     one = wtool.run(pipeline, llama, tmp_path / "a.safetensors").to_json()
@@ -243,7 +243,7 @@ def test_jobs_measure_their_large_pairs_in_the_process_with_the_figures_of_one_j
 
     monkeypatch.setattr(Measurer, "submit", submit)
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
-    two = wtool.run(pipeline, llama, tmp_path / "b.safetensors", jobs=2).to_json()
+    two = wtool.run(pipeline, llama, tmp_path / "b.safetensors", jobs=3).to_json()  # 2 threads + the process
     for report in (one, two):
         report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
     assert _same(two, one)
@@ -360,3 +360,30 @@ def test_inspect_counts_on_both_cores_with_the_figures_of_one(tmp_path, monkeypa
     both = inspect(source).to_json()
     assert sent and _same(both, in_line)
     assert list(both["tensors"][0]) == list(in_line["tensors"][0])  # the keys in the same order
+
+
+@pytest.mark.parametrize(("dtype", "threads"), [("bfloat16", False), ("float32", True)])
+def test_the_statistics_process_is_one_of_the_jobs(tmp_path, monkeypatch, dtype, threads):
+    """--jobs 2 where one job keeps the process busy (bfloat16 pairs beside the work) is that
+    job and the process, no thread; float32 pairs, measured in line by one job, get two
+    threads. Either way, the bytes and the report of one job."""
+    import wtool.materialise
+
+    source = _checkpoint(tmp_path, dtype)
+    pipeline = wtool.Pipeline.from_specs(["clip:c=0.05"])
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    one = wtool.run(pipeline, source, tmp_path / "a.safetensors").to_json()
+    started: list[object] = []
+    real = wtool.materialise._in_thread
+
+    def in_thread(*args: object):
+        started.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(wtool.materialise, "_in_thread", in_thread)
+    two = wtool.run(pipeline, source, tmp_path / "b.safetensors", jobs=2).to_json()
+    for report in (one, two):
+        report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
+    assert _same(two, one)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert bool(started) == threads

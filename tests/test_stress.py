@@ -99,3 +99,31 @@ def test_reports_on_100k_small_tensors_cost_kilobytes_per_tensor_not_their_recor
           f"({per_tensor:.0f} bytes per tensor over 1k tensors' {small / 2**20:.0f} MiB)")
     assert per_tensor < 4096, f"{per_tensor:.0f} bytes per tensor"
     assert len((tmp_path / "out100000.json").read_text().splitlines()) > 100_000
+
+
+def test_bfloat16_runs_stay_in_the_bound_with_their_statistics_beside_the_work(tmp_path_factory, tmp_path):
+    """bfloat16 weights as checkpoints hold them (24 × 4096×8192, 1.5 GiB): their statistics run
+    in the second process beside the next tensor (untouched tensors, pairs read and stored in
+    shared memory, packed weights' pairs in their dead float32 copy), and the steps write over
+    the float32 copy they own. The process tree stays within 3 × the largest tensor in float32
+    + 200 MiB, and twice that with --jobs 2."""
+    rows, cols = 4096, 8192
+    bound = 3 * rows * cols * 4 + (200 << 20)
+    source = tmp_path_factory.mktemp("bf16") / "bf16.safetensors"
+    spec = source.with_suffix(".toml")
+    spec.write_text(f'[metadata]\nformat = "pt"\n[defaults]\ndtype = "bfloat16"\nscheme = "he"\n[[tensors]]\n'
+                    f'name = "layers.{{i}}.weight"\ncount = 24\nshape = [{rows}, {cols}]\n')
+    new_checkpoint(spec, source)
+    quantize = "quantize:bits=4,scheme=sym,granularity=group,group_size=128"
+    wtool = [sys.executable, "-m", "wtool"]
+    peaks = {}
+    for name, options in [("copy", []), ("clip", ["-t", "clip:c=0.05"]), ("quantize", ["-t", quantize]),
+                          ("packed", ["-t", f"{quantize},sym_range=full,storage=packed"]),
+                          ("quantize -j2", ["-t", quantize, "-j", "2"])]:
+        out = tmp_path / "out.safetensors"
+        peaks[name], _ = peak_rss_of([*wtool, "apply", str(source), str(out), "-q", *options])
+        out.unlink()
+    print("\n1.5 GiB bfloat16: " + ", ".join(f"{name} {peak / 2**20:.0f} MiB" for name, peak in peaks.items())
+          + f" (bound {bound / 2**20:.0f} MiB a job)")
+    assert all(peak <= bound for name, peak in peaks.items() if name != "quantize -j2"), peaks
+    assert peaks["quantize -j2"] <= 2 * bound, peaks

@@ -436,7 +436,8 @@ def apply(
     html: Annotated[str | None, typer.Option("--html", help="Write a self-contained HTML report (sortable "
                                                 "table, before/after histograms) to FILE.")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Tensors computed at once, in threads; "
-                                      "peak memory grows with it.")] = 1,
+                                      "peak memory grows with it. From 2 on, the statistics process "
+                                      "counts as one when one job keeps it busy.")] = 1,
     allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Read compressed weights (packed, "
                                                    "fp8, codebook) as dense floats so steps may change them; "
                                                    "without it such steps are refused.")] = False,

@@ -99,20 +99,25 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
     (numpy releases the GIL in its kernels); memory grows with `jobs`. One job computes in
     the calling thread: overlapping the next tensor with the writing would double its memory,
     but a large compressed weight's statistics run behind it, in a second process (`Behind`),
-    and so do a large untouched tensor's whenever that process is free (the others are
-    counted here meanwhile: a copy counts on both cores). With more jobs, each compares its
-    large pairs in that process and waits for them there (`Measurer.measure`): their
-    `bincount`s then no longer take turns at the GIL; an untouched tensor goes there when the
-    process is free (`Measurer.describe`).
+    as do a bfloat16 weight's pair and a large untouched tensor's whenever that process is
+    free (the others are counted here meanwhile: a copy counts on both cores). That process
+    is then one of the `jobs`: it keeps a core busy, and a second thread computing beside it
+    made a 1 GiB bfloat16 quantization slower (4.0 against 2.9 s). With more jobs, each
+    compares its large pairs in that process and waits for them there (`Measurer.measure`):
+    their `bincount`s then no longer take turns at the GIL; an untouched tensor goes there
+    when the process is free (`Measurer.describe`).
 
     Each tensor comes with the records complete by then, in checkpoint order: none, one, or
     those held back behind statistics still in the process (all are out once the last is).
     The threads are daemons and nothing waits for them when the run stops early: Ctrl-C or
     SIGTERM takes effect at once, not after every tensor in flight.
     """
-    if jobs <= 1:
+    beside = stats and _beside(nodes)
+    threads = jobs - 1 if beside else jobs
+    if threads <= 1:
         with Measurer() as measurer:
-            _start(measurer, nodes, stats)
+            if beside:
+                _start(measurer, nodes)
             behind = Behind(measurer)
             work = partial(materialise, reader, stats=stats, behind=behind)
             for index, node in enumerate(nodes):
@@ -121,13 +126,14 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
                 del stored  # the written tensor is freed before the next one is computed
         return
     with Measurer() as measurer:
-        _start(measurer, nodes, stats, pairs=True)
+        if stats and any(Measurer.worth(2 * max(node.info.nbytes, _layout_bytes(node))) for node in nodes):
+            _start(measurer, nodes)
         work = partial(materialise, reader, stats=stats, measure=measurer.measure, describe=measurer.describe)
         pending: deque[tuple[Chain, Future]] = deque()
         upcoming = iter(nodes)
         for node in upcoming:
             pending.append((node, _in_thread(work, node)))
-            if len(pending) >= jobs:
+            if len(pending) >= threads:
                 break
         while pending:
             node, future = pending.popleft()
@@ -139,22 +145,27 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
                 pending.append((following, _in_thread(work, following)))
 
 
-def _start(measurer: Measurer, nodes: Sequence[Chain], stats: bool, pairs: bool = False) -> None:
-    """Start the statistics process now when the plan has work for it: large compressed
-    weights; untouched tensors and, with one job, pairs whose weight is converted to a narrower
-    dtype to be stored (both then lie in shared memory, read and stored there, and need no
-    copy); with `pairs` (jobs), every large pair."""
-    if not stats:
-        return
+def _beside(nodes: Sequence[Chain]) -> bool:
+    """Whether one job has work for the statistics process: large compressed weights, or tensors
+    that lie in memory it maps (`_shared_roles`)."""
+    return any(Measurer.worth(2 * _layout_bytes(node)) for node in nodes) or bool(_shared_roles(nodes))
+
+
+def _shared_roles(nodes: Sequence[Chain]) -> list[str]:
+    """The buffers to make shared memory for one job: "read" for large untouched tensors and
+    for narrowed weights (converted to a narrower dtype to be stored), "stored" for these too.
+    Both then lie where the process reads them and are measured with no copy."""
     untouched = any(node.untouched and Measurer.worth(node.info.nbytes) for node in nodes)
-    narrowed = not pairs and any(_narrowed(node) and Measurer.worth(2 * node.info.nbytes) for node in nodes)
-    if untouched or narrowed or any(Measurer.worth(2 * max(node.info.nbytes if pairs else 0, _layout_bytes(node)))
-                                    for node in nodes):
-        measurer.start()
-    if untouched or narrowed:
-        measurer.share("read")
-    if narrowed:
-        measurer.share("stored")
+    narrowed = any(_narrowed(node) and Measurer.worth(2 * node.info.nbytes) for node in nodes)
+    return ["read"] * (untouched or narrowed) + ["stored"] * narrowed
+
+
+def _start(measurer: Measurer, nodes: Sequence[Chain]) -> None:
+    """Start the statistics process now, so its imports overlap the first tensor, with the
+    buffers it reads made shared memory."""
+    measurer.start()
+    for role in _shared_roles(nodes):
+        measurer.share(role)
 
 
 def _narrowed(node: Chain) -> bool:

@@ -1,23 +1,26 @@
-"""Statistics in a second process: a large pair of tensors measured on the other core.
+"""Statistics in a second process: large tensors measured on the other core.
 
 Counting a 16-bit tensor's bit patterns (`wtool.stats`) is one numpy `bincount` per chunk,
 and bincount holds the GIL for all its work: in a thread it runs instead of the next
 tensor's quantization, not beside it (a packed 4-bit run of 8 bfloat16 tensors of 64 MiB
 took as long with its statistics in a thread as in line). A process has an interpreter of
-its own. The pair goes over in memory both processes map, one copy of each tensor's bytes,
-no pickling; the `Comparison`, a few hundred bytes, comes back over a socket. For a 16-bit
-weight the pair fills the float32 copy of the weight that its quantization no longer needs
-(the run's "convert" buffers are shared memory, a Linux memfd each, while the process runs,
-two taking turns): the next pair is copied while the process works on the last, and no
-memory is added. Other pairs go into a slot of the process's own, one at a time, so memory
-grows by one pair.
+its own. It measures a pair (`stats.compare`) or one tensor (`stats.tensor_stats`) in memory
+both processes map, with no pickling; the figures, a few hundred bytes, come back over a
+socket. What the run made in shared memory (its "read" and "stored" buffers, when it
+`share`s them: a tensor as read, a bfloat16 weight as stored) is measured where it lies,
+with no copy, and held until its figures are in. Other arrays are copied: a 16-bit weight's
+pair into the float32 copy of the weight that its quantization no longer needs (the run's
+"convert" buffers are shared memory, a Linux memfd each, while the process runs, two taking
+turns: the next pair is copied while the process works on the last, and no memory is
+added), else into a slot of the process's own, one at a time, so memory grows by one pair.
+`Behind` keeps one measurement in flight while the run goes on.
 
 The process is
 `python -P -m wtool.measure FD`: not started through multiprocessing, which would run the
 caller's main script again in it, and with -P so that nothing in the working folder shadows
-wtool. It inherits no file of this one but its end of the socket. Pairs under `MIN_BYTES`,
-and every pair where there is no memfd (not Linux) or no interpreter to start, are for the
-caller to measure in line (`takes` says which; `measure` does either).
+wtool. It inherits no file of this one but its end of the socket. Arrays under `MIN_BYTES`,
+and all where there is no memfd (not Linux) or no interpreter to start, are for the caller
+to measure in line (`takes` says which; `measure` and `describe` do either).
 
 >>> import numpy as np
 >>> measurer = Measurer()
@@ -54,12 +57,13 @@ _TASKS = {"compare": compare, "stats": tensor_stats}
 
 #: The process's BLAS runs one thread: its sums of squares are BLAS dots (`stats.use_blas_dot`).
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-MIN_BYTES = 8 << 20  # both tensors of a pair together: below this, starting a process costs more than it saves
+MIN_BYTES = 8 << 20  # the arrays of one measurement together: below this, a process costs more than it saves
 _ALIGN = 64
 
 
 class Measurer:
-    """A process that compares pairs of tensors (`stats.compare`), one at a time, in order."""
+    """A process that measures pairs of tensors (`stats.compare`) and single ones
+    (`stats.tensor_stats`), one at a time, in order."""
 
     def __init__(self) -> None:
         self.process: subprocess.Popen[bytes] | None = None
@@ -74,7 +78,7 @@ class Measurer:
 
     @staticmethod
     def worth(nbytes: int) -> bool:
-        """Whether a pair of `nbytes` in all is measured in the process (large enough, memfd at hand)."""
+        """Whether arrays of `nbytes` in all are measured in the process (large enough, memfd at hand)."""
         return nbytes >= max(MIN_BYTES, 1) and hasattr(os, "memfd_create")
 
     def takes(self, *arrays: np.ndarray) -> bool:
@@ -215,7 +219,8 @@ class Measurer:
         return value
 
     def close(self) -> None:
-        """Stop the process (at once when a comparison is still running) and free the slot."""
+        """Stop the process (at once when a measurement is still running), free the slot and
+        make the shared roles private again."""
         if self.process is not None:
             if self.busy:
                 self.process.terminate()

@@ -162,7 +162,7 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
     output loads as the input did; `update_config` records a cast's dtype in the copied
     config.json. A single-file input gives a folder with one `model.safetensors` unless
     `max_shard_size` asks for shards. `jobs` tensors are computed at once (peak memory grows
-    with it). Without `stats` the report lists tensors, steps and whether their bytes changed,
+    with it); from 2 on, the statistics process counts as one when one job keeps it busy. Without `stats` the report lists tensors, steps and whether their bytes changed,
     without statistics, error metrics or histograms.
 
     Everything the run reads (the input, companions such as `decay`'s `grads=`, model files
