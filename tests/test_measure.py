@@ -327,8 +327,17 @@ def test_what_lies_in_shared_memory_is_measured_there_without_a_copy(tmp_path, m
     def copy(*args: object) -> None:
         raise AssertionError("copied")
 
+    started: list[int] = []
+    real_start = Measurer.start
+
+    def start(self: Measurer) -> bool:
+        if real_start(self) and self.process.pid not in started:
+            started.append(self.process.pid)
+        return self.process is not None
+
     monkeypatch.setattr(Measurer, "_send", send)
     monkeypatch.setattr(Measurer, "_copy", copy)
+    monkeypatch.setattr(Measurer, "start", start)
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
     shared = wtool.run(pipeline, source, tmp_path / "b.safetensors").to_json()
     for report in (in_line, shared):
@@ -336,6 +345,7 @@ def test_what_lies_in_shared_memory_is_measured_there_without_a_copy(tmp_path, m
     assert _same(shared, in_line)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert {name for name, _ in messages} == ({sent} if sent else set())
+    assert len(started) == bool(sent)  # no process for a run that has no work for it (its memory)
     assert all(isinstance(key, int) for _, specs in messages for key, *_ in specs)  # shared buffers, never the slot
 
 

@@ -323,8 +323,8 @@ class Behind:
         """Start comparing `before` with `after` for `item`; False (nothing started) when the pair
         is for the caller to measure in line: too small, or, unless `copy`, not lying where the
         process reads it (a copy of the pair would be one tensor more in memory)."""
-        if not self.measurer.takes(before, after) or not (copy or self.measurer.lies_shared(before, after)):
-            return False
+        if not (copy or self.measurer.lies_shared(before, after)) or not self.measurer.takes(before, after):
+            return False  # (`takes` starts the process: asked last)
         self._submit(item, then, before, after)
         return True
 
