@@ -87,8 +87,8 @@ def test_a_larger_array_replaces_an_unused_smaller_buffer_and_roles_are_apart():
 
 
 def test_shared_buffers_are_memfds_reused_while_free_and_closed_when_dropped():
-    """`share`: a role's large buffers become shared memory another process can map; `idle`
-    hands out a kept one only while nothing holds it; dropped, its file is closed."""
+    """`share`: a role's large buffers become shared memory another process can map, two kept:
+    one is handed out again only once nothing holds it; dropped, its file is closed."""
     import gc
     import os
 
@@ -101,17 +101,19 @@ def test_shared_buffers_are_memfds_reused_while_free_and_closed_when_dropped():
         assert found is not None and found[1] == 40 and found[0].size == first.nbytes
         file = found[0]
         assert os.fstat(file.fd).st_size == first.nbytes and _recycle.alive(file.serial)
-        assert _recycle.idle("t", 1024) is None  # held by `first`
-        second = _recycle.empty((1 << 20,), np.float32, "t")  # a second one is kept
+        second = _recycle.empty((1 << 20,), np.float32, "t")  # `first` is held: a second one, kept
         assert _recycle.shared_file(second)[0].serial != file.serial
+        address = first.ctypes.data
         del first
-        free = _recycle.idle("t", 1024)
-        assert free is not None and _recycle.shared_file(free)[0] is file and free.nbytes == 1024
-        assert _recycle.empty((1 << 20,), np.float32, "t").ctypes.data != free.ctypes.data  # held by `free`
+        again = _recycle.empty((1 << 20,), np.float32, "t")  # the free one of the two
+        assert again.ctypes.data == address and _recycle.shared_file(again)[0] is file
+        third = _recycle.empty((1 << 20,), np.float32, "t")  # both held: one more, not kept
+        assert _recycle.shared_file(third)[0].serial not in (file.serial, _recycle.shared_file(second)[0].serial)
+        assert len(_recycle._pools["t"]) == 2
         assert _recycle.shared_file(np.zeros(4)) is None
     finally:
         _recycle.unshare("t")
-    del free, second
+    del again, second, third
     gc.collect()
     assert not _recycle.alive(file.serial) and _recycle._shared == {}
     with pytest.raises(OSError):

@@ -251,20 +251,17 @@ def test_jobs_measure_their_large_pairs_in_the_process_with_the_figures_of_one_j
     assert measured.count(2) == sum(r["changed"] for r in two["tensors"]) > 1  # each changed pair, in the process
 
 
-def test_a_pair_goes_into_the_float32_copy_the_weight_no_longer_needs(tmp_path, monkeypatch):
-    """bfloat16 weights: each pair is copied into the dead float32 copy of its weight (shared
-    memory while the process runs), not into the process's own slot, two such copies taking
-    turns, so the process never waits for a copy; the report is the one measured in line, and
-    every shared buffer is freed, and its file closed, with the run."""
+def test_a_packed_weight_is_measured_where_it_was_read_and_decoded(tmp_path, monkeypatch):
+    """bfloat16 weights stored packed: each pair is measured in the buffers it was read and
+    decoded into (shared memory while the process runs), never copied, two buffers of each
+    taking turns so the process reads one while the next weight fills the other; the report
+    is the one measured in line, and every shared buffer is freed, and its file closed, with
+    the run."""
     import gc
 
-    from wtool import buffers, new_checkpoint
+    from wtool import buffers
 
-    spec = tmp_path / "spec.toml"
-    spec.write_text('[defaults]\ndtype = "bfloat16"\nscheme = "he"\n'
-                    '[[tensors]]\nname = "layers.{i}.mlp.weight"\ncount = 4\nshape = [512, 1024]\n')
-    source = tmp_path / "bf16.safetensors"
-    new_checkpoint(spec, source)  # 1 MiB a weight: its float32 copy is a recycled buffer
+    source = _checkpoint(tmp_path, "bfloat16")  # 1 MiB a weight: recycled buffers
     pipeline = wtool.Pipeline.from_specs(["quantize:bits=4,granularity=group,group_size=128,storage=packed"])
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 1 << 62)
     in_line = wtool.run(pipeline, source, tmp_path / "a.safetensors").to_json()
@@ -276,18 +273,24 @@ def test_a_pair_goes_into_the_float32_copy_the_weight_no_longer_needs(tmp_path, 
             keys.extend(key for key, *_ in message[1])
         real_send(self, message)
 
+    def copy(*args: object) -> None:
+        raise AssertionError("copied")
+
     monkeypatch.setattr(Measurer, "_send", send)
+    monkeypatch.setattr(Measurer, "_copy", copy)
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
     shared = wtool.run(pipeline, source, tmp_path / "b.safetensors").to_json()
     for report in (in_line, shared):
         report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
     assert _same(shared, in_line)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
-    # two sides a pair, each in a shared buffer, two buffers taking turns (never the slot)
-    assert len(keys) == 8 and all(isinstance(key, int) for key in keys) and len(set(keys)) == 2
-    assert keys[0::2] == keys[1::2] and keys[0] != keys[2]
+    # two sides a pair, in two buffers each (read, decoded) taking turns
+    assert len(keys) == 8 and all(isinstance(key, int) for key in keys)
+    befores, afters = keys[0::2], keys[1::2]
+    assert len(set(befores)) == len(set(afters)) == 2 and not set(befores) & set(afters)
+    assert befores[0] != befores[1] and afters[0] != afters[1]
     gc.collect()
-    assert buffers._shared == {} and "convert" not in buffers._shared_roles
+    assert buffers._shared == {} and not buffers._shared_roles
 
 
 def _checkpoint(tmp_path, dtype: str) -> object:

@@ -97,17 +97,6 @@ def unshare(role: str) -> None:
         _pools.pop(role, None)
 
 
-def idle(role: str, size: int) -> np.ndarray | None:
-    """A kept shared buffer of `role` that nothing uses, of at least `size` bytes, as uint8 (None
-    when there is none: nothing is allocated). Holding the result keeps it from `empty`."""
-    with _lock:
-        pool = _pools.get(role, [])
-        for index in range(len(pool)):
-            if sys.getrefcount(pool[index]) == 2 and pool[index].nbytes >= size and shared_file(pool[index]):
-                return pool[index][:size]
-    return None
-
-
 def shared_file(array: np.ndarray) -> tuple[SharedFile, int] | None:
     """The shared buffer `array` lies in and the offset of its first byte there, else None."""
     base = array

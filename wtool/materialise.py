@@ -157,7 +157,8 @@ def _shared_roles(nodes: Sequence[Chain]) -> list[str]:
     Both then lie where the process reads them and are measured with no copy."""
     untouched = any(node.untouched and Measurer.worth(node.info.nbytes) for node in nodes)
     narrowed = any(_narrowed(node) and Measurer.worth(2 * node.info.nbytes) for node in nodes)
-    return ["read"] * (untouched or narrowed) + ["stored"] * narrowed
+    layouts = any(Measurer.worth(2 * _layout_bytes(node)) for node in nodes)
+    return ["read"] * (untouched or narrowed or layouts) + ["stored"] * (narrowed or layouts) + ["decoded"] * layouts
 
 
 def _start(measurer: Measurer, nodes: Sequence[Chain]) -> None:

@@ -6,14 +6,12 @@ tensor's quantization, not beside it (a packed 4-bit run of 8 bfloat16 tensors o
 took as long with its statistics in a thread as in line). A process has an interpreter of
 its own. It measures a pair (`stats.compare`) or one tensor (`stats.tensor_stats`) in memory
 both processes map, with no pickling; the figures, a few hundred bytes, come back over a
-socket. What the run made in shared memory (its "read" and "stored" buffers, when it
-`share`s them: a tensor as read, a bfloat16 weight as stored) is measured where it lies,
-with no copy, and held until its figures are in. Other arrays are copied: a 16-bit weight's
-pair into the float32 copy of the weight that its quantization no longer needs (the run's
-"convert" buffers are shared memory, a Linux memfd each, while the process runs, two taking
-turns: the next pair is copied while the process works on the last, and no memory is
-added), else into a slot of the process's own, one at a time, so memory grows by one pair.
-`Behind` keeps one measurement in flight while the run goes on.
+socket. What the run made in shared memory is measured where it lies, with no copy: the
+run `share`s the roles of `wtool.buffers` the process reads (a tensor as read, a bfloat16
+weight as stored, a compressed weight as decoded), whose buffers are then a Linux memfd
+each, two kept per role, so the next tensor takes one while the process reads the other.
+Other arrays are copied into a slot of the process's own, one measurement at a time, so
+memory grows by their bytes. `Behind` keeps one measurement in flight while the run goes on.
 
 The process is
 `python -P -m wtool.measure FD`: not started through multiprocessing, which would run the
@@ -105,7 +103,6 @@ class Measurer:
                     self.failed = True
                     return False
                 self.connection = Connection(os.dup(ours.fileno()))
-                self.share("convert")
         return self.process is not None
 
     def lies_shared(self, *arrays: np.ndarray) -> bool:
@@ -124,14 +121,11 @@ class Measurer:
         tensor with `stats.tensor_stats`; return what was measured before, if it was still out
         (waited for). The caller may drop its arrays at once.
 
-        Arrays that all lie in shared buffers (`wtool.buffers`: "read" ones, when the run
-        `share`s them) are read there, not copied: the buffer is held until the result is in.
-        Others are copied. The copy goes, while the process still works on the last
-        measurement, into a kept "convert" buffer that nothing uses (shared memory while a
-        process runs): the float32 copy of the weight just quantized is dead by then, and a
-        weight's two 16-bit sides fill it exactly, so the process never waits for the copy and
-        no memory is added. Otherwise (float32 weights) the last measurement is waited for and
-        the arrays go into the process's own slot."""
+        Arrays that all lie in shared buffers (`wtool.buffers`, for the roles the run `share`s:
+        a tensor as read, a weight as stored or decoded) are read there, not copied: each
+        buffer is held until the result is in, and the run's next tensor takes the other one
+        kept. Others are copied into the process's own slot, once the last measurement is in:
+        memory grows by their bytes."""
         if len(arrays) not in (1, 2):
             raise ValueError(f"Measurer.submit: 1 or 2 arrays, not {len(arrays)}")
         previous = None
@@ -140,11 +134,9 @@ class Measurer:
                      for a, (file, base) in zip(arrays, map(buffers.shared_file, arrays))]
             held: object = arrays
         else:
-            offsets, size = _packed(arrays)
-            held = buffers.idle("convert", size)
-            if held is None and self.busy:
+            if self.busy:
                 previous = self.result()  # the slot is still the process's
-            specs = self._copy(arrays, offsets, size, held)
+            specs, held = self._copy(arrays), None
         if self.busy:
             previous = self.result()
         self._forget_dead()
@@ -152,24 +144,17 @@ class Measurer:
         self.busy, self.held = True, held
         return previous
 
-    def _copy(self, arrays: Sequence[np.ndarray], offsets: Sequence[int], size: int,
-              target: np.ndarray | None) -> list[tuple]:
-        """Copy `arrays` at `offsets` into `target`, an idle shared buffer, or into the
-        process's slot (None) of `size` bytes; their specs for the process."""
-        if target is None:
-            self._reserve(size)
-            key, base = "slot", 0
-        else:
-            file, base = buffers.shared_file(target)
-            key = self._map(file)
+    def _copy(self, arrays: Sequence[np.ndarray]) -> list[tuple]:
+        """Copy `arrays` into the process's slot, one after the other; their specs for it."""
+        offsets, size = _packed(arrays)
+        self._reserve(size)
         specs = []
         for array, offset in zip(arrays, offsets):
             flat = np.ascontiguousarray(array).reshape(-1)
-            view = np.frombuffer(self.slot, np.uint8, flat.nbytes, offset) if target is None else \
-                target[offset:offset + flat.nbytes]
+            view = np.frombuffer(self.slot, np.uint8, flat.nbytes, offset)
             np.copyto(view, flat.view(np.uint8))
             del view  # no view of the slot may outlive this call: the slot could not be closed
-            specs.append((key, array.dtype, array.shape, base + offset))
+            specs.append(("slot", array.dtype, array.shape, offset))
         return specs
 
     def measure(self, before: np.ndarray, after: np.ndarray) -> Comparison:
