@@ -400,3 +400,36 @@ def test_the_statistics_process_is_one_of_the_jobs(tmp_path, monkeypatch, dtype,
     assert _same(two, one)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert bool(started) == threads
+
+
+def test_tensors_not_read_into_shared_memory_are_copied_there_with_the_same_figures(tmp_path, monkeypatch):
+    """An .npz input (read by numpy, not into the run's buffers) and the dense weights `inspect`
+    decodes from a packed checkpoint do not lie in shared memory: they are copied into the
+    process's slot, and the figures are those counted in line."""
+    from wtool.analyze import inspect
+
+    source = _checkpoint(tmp_path, "float32")
+    packed = tmp_path / "packed.safetensors"
+    wtool.run(wtool.Pipeline.from_specs(["quantize:bits=4,granularity=group,group_size=128,storage=packed"]),
+              source, packed)
+    npz = tmp_path / "in.npz"
+    wtool.run(wtool.Pipeline(), source, npz)
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 1 << 62)
+    copy_in_line = wtool.run(wtool.Pipeline(), npz, tmp_path / "a.npz").to_json()
+    inspect_in_line = inspect(packed).to_json()
+    keys: list[object] = []
+    real_send = Measurer._send
+
+    def send(self: Measurer, message: object) -> None:
+        if isinstance(message, tuple) and message[0] == "stats":
+            keys.extend(key for key, *_ in message[1])
+        real_send(self, message)
+
+    monkeypatch.setattr(Measurer, "_send", send)
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    copy_behind = wtool.run(wtool.Pipeline(), npz, tmp_path / "b.npz").to_json()
+    for report in (copy_in_line, copy_behind):
+        report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
+    assert _same(copy_behind, copy_in_line) and keys and set(keys) == {"slot"}
+    keys.clear()
+    assert _same(inspect(packed).to_json(), inspect_in_line) and keys and set(keys) == {"slot"}

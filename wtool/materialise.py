@@ -43,11 +43,12 @@ def materialise(reader: Reader, node: Chain, *, stats: bool = True, behind: Behi
     The input tensor of the same name, if any, is the "before" of the report. A tensor of
     the same shape is compared in one pass over the pair (`stats.compare`). A weight stored in
     a compressed layout is one record, made with its first piece (`layout_record`; None for the
-    others), whose statistics are taken `behind` the run when given, as are an untouched
-    tensor's when the statistics process is free, and a pair's that lies in memory that process
-    maps (a bfloat16 weight read and stored in shared buffers). Others are compared with `measure`
-    (`stats.compare` in line, or `Measurer.measure`), other tensors with `describe`
-    (`stats.tensor_stats`, or `Measurer.describe`).
+    others). With `behind` (one job), statistics are taken in the statistics process when they
+    can be: a compressed weight's pair, a pair that lies in memory that process maps (a
+    bfloat16 weight read and stored in shared buffers), an untouched tensor's whenever the
+    process is free. The rest are taken with `measure` for pairs (`stats.compare`, or
+    `Measurer.measure` with jobs) and `describe` for untouched tensors (`stats.tensor_stats`,
+    or `Measurer.describe`).
     """
     info = node.info
     source = _source(reader, info.name)
@@ -146,15 +147,16 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
 
 
 def _beside(nodes: Sequence[Chain]) -> bool:
-    """Whether one job has work for the statistics process: large compressed weights, or tensors
-    that lie in memory it maps (`_shared_roles`)."""
-    return any(Measurer.worth(2 * _layout_bytes(node)) for node in nodes) or bool(_shared_roles(nodes))
+    """Whether one job has work for the statistics process: tensors it would read where they
+    lie (`_shared_roles`)."""
+    return bool(_shared_roles(nodes))
 
 
 def _shared_roles(nodes: Sequence[Chain]) -> list[str]:
-    """The buffers to make shared memory for one job: "read" for large untouched tensors and
-    for narrowed weights (converted to a narrower dtype to be stored), "stored" for these too.
-    Both then lie where the process reads them and are measured with no copy."""
+    """The buffers to make shared memory for one job, so that the statistics process reads
+    what it measures where it lies: "read" for large untouched tensors, narrowed weights
+    (converted to a narrower dtype to be stored) and compressed weights, "stored" for the
+    last two and "decoded" for compressed weights (what their layout decodes to)."""
     untouched = any(node.untouched and Measurer.worth(node.info.nbytes) for node in nodes)
     narrowed = any(_narrowed(node) and Measurer.worth(2 * node.info.nbytes) for node in nodes)
     layouts = any(Measurer.worth(2 * _layout_bytes(node)) for node in nodes)

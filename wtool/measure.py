@@ -300,7 +300,7 @@ class Behind:
     def __init__(self, measurer: Measurer) -> None:
         self.measurer = measurer
         self.blocking: object = None  # the item the measurement in flight completes
-        self.then: Callable[[Any], None] = print
+        self.then: Callable[[Any], None] | None = None  # and what takes that measurement
         self.held: list[Any] = []
 
     def pair(self, item: object, then: Callable[[Comparison], None], before: np.ndarray, after: np.ndarray,
@@ -323,15 +323,15 @@ class Behind:
 
     def _submit(self, item: object, then: Callable[[Any], None], *arrays: np.ndarray) -> None:
         previous = self.measurer.submit(*arrays)
-        if previous is not None and self.blocking is not None:
+        if previous is not None and self.then is not None:
             self.then(previous)
         self.blocking, self.then = item, then
 
     def wait(self) -> None:
         """Wait for the measurement in flight, if any, and hand it over."""
-        if self.blocking is not None:
-            self.blocking = None
-            self.then(self.measurer.result())
+        if self.then is not None:
+            then, self.blocking, self.then = self.then, None, None
+            then(self.measurer.result())
 
     def release(self, item: object = None, last: bool = False) -> list[Any]:
         """Hold `item` (if any) back with the others; hand out those complete, in order (all of
