@@ -90,6 +90,25 @@ def test_a_process_that_dies_is_a_one_line_error_not_a_hang():
             measurer.result()
 
 
+def test_inspect_whose_statistics_process_dies_says_so_in_one_line_without_advising_no_stats(tmp_path,
+                                                                                             monkeypatch):
+    """`inspect` has no --no-stats: its error says to run again, and names nothing it lacks."""
+    from wtool.analyze import inspect
+
+    source = _checkpoint(tmp_path, "bfloat16")
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    real_submit = Measurer.submit
+
+    def submit(self: Measurer, *arrays: np.ndarray):
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        return real_submit(self, *arrays)
+
+    monkeypatch.setattr(Measurer, "submit", submit)
+    with pytest.raises(WtoolError, match=r"statistics process stopped \(exit code -9\); run again$"):
+        inspect(source)
+
+
 def test_closing_with_a_comparison_running_stops_the_process_at_once():
     before, after = _pair(np.float64, (4096, 1024))
     measurer = Measurer()

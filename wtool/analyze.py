@@ -40,7 +40,8 @@ def inspect(path: str | Path, selector: Selector | None = None, *, allow_empty: 
     `bytes` as stored, `dense_bytes` as they would be decompressed; `by_dtype` counts what is stored.
     """
     selector = selector or Selector()
-    with open_checkpoint(path) as stored, DecompressedReader(stored) as reader, Measurer() as measurer:
+    with open_checkpoint(path) as stored, DecompressedReader(stored) as reader, \
+            Measurer(advice="run again") as measurer:  # inspect has no --no-stats
         names = [t.name for t in reader.tensors]
         _check_patterns(selector, names, allow_empty, str(reader.path))
         chosen = [t for t in reader.tensors if selector.admits(t.name)]

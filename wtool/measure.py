@@ -63,7 +63,8 @@ class Measurer:
     """A process that measures pairs of tensors (`stats.compare`) and single ones
     (`stats.tensor_stats`), one at a time, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, advice: str = "run again, or with --no-stats") -> None:
+        self.advice = advice  # what the error says to do when the process dies
         self.process: subprocess.Popen[bytes] | None = None
         self.connection: Connection | None = None
         self.slot: mmap.mmap | None = None
@@ -282,7 +283,7 @@ class Measurer:
 
     def _stopped(self) -> WtoolError:
         code = self.process.poll() if self.process is not None else None
-        return WtoolError(f"the statistics process stopped (exit code {code}); run again, or with --no-stats")
+        return WtoolError(f"the statistics process stopped (exit code {code}); {self.advice}")
 
 
 class Behind:
