@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wtool.errors import UsageError
+from wtool.transforms._rank import magnitude_percentile
 from wtool.transforms.base import Context, Transform, param
 
 
@@ -50,7 +51,7 @@ class Clip(Transform, name="clip"):
         if p.c is not None:
             return -p.c, p.c
         if p.percentile is not None:
-            c = float(np.percentile(np.abs(array), p.percentile))
+            c = magnitude_percentile(array, p.percentile)
             return -c, c
         if p.sigma is not None:
             c = p.sigma * float(np.std(array, dtype=np.float64))

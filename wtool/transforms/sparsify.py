@@ -17,9 +17,9 @@ import numpy as np
 from wtool.buffers import empty_like
 from wtool.errors import UsageError
 from wtool.tensor import TensorInfo
+from wtool.transforms._rank import chunked_keys, magnitude_keys, select
 from wtool.transforms.base import Context, Transform, param
 
-DIGIT = 16  # bits resolved per pass of the global radix select
 CHUNK = 1 << 17  # elements per chunk of the threshold mask
 
 
@@ -86,23 +86,11 @@ class Sparsify(Transform, name="sparsify"):
         target = round(self.params.fraction * total)
         if target == 0:
             return {}
-        prefix, below = 0, 0
-        for shift in range(bits - DIGIT, -1, -DIGIT):
-            counts = np.zeros(1 << DIGIT, dtype=np.int64)
-            for _, load in tensors:
-                keys = _magnitude_keys(load(), wide)
-                if shift + DIGIT < bits:
-                    keys = keys[(keys >> (shift + DIGIT)) == prefix]
-                digits = ((keys >> shift) & ((1 << DIGIT) - 1)).astype(np.intp)
-                counts += np.bincount(digits, minlength=1 << DIGIT)
-            running = np.cumsum(counts)
-            digit = int(np.searchsorted(running, target - below, side="left"))
-            below += int(running[digit - 1]) if digit else 0
-            prefix = (prefix << DIGIT) | digit
+        prefix, below = select(lambda: (magnitude_keys(load(), wide) for _, load in tensors), target, bits)
         ties_left = target - below
         cutoffs = {}
         for info, load in tensors:
-            equal = int(np.count_nonzero(_magnitude_keys(load(), wide) == prefix))
+            equal = int(np.count_nonzero(magnitude_keys(load(), wide) == prefix))
             take = min(equal, ties_left)
             ties_left -= take
             cutoffs[info.name] = Cutoff(prefix, take, wide)
@@ -135,11 +123,7 @@ class Sparsify(Transform, name="sparsify"):
         if target == 0:
             return array.copy()
         wide = array.dtype == np.float64
-        keys = _magnitude_keys(array, wide)
-        keys.partition(target - 1)  # in place: a permutation of the keys, so the count below stays right
-        key = int(keys[target - 1])
-        below = int(np.count_nonzero(keys < key))
-        del keys  # freed before the output is made
+        key, below = select(chunked_keys(array, wide), target, 64 if wide else 32)  # no key array of the tensor
         return _zero_below(array, Cutoff(key, target - below, wide))
 
     def problem(self, info: TensorInfo) -> str | None:
@@ -239,14 +223,6 @@ def _keep_at_least(array: np.ndarray, threshold: float, energy: bool = False) ->
             after_sums.append(float(np.multiply(squares[:part.size], keep, out=squares[:part.size]).sum()))
     out = out.reshape(array.shape)
     return (out, (before_sums, after_sums)) if energy else out
-
-
-def _magnitude_keys(array: np.ndarray, wide: bool) -> np.ndarray:
-    """|w| as unsigned integers ordered like the magnitudes (IEEE bit patterns of non-negative
-    floats): uint64 from float64 when `wide`, else uint32 from float32."""
-    flat = np.abs(array.reshape(-1))
-    return flat.astype(np.float64, copy=False).view(np.uint64) if wide else \
-        flat.astype(np.float32, copy=False).view(np.uint32)
 
 
 def _zero_below(array: np.ndarray, cutoff: Cutoff) -> np.ndarray:
