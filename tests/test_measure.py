@@ -452,3 +452,28 @@ def test_tensors_not_read_into_shared_memory_are_copied_there_with_the_same_figu
     assert _same(copy_behind, copy_in_line) and keys and set(keys) == {"slot"}
     keys.clear()
     assert _same(inspect(packed).to_json(), inspect_in_line) and keys and set(keys) == {"slot"}
+
+
+def test_jobs_in_threads_keep_a_shared_buffer_for_each_tensor_in_flight(tmp_path, monkeypatch):
+    """--jobs 4 on bfloat16 pairs: three threads (and the process, which measures a pair one
+    of them holds), each holding a tensor read and one stored. Each kind keeps a buffer for
+    each thread, so no tensor gets a new memfd (mapped anew, page by page) once the first
+    three are made."""
+    from wtool import buffers, new_checkpoint
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[defaults]\ndtype = "bfloat16"\nscheme = "he"\n'
+                    '[[tensors]]\nname = "layers.{i}.mlp.weight"\ncount = 12\nshape = [512, 1024]\n')
+    source = tmp_path / "bf16.safetensors"
+    new_checkpoint(spec, source)
+    made: list[int] = []
+    real = buffers._shared_buffer
+
+    def shared_buffer(size: int):
+        made.append(size)
+        return real(size)
+
+    monkeypatch.setattr(buffers, "_shared_buffer", shared_buffer)
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    wtool.run(wtool.Pipeline.from_specs(["clip:c=0.05"]), source, tmp_path / "out.safetensors", jobs=4)
+    assert 0 < len(made) <= 2 * 3  # "read" and "stored", three of each at most

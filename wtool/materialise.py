@@ -128,7 +128,7 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
         return
     with Measurer() as measurer:
         if stats and any(Measurer.worth(2 * max(node.info.nbytes, _layout_bytes(node))) for node in nodes):
-            _start(measurer, nodes)
+            _start(measurer, nodes, keep=threads)  # the process measures a pair its job holds
         work = partial(materialise, reader, stats=stats, measure=measurer.measure, describe=measurer.describe)
         pending: deque[tuple[Chain, Future]] = deque()
         upcoming = iter(nodes)
@@ -163,12 +163,13 @@ def _shared_roles(nodes: Sequence[Chain]) -> list[str]:
     return ["read"] * (untouched or narrowed or layouts) + ["stored"] * (narrowed or layouts) + ["decoded"] * layouts
 
 
-def _start(measurer: Measurer, nodes: Sequence[Chain]) -> None:
+def _start(measurer: Measurer, nodes: Sequence[Chain], keep: int = 2) -> None:
     """Start the statistics process now, so its imports overlap the first tensor, with the
-    buffers it reads made shared memory."""
+    buffers it reads made shared memory, `keep` kept of each kind, one for each tensor in
+    flight (more would be made anew, and mapped page by page, each time)."""
     measurer.start()
     for role in _shared_roles(nodes):
-        measurer.share(role)
+        measurer.share(role, keep)
 
 
 def _narrowed(node: Chain) -> bool:

@@ -110,11 +110,12 @@ class Measurer:
         """Whether the process reads these arrays where they lie (`submit` then copies nothing)."""
         return all(a.flags.c_contiguous and buffers.shared_file(a) for a in arrays)
 
-    def share(self, role: str) -> None:
-        """Make `role`'s buffers shared memory until `close` (`buffers.share`), once the process
-        runs: an array read into one ("read") is measured where it lies, with no copy."""
+    def share(self, role: str, keep: int = 2) -> None:
+        """Make `role`'s buffers shared memory until `close` (`buffers.share`, `keep` of them
+        kept: one the process reads, the others for the tensors being computed), once the
+        process runs: an array read into one ("read") is measured where it lies, with no copy."""
         if self.process is not None and role not in self.shared:
-            buffers.share(role)
+            buffers.share(role, keep)
             self.shared.append(role)
 
     def submit(self, *arrays: np.ndarray) -> Measured | None:
