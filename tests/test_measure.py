@@ -42,6 +42,18 @@ def _same(a: object, b: object) -> bool:
     return a == b
 
 
+def _timeless(report: dict) -> dict:
+    """A run's JSON report without what two runs of the same work differ in: the output's path
+    and the timings."""
+    report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
+    return report
+
+
+def _same_bytes(tmp_path) -> bool:
+    """Whether the runs into a.safetensors and b.safetensors wrote the same bytes."""
+    return (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
 def _figures(comparison: object) -> dict:
     return json.loads(json.dumps(vars(comparison)))
 
@@ -148,12 +160,8 @@ def test_a_run_measured_in_the_process_reports_what_one_measured_in_line_does(ll
     monkeypatch.setattr(Measurer, "start", start)
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
     behind = wtool.run(pipeline, llama, tmp_path / "b.safetensors").to_json()
-    for report in (in_line, behind):
-        report.pop("output")
-        report.pop("seconds", None)
-        report["totals"].pop("seconds", None)
-    assert _same(behind, in_line)
-    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert _same(_timeless(behind), _timeless(in_line))
+    assert _same_bytes(tmp_path)
     assert len(set(started)) == 1  # one process: for the layouts, and for the untouched tensors
 
 
@@ -232,9 +240,7 @@ def test_without_an_interpreter_to_start_the_statistics_are_taken_in_line(llama,
     measurer = Measurer()
     assert not measurer.start() and measurer.failed and not measurer.takes(*_pair(np.float32, (9,)))
     without = wtool.run(pipeline, llama, tmp_path / "b.safetensors").to_json()
-    for report in (in_line, without):
-        report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
-    assert without == in_line
+    assert _timeless(without) == _timeless(in_line)
 
 
 def test_a_wtool_folder_in_the_working_directory_does_not_shadow_the_process(tmp_path, monkeypatch):
@@ -263,10 +269,8 @@ def test_jobs_measure_their_large_pairs_in_the_process_with_the_figures_of_one_j
     monkeypatch.setattr(Measurer, "submit", submit)
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
     two = wtool.run(pipeline, llama, tmp_path / "b.safetensors", jobs=3).to_json()  # 2 threads + the process
-    for report in (one, two):
-        report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
-    assert _same(two, one)
-    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert _same(_timeless(two), _timeless(one))
+    assert _same_bytes(tmp_path)
     assert measured.count(2) == sum(r["changed"] for r in two["tensors"]) > 1  # each changed pair, in the process
 
 
@@ -299,10 +303,8 @@ def test_a_packed_weight_is_measured_where_it_was_read_and_decoded(tmp_path, mon
     monkeypatch.setattr(Measurer, "_copy", copy)
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
     shared = wtool.run(pipeline, source, tmp_path / "b.safetensors").to_json()
-    for report in (in_line, shared):
-        report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
-    assert _same(shared, in_line)
-    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert _same(_timeless(shared), _timeless(in_line))
+    assert _same_bytes(tmp_path)
     # two sides a pair, in two buffers each (read, decoded) taking turns
     assert len(keys) == 8 and all(isinstance(key, int) for key in keys)
     befores, afters = keys[0::2], keys[1::2]
@@ -362,10 +364,8 @@ def test_what_lies_in_shared_memory_is_measured_there_without_a_copy(tmp_path, m
     monkeypatch.setattr(Measurer, "start", start)
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
     shared = wtool.run(pipeline, source, tmp_path / "b.safetensors").to_json()
-    for report in (in_line, shared):
-        report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
-    assert _same(shared, in_line)
-    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert _same(_timeless(shared), _timeless(in_line))
+    assert _same_bytes(tmp_path)
     assert {name for name, _ in messages} == ({sent} if sent else set())
     assert len(started) == bool(sent)  # no process for a run that has no work for it (its memory)
     assert all(isinstance(key, int) for _, specs in messages for key, *_ in specs)  # shared buffers, never the slot
@@ -414,10 +414,8 @@ def test_the_statistics_process_is_one_of_the_jobs(tmp_path, monkeypatch, dtype,
 
     monkeypatch.setattr(wtool.materialise, "_in_thread", in_thread)
     two = wtool.run(pipeline, source, tmp_path / "b.safetensors", jobs=2).to_json()
-    for report in (one, two):
-        report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
-    assert _same(two, one)
-    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert _same(_timeless(two), _timeless(one))
+    assert _same_bytes(tmp_path)
     assert bool(started) == threads
 
 
@@ -447,9 +445,7 @@ def test_tensors_not_read_into_shared_memory_are_copied_there_with_the_same_figu
     monkeypatch.setattr(Measurer, "_send", send)
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
     copy_behind = wtool.run(wtool.Pipeline(), npz, tmp_path / "b.npz").to_json()
-    for report in (copy_in_line, copy_behind):
-        report.pop("output"), report.pop("seconds", None), report["totals"].pop("seconds", None)
-    assert _same(copy_behind, copy_in_line) and keys and set(keys) == {"slot"}
+    assert _same(_timeless(copy_behind), _timeless(copy_in_line)) and keys and set(keys) == {"slot"}
     keys.clear()
     assert _same(inspect(packed).to_json(), inspect_in_line) and keys and set(keys) == {"slot"}
 
