@@ -28,14 +28,13 @@ SMALL = 1 << 16  # `magnitude_percentile` leaves smaller tensors to np.percentil
 
 def magnitude_keys(array: np.ndarray, wide: bool, out: np.ndarray | None = None) -> np.ndarray:
     """|w| as unsigned integers ordered like the magnitudes: uint64 from float64 when `wide`,
-    else uint32 from float32 (into `out`, a float buffer of the array's size, when given)."""
-    dtype = np.float64 if wide else np.float32
+    else uint32 from float32 (into `out` when given: a float buffer of that width, at least the
+    array's size)."""
     flat = np.asarray(array).reshape(-1)
     if out is None:
-        magnitudes = np.abs(flat.astype(dtype, copy=False))
-    else:
-        magnitudes = np.abs(flat, out=out[:flat.size]) if flat.dtype == dtype else \
-            np.abs(flat.astype(dtype), out=out[:flat.size])
+        magnitudes = np.abs(flat.astype(np.float64 if wide else np.float32, copy=False))
+    else:  # |w| of a float32 tensor in a float64 buffer: the cast is exact
+        magnitudes = np.abs(flat, out=out[:flat.size])
     return magnitudes.view(np.uint64 if wide else np.uint32)
 
 

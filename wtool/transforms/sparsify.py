@@ -237,7 +237,7 @@ def _zero_below(array: np.ndarray, cutoff: Cutoff) -> np.ndarray:
     ties = cutoff.ties
     for start in range(0, flat.size, CHUNK):
         part, target = flat[start:start + CHUNK], out[start:start + CHUNK]
-        keys = np.abs(part, out=magnitudes[:part.size]).view(np.uint64 if cutoff.wide else np.uint32)
+        keys = magnitude_keys(part, cutoff.wide, magnitudes)
         kept = np.greater_equal(keys, cutoff.key, out=keep[:part.size])
         if ties:  # the first `ties` keys equal to the cutoff, in flat order, go too
             equal = np.flatnonzero(keys == cutoff.key)[:ties]
