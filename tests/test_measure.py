@@ -54,6 +54,31 @@ def _same_bytes(tmp_path) -> bool:
     return (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
 
+def _sent(monkeypatch, copies: bool = True) -> list[tuple]:
+    """What the run sends the process to measure, (name, specs) in order, as it sends it; with
+    `copies=False`, a copy into the process's slot fails the test."""
+    sent: list[tuple] = []
+    real_send = Measurer._send
+
+    def send(self: Measurer, message: object) -> None:
+        if isinstance(message, tuple) and message[0] in ("compare", "stats"):
+            sent.append(message[:2])
+        real_send(self, message)
+
+    def copy(*args: object) -> None:
+        raise AssertionError("copied")
+
+    monkeypatch.setattr(Measurer, "_send", send)
+    if not copies:
+        monkeypatch.setattr(Measurer, "_copy", copy)
+    return sent
+
+
+def _keys(sent: list[tuple], name: str) -> list[object]:
+    """Where the arrays of the `name` measurements lay: shared buffers' serial numbers, or "slot"."""
+    return [key for sent_name, specs in sent if sent_name == name for key, *_ in specs]
+
+
 def _figures(comparison: object) -> dict:
     return json.loads(json.dumps(vars(comparison)))
 
@@ -288,21 +313,10 @@ def test_a_packed_weight_is_measured_where_it_was_read_and_decoded(tmp_path, mon
     pipeline = wtool.Pipeline.from_specs(["quantize:bits=4,granularity=group,group_size=128,storage=packed"])
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 1 << 62)
     in_line = wtool.run(pipeline, source, tmp_path / "a.safetensors").to_json()
-    keys: list[object] = []
-    real_send = Measurer._send
-
-    def send(self: Measurer, message: object) -> None:
-        if isinstance(message, tuple) and message[0] == "compare":
-            keys.extend(key for key, *_ in message[1])
-        real_send(self, message)
-
-    def copy(*args: object) -> None:
-        raise AssertionError("copied")
-
-    monkeypatch.setattr(Measurer, "_send", send)
-    monkeypatch.setattr(Measurer, "_copy", copy)
+    sent = _sent(monkeypatch, copies=False)
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
     shared = wtool.run(pipeline, source, tmp_path / "b.safetensors").to_json()
+    keys = _keys(sent, "compare")
     assert _same(_timeless(shared), _timeless(in_line))
     assert _same_bytes(tmp_path)
     # two sides a pair, in two buffers each (read, decoded) taking turns
@@ -340,17 +354,6 @@ def test_what_lies_in_shared_memory_is_measured_there_without_a_copy(tmp_path, m
     pipeline = wtool.Pipeline.from_specs([spec] if spec else [])
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 1 << 62)
     in_line = wtool.run(pipeline, source, tmp_path / "a.safetensors").to_json()
-    messages: list[tuple] = []
-    real_send = Measurer._send
-
-    def send(self: Measurer, message: object) -> None:
-        if isinstance(message, tuple) and message[0] in ("compare", "stats"):
-            messages.append(message)
-        real_send(self, message)
-
-    def copy(*args: object) -> None:
-        raise AssertionError("copied")
-
     started: list[int] = []
     real_start = Measurer.start
 
@@ -359,8 +362,7 @@ def test_what_lies_in_shared_memory_is_measured_there_without_a_copy(tmp_path, m
             started.append(self.process.pid)
         return self.process is not None
 
-    monkeypatch.setattr(Measurer, "_send", send)
-    monkeypatch.setattr(Measurer, "_copy", copy)
+    messages = _sent(monkeypatch, copies=False)
     monkeypatch.setattr(Measurer, "start", start)
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
     shared = wtool.run(pipeline, source, tmp_path / "b.safetensors").to_json()
@@ -434,20 +436,14 @@ def test_tensors_not_read_into_shared_memory_are_copied_there_with_the_same_figu
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 1 << 62)
     copy_in_line = wtool.run(wtool.Pipeline(), npz, tmp_path / "a.npz").to_json()
     inspect_in_line = inspect(packed).to_json()
-    keys: list[object] = []
-    real_send = Measurer._send
-
-    def send(self: Measurer, message: object) -> None:
-        if isinstance(message, tuple) and message[0] == "stats":
-            keys.extend(key for key, *_ in message[1])
-        real_send(self, message)
-
-    monkeypatch.setattr(Measurer, "_send", send)
+    sent = _sent(monkeypatch)
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
     copy_behind = wtool.run(wtool.Pipeline(), npz, tmp_path / "b.npz").to_json()
-    assert _same(_timeless(copy_behind), _timeless(copy_in_line)) and keys and set(keys) == {"slot"}
-    keys.clear()
-    assert _same(inspect(packed).to_json(), inspect_in_line) and keys and set(keys) == {"slot"}
+    assert _same(_timeless(copy_behind), _timeless(copy_in_line))
+    assert _keys(sent, "stats") and set(_keys(sent, "stats")) == {"slot"}
+    sent.clear()
+    assert _same(inspect(packed).to_json(), inspect_in_line)
+    assert _keys(sent, "stats") and set(_keys(sent, "stats")) == {"slot"}
 
 
 def test_jobs_in_threads_keep_a_shared_buffer_for_each_tensor_in_flight(tmp_path, monkeypatch):
