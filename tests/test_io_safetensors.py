@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import struct
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -34,6 +35,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import wtool.io.atomic
+import wtool.io.safetensors
 import wtool.io.sharded
 from wtool.dtypes import DTYPES
 from wtool.errors import InputError, OutputError, UsageError
@@ -507,6 +509,71 @@ def test_arrays_as_read_are_copied_in_the_kernel_with_the_same_bytes(tmp_path, m
     assert calls and (mode != "all" or len(calls) == len(arrays))
     written, _ = load(tmp_path / target)
     assert all(same_bits(written[name], array) for name, array in arrays.items())
+
+
+def _data_start(path: Path) -> int:
+    return 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.sampled_from([6, 8, 4096, 12288, 65536 + 8, 40000, 8190]), min_size=1, max_size=6),
+       places=st.lists(st.integers(0, 3 * 4096).map(lambda n: 8 * n), min_size=6, max_size=6),
+       copied=st.lists(st.booleans(), min_size=6, max_size=6), name_length=st.integers(1, 40))
+def test_header_puts_the_most_copied_bytes_at_their_place_within_a_page(sizes, places, copied, name_length):
+    from wtool.io.safetensors import PAGE, encode_header
+
+    tensors = [TensorInfo("t" * name_length + str(i), "U8", (size,)) for i, size in enumerate(sizes)]
+    copies = {info.name: place for info, place, chosen in zip(tensors, places, copied) if chosen}
+    plain, header = encode_header(tensors, {"k": "v"}), encode_header(tensors, {"k": "v"}, copies)
+    assert header[8:len(plain)] == plain[8:]
+    assert set(header[len(plain):]) <= {ord(" ")} and len(header) % 8 == 0 and len(header) < len(plain) + PAGE
+    assert json.loads(header[8:]) == json.loads(plain[8:])
+
+    def aligned(start: int) -> int:  # every place the data could start, counted from scratch
+        offsets = np.cumsum([0] + sizes[:-1])
+        return sum(info.nbytes for info, offset in zip(tensors, offsets)
+                   if info.name in copies and info.nbytes >= PAGE and (start + offset - copies[info.name]) % PAGE == 0)
+    starts = range(len(plain), len(plain) + PAGE, 8)
+    best = max(aligned(start) for start in starts)
+    assert len(header) == min(start for start in starts if aligned(start) == best)  # the fewest spaces
+    assert best or header == plain
+
+
+def test_untouched_tensors_keep_their_place_within_a_page(tmp_path):
+    """A copied tensor lands where the kernel copies it page to page, and every reader agrees."""
+    from wtool.io.safetensors import PAGE
+
+    arrays = {"a": sample("BF16", (4,), seed=1), "big": sample("F32", (64, 64), seed=2),
+              "odd": sample("F32", (34,), seed=3), "big2": sample("I8", (8192,), seed=4)}
+    source = save(tmp_path / "in.safetensors", arrays, {"k": "v"})
+    with open_checkpoint(source) as reader:
+        copies = {name: reader.data_offset(name) for name in ("big", "big2")}
+        assert [reader.data_offset(name) for name in arrays] == [_data_start(source) + sum(
+            a.nbytes for a in list(arrays.values())[:i]) for i in range(len(arrays))]
+        changed = dict(arrays, odd=arrays["odd"] + 1)
+        metadata = {"k": "a longer value, so the output's header is longer than the input's"}
+        out = save(tmp_path / "out.safetensors", changed, metadata, copies=copies)
+        folder = save(tmp_path / "folder", changed, metadata, copies=copies, max_shard_size=20000)
+    for path in (out, *sorted(folder.glob("*.safetensors"))):
+        with safe_open(str(path), framework="numpy") as opened:
+            for name in opened.keys():
+                assert same_bits(opened.get_tensor(name), changed[name]), (path, name)
+    assert json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]["big2"] \
+        == "model-00002-of-00002.safetensors"
+    shard = folder / "model-00002-of-00002.safetensors"
+    assert (_data_start(out) + 8 + 16384 + 136 - copies["big2"]) % PAGE == 0
+    assert (_data_start(shard) - copies["big2"]) % PAGE == 0
+    assert (_data_start(out) + 8 - copies["big"]) % PAGE == 0
+    assert _data_start(out) != _data_start(source)
+
+
+def test_the_header_limit_comes_before_the_page_places(tmp_path, monkeypatch):
+    from wtool.io.safetensors import encode_header
+
+    tensors = infos_for({"w": np.zeros(4096, np.uint8)})
+    monkeypatch.setattr(wtool.io.safetensors, "MAX_HEADER_BYTES", len(encode_header(tensors, {})) + 100)
+    path = save(tmp_path / "out.safetensors", {"w": np.zeros(4096, np.uint8)}, copies={"w": 4096 + 2000})
+    assert path.read_bytes()[:len(encode_header(tensors, {}))] == encode_header(tensors, {})
 
 
 @pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="no copy_file_range")

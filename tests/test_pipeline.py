@@ -64,6 +64,29 @@ def test_no_steps_is_a_bit_exact_copy_of_every_dtype(tmp_path, suffix):
         assert json.loads(reader.metadata["wtool"])["steps"] == []
 
 
+@pytest.mark.parametrize("suffix", ["out.safetensors", "sharded"])
+def test_untouched_tensors_are_copied_page_to_page(tmp_path, monkeypatch, suffix):
+    """The output's header is padded so that each tensor copied unchanged sits at its input
+    place within a page (the kernel then copies whole pages); changed tensors do not count."""
+    import os
+
+    tensors = {"embed": sample("BF16", (64, 64), seed=1, bits=False), "w": sample("F32", (64, 64), seed=2, bits=False),
+               "head": sample("F16", (64, 64), seed=3, bits=False)}
+    source = write(tmp_path / "in.safetensors", tensors, {"note": "x" * 100})
+    places, real = [], os.copy_file_range
+
+    def copy_file_range(source, target, count, offset_src=None, offset_dst=None):
+        places.append((offset_src - offset_dst) % 4096)
+        return real(source, target, count, offset_src, offset_dst)
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+    run(Pipeline.from_specs(["clip:c=0.5"], selector=Selector(("w",))), source, tmp_path / suffix)
+    assert places == [0, 0]
+    written = sorted((tmp_path / suffix).glob("*.safetensors")) if suffix == "sharded" else [tmp_path / suffix]
+    loaded = {name: array for path in written for name, array in load_file(str(path)).items()}
+    assert same_bytes(loaded["embed"], tensors["embed"]) and same_bytes(loaded["head"], tensors["head"])
+    assert same_bytes(loaded["w"], np.clip(tensors["w"], -0.5, 0.5))
+
+
 def test_metadata_gets_format_pt_for_transformers(tmp_path):
     source = tmp_path / "in.safetensors"
     save_file({"w": np.ones((2, 2), np.float32)}, source)

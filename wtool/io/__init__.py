@@ -195,7 +195,7 @@ def is_folder_output(path: str | os.PathLike[str]) -> bool:
 def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | None,
                   *, max_shard_size: int | str | None = None, force: bool = False,
                   extra_files: Mapping[str, Path | bytes] | None = None, one_file: bool = False,
-                  inputs: Inputs | None = None) -> Writer:
+                  inputs: Inputs | None = None, copies: Mapping[str, int] | None = None) -> Writer:
     """A streaming, atomic writer; the format follows the path.
 
     `*.safetensors` -> one file, `*.npz` -> npz, a folder name -> a Hugging Face sharded folder
@@ -204,7 +204,9 @@ def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], m
     tokenizer, modules) are copied before the folder is put in place. An existing target is a
     UsageError unless `force`, and even then only a checkpoint wtool wrote is replaced
     (`atomic.replace_problem`). `inputs`, when given, may not be touched by the output and must
-    not change before the commit.
+    not change before the commit. `copies` (name -> `Reader.data_offset`) names the tensors
+    that will be copied from the input unchanged: a safetensors output places them so that the
+    kernel copies them page to page (`safetensors.encode_header`).
     """
     fmt = output_format(path)
     path = Path(path)
@@ -226,7 +228,9 @@ def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], m
     check_target(path, force, "file" if single else "folder")
     if fmt.folder:
         return ShardedWriter(path, tensors, metadata, max_shard_size, extra_files, one_file, force=force,
-                             inputs=inputs)
+                             inputs=inputs, copies=copies)
+    if fmt is SAFETENSORS:
+        return SafetensorsWriter(path, tensors, metadata, force=force, inputs=inputs, copies=copies)
     assert fmt.writer is not None
     return fmt.writer(path, tensors, metadata, force=force, inputs=inputs)
 

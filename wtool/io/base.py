@@ -228,6 +228,12 @@ class Reader:
     def read(self, name: str) -> np.ndarray:
         return self._read(self.info(name))
 
+    def data_offset(self, name: str) -> int | None:
+        """Where the stored bytes of `name` start in their file, when a writer may copy them from
+        there unchanged (kernel to kernel); None when they are not stored as they are read."""
+        self.info(name)
+        return None
+
     def config(self) -> dict[str, Any] | None:
         """The model's `config.json` beside the checkpoint (where transformers looks), or None.
 

@@ -138,6 +138,9 @@ class ShardedReader(Reader):
                 self._shards[oldest].release()
         return array
 
+    def data_offset(self, name: str) -> int | None:
+        return self._shards[self._location[self.info(name).name]].data_offset(name)
+
     def close(self) -> None:
         for reader in self._shards.values():
             reader.close()
@@ -266,7 +269,8 @@ class ShardedWriter(Writer):
 
     def __init__(self, path: Path, tensors: Sequence[TensorInfo], metadata: Mapping[str, str],
                  max_shard_size: int | None, extra_files: Mapping[str, Path | bytes] | None = None,
-                 one_file: bool = False, *, force: bool = False, inputs: Inputs | None = None):
+                 one_file: bool = False, *, force: bool = False, inputs: Inputs | None = None,
+                 copies: Mapping[str, int] | None = None):
         super().__init__(path, tensors, metadata)
         self._extra_files = dict(extra_files or {})
         self._one_file = one_file and max_shard_size is None
@@ -275,7 +279,7 @@ class ShardedWriter(Writer):
         else:
             plan = plan_shards(self.tensors, max_shard_size)
             self._shards = [(shard_name(number, len(plan)), shard) for number, shard in enumerate(plan, 1)]
-        self._headers = [check_header_size(path, shard, self.metadata) for _, shard in self._shards]
+        self._headers = [check_header_size(path, shard, self.metadata, copies) for _, shard in self._shards]
         self._shard_of = [number for number, (_, shard) in enumerate(self._shards) for _ in shard]
         self._ends_shard = {position for position, number in enumerate(self._shard_of)
                             if position + 1 == len(self._shard_of) or self._shard_of[position + 1] != number}
