@@ -547,8 +547,8 @@ def test_untouched_tensors_keep_their_place_within_a_page(tmp_path):
               "odd": sample("F32", (34,), seed=3), "big2": sample("I8", (8192,), seed=4)}
     source = save(tmp_path / "in.safetensors", arrays, {"k": "v"})
     with open_checkpoint(source) as reader:
-        copies = {name: reader.data_offset(name) for name in ("big", "big2")}
-        assert [reader.data_offset(name) for name in arrays] == [_data_start(source) + sum(
+        copies = {name: reader.stored(name).offset for name in ("big", "big2")}
+        assert [reader.stored(name).offset for name in arrays] == [_data_start(source) + sum(
             a.nbytes for a in list(arrays.values())[:i]) for i in range(len(arrays))]
         changed = dict(arrays, odd=arrays["odd"] + 1)
         metadata = {"k": "a longer value, so the output's header is longer than the input's"}
@@ -574,6 +574,35 @@ def test_the_header_limit_comes_before_the_page_places(tmp_path, monkeypatch):
     monkeypatch.setattr(wtool.io.safetensors, "MAX_HEADER_BYTES", len(encode_header(tensors, {})) + 100)
     path = save(tmp_path / "out.safetensors", {"w": np.zeros(4096, np.uint8)}, copies={"w": 4096 + 2000})
     assert path.read_bytes()[:len(encode_header(tensors, {}))] == encode_header(tensors, {})
+
+
+@pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="no copy_file_range")
+@pytest.mark.parametrize("mode", ["all", "stops", "refuses"])
+@pytest.mark.parametrize("source", ["in.safetensors", "in"])
+@pytest.mark.parametrize("target", ["out.safetensors", "out", "out.npz"])
+def test_stored_tensors_are_copied_in_the_kernel_or_else_read(tmp_path, monkeypatch, mode, source, target):
+    """A tensor handed over as stored, not read, is copied file to file where the output is
+    safetensors, and read only for what the kernel leaves (and for npz, which it never copies)."""
+    import wtool.io.safetensors as module
+
+    arrays = {"a": sample("BF16", (64, 33), seed=1), "b": sample("F32", (7, 5), seed=2),
+              "c": sample("I8", (100,), seed=3), "d": sample("BOOL", (9,), seed=4)}
+    path = save(tmp_path / source, arrays, max_shard_size=3000 if source == "in" else None)
+    calls: list[int] = []
+    monkeypatch.setattr(os, "copy_file_range", _kernel(calls, mode))
+    reads: list[int] = []
+    real_read = module.read_exactly
+    monkeypatch.setattr(module, "read_exactly", lambda fd, buffer, *rest: (reads.append(len(buffer)),
+                                                                           real_read(fd, buffer, *rest)))
+    with open_checkpoint(path) as reader:
+        stored = {name: reader.stored(name) for name in arrays}
+        assert stored["d"] is None  # bool bytes are checked as they are read
+        save(tmp_path / target, {name: stored[name] or reader.read(name) for name in arrays})
+    copied = target != "out.npz" and mode == "all"
+    assert len(reads) == (1 if copied else 4)  # "d" is read in any case
+    assert bool(calls) == (target != "out.npz")
+    written, _ = load(tmp_path / target)
+    assert all(same_bits(written[name], array) for name, array in arrays.items())
 
 
 @pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="no copy_file_range")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -13,9 +15,10 @@ import pytest
 
 import wtool
 import wtool.measure
-from wtool.errors import WtoolError
+from wtool.errors import InputError, WtoolError
 from wtool.measure import Measurer
-from wtool.stats import compare
+from wtool.stats import compare, tensor_stats
+from wtool.tensor import Stored
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="the statistics process needs Linux's memfd")
 
@@ -328,28 +331,29 @@ def test_a_packed_weight_is_measured_where_it_was_read_and_decoded(tmp_path, mon
     assert buffers._shared == {} and not buffers._shared_roles
 
 
-def _checkpoint(tmp_path, dtype: str) -> object:
+def _checkpoint(tmp_path, dtype: str, suffix: str = ".safetensors", count: int = 4) -> Path:
     from wtool import new_checkpoint
 
     spec = tmp_path / f"{dtype}.toml"
     spec.write_text(f'[defaults]\ndtype = "{dtype}"\nscheme = "he"\n'
-                    '[[tensors]]\nname = "layers.{i}.mlp.weight"\ncount = 4\nshape = [512, 1024]\n')
-    source = tmp_path / f"{dtype}.safetensors"
+                    f'[[tensors]]\nname = "layers.{{i}}.mlp.weight"\ncount = {count}\nshape = [512, 1024]\n')
+    source = tmp_path / f"{dtype}{suffix}"
     new_checkpoint(spec, source)
     return source
 
 
 @pytest.mark.parametrize(("dtype", "spec", "sent"), [
-    ("bfloat16", None, "stats"),  # a copy: untouched tensors, read into shared memory
+    ("bfloat16", None, "stats"),  # a copy: untouched tensors, which the process reads from the input
     ("float32", None, "stats"),
     ("bfloat16", "clip:c=0.05", "compare"),  # bfloat16 pairs: read and stored in shared memory
     ("bfloat16", "quantize:bits=4,granularity=group,group_size=128", "compare"),
     ("float32", "clip:c=0.05", None),  # float32 pairs would need a copy (one tensor more): in line
 ])
 def test_what_lies_in_shared_memory_is_measured_there_without_a_copy(tmp_path, monkeypatch, dtype, spec, sent):
-    """Untouched tensors and pairs both of whose sides the run made in shared memory go to the
-    process as they lie: nothing is copied for them (no slot, no spare buffer), each message
-    names shared buffers only, and the report and the bytes are those of a run measured in line."""
+    """Pairs both of whose sides the run made in shared memory go to the process as they lie,
+    and untouched tensors as stored in the input file, which the process reads itself: nothing
+    is copied for them (no slot, no spare buffer), each message names shared buffers or the
+    input file only, and the report and the bytes are those of a run measured in line."""
     source = _checkpoint(tmp_path, dtype)
     pipeline = wtool.Pipeline.from_specs([spec] if spec else [])
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 1 << 62)
@@ -370,30 +374,74 @@ def test_what_lies_in_shared_memory_is_measured_there_without_a_copy(tmp_path, m
     assert _same_bytes(tmp_path)
     assert {name for name, _ in messages} == ({sent} if sent else set())
     assert len(started) == bool(sent)  # no process for a run that has no work for it (its memory)
-    assert all(isinstance(key, int) for _, specs in messages for key, *_ in specs)  # shared buffers, never the slot
+    where = {source.resolve()} if spec is None else {int} if sent else set()  # the input, shared buffers: no slot
+    assert {key if isinstance(key, Path) else type(key) for _, specs in messages for key, *_ in specs} == where
 
 
-def test_inspect_counts_on_both_cores_with_the_figures_of_one(tmp_path, monkeypatch):
-    """`inspect` hands a tensor to the process whenever it is free, with no copy, and counts the
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_inspect_counts_on_both_cores_with_the_figures_of_one(tmp_path, monkeypatch, suffix):
+    """`inspect` hands a tensor to the process whenever it has room (as stored in a safetensors
+    file, which the process reads itself with no copy; an npz member as read) and counts the
     others itself: the report is the one counted in line, rows in checkpoint order."""
     from wtool.analyze import inspect
 
-    source = _checkpoint(tmp_path, "bfloat16")
+    source = _checkpoint(tmp_path, "bfloat16", suffix)
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 1 << 62)
     in_line = inspect(source).to_json()
     sent: list[str] = []
     real_submit = Measurer.submit
 
-    def submit(self: Measurer, *arrays: np.ndarray):
-        assert self.lies_shared(*arrays)
-        sent.append(arrays[0].shape)
+    def submit(self: Measurer, *arrays: np.ndarray | Stored):
+        assert suffix == ".npz" or self.lies_shared(*arrays)
+        sent.append(type(arrays[0]))
         return real_submit(self, *arrays)
 
     monkeypatch.setattr(Measurer, "submit", submit)
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
     both = inspect(source).to_json()
-    assert sent and _same(both, in_line)
+    assert set(sent) == {Stored if suffix == ".safetensors" else np.ndarray}
+    assert _same(both, in_line)
     assert list(both["tensors"][0]) == list(in_line["tensors"][0])  # the keys in the same order
+
+
+def _stored(path: Path) -> list[Stored]:
+    from wtool.io import open_checkpoint
+
+    with open_checkpoint(path) as reader:
+        return [reader.stored(info.name) for info in reader.tensors]
+
+
+def test_stored_tensors_are_read_by_the_process_in_order_a_few_at_a_time(tmp_path, monkeypatch):
+    """Tensors the run has not read queue up to QUEUE deep (they hold no memory of the run);
+    each result is its own tensor's `tensor_stats`, in the order they were sent."""
+    from wtool.io import open_checkpoint
+
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    results = []
+    with open_checkpoint(_checkpoint(tmp_path, "bfloat16", count=6)) as reader, Measurer() as measurer:
+        stored = [reader.stored(info.name) for info in reader.tensors]
+        for tensor in stored:
+            results += measurer.submit(tensor)
+            assert len(measurer.out) <= wtool.measure.QUEUE
+        assert len(results) == len(stored) - wtool.measure.QUEUE
+        pair = _pair(np.float32, (1024, 1024))
+        assert not measurer.room(*pair)  # arrays of the run's go alone: they would wait for what is queued
+        while measurer.busy:
+            results.append(measurer.result())
+        assert measurer.room(*pair)
+        for tensor, figures in zip(stored, results, strict=True):
+            assert _same(figures, tensor_stats(tensor.read()))
+
+
+def test_a_stored_tensor_whose_file_shrank_is_an_input_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    source = _checkpoint(tmp_path, "bfloat16")
+    last = _stored(source)[-1]
+    os.truncate(source, source.stat().st_size - 10)
+    with Measurer() as measurer:
+        measurer.submit(last)
+        with pytest.raises(InputError, match=rf"^{re.escape(last.where)}: changed during the run"):
+            measurer.result()
 
 
 @pytest.mark.parametrize(("dtype", "threads"), [("bfloat16", False), ("float32", True)])

@@ -87,6 +87,21 @@ def test_untouched_tensors_are_copied_page_to_page(tmp_path, monkeypatch, suffix
     assert same_bytes(loaded["w"], np.clip(tensors["w"], -0.5, 0.5))
 
 
+@pytest.mark.parametrize("suffix", ["out.safetensors", "sharded", "out.npz"])
+def test_a_copy_without_statistics_reads_no_tensor_but_bools(tmp_path, monkeypatch, suffix):
+    """Without statistics an untouched tensor is copied as stored, never read by the run (but
+    a bool tensor, whose bytes are checked as they are read), whatever the output format."""
+    from wtool.io.safetensors import SafetensorsReader
+
+    tensors = {f"t.{code}": sample(code, (3, 5), seed=i, bits=False) for i, code in enumerate(ALL_CODES)}
+    source = write(tmp_path / "in.safetensors", tensors)
+    reads, real = [], SafetensorsReader._read
+    monkeypatch.setattr(SafetensorsReader, "_read", lambda self, info: (reads.append(info.name), real(self, info))[1])
+    run(Pipeline(), source, tmp_path / suffix, stats=False, max_shard_size=200 if suffix == "sharded" else None)
+    assert reads == (["t.BOOL"] if suffix != "out.npz" else list(tensors))  # npz: read to be written
+    assert all(same_bytes(read_all(tmp_path / suffix)[name], array) for name, array in tensors.items())
+
+
 def test_metadata_gets_format_pt_for_transformers(tmp_path):
     source = tmp_path / "in.safetensors"
     save_file({"w": np.ones((2, 2), np.float32)}, source)

@@ -23,6 +23,7 @@ from wtool.pipeline import Progress
 from wtool.report import DiffReport, InspectReport
 from wtool.selection import Selector, no_match_hint
 from wtool.stats import cosine, error_metrics, histogram, tensor_stats, weighted_error
+from wtool.tensor import values
 
 ABOVE_METRICS = ("max_abs", "mse", "rel_l2", "weighted_rel_l2")
 BELOW_METRICS = ("cosine", "sqnr_db", "weighted_sqnr_db")
@@ -50,16 +51,16 @@ def inspect(path: str | Path, selector: Selector | None = None, *, allow_empty: 
         if any(Measurer.worth(t.nbytes) for t in chosen):
             measurer.start()
             measurer.share("read")  # tensors are read into memory the statistics process maps
-        behind = Behind(measurer)  # a tensor's statistics there when it is free, here otherwise
+        behind = Behind(measurer)  # a tensor's statistics there when it has room, here otherwise
         parts, by_dtype = [], {}
         dense_bytes = 0
         for info in chosen:
             head = {"name": info.name, "dtype": info.dtype, "shape": list(info.shape)}
             figures: dict[str, Any] = {}
-            array = reader.read(info.name)
-            if not behind.one(figures, figures.update, array):
-                figures.update(tensor_stats(array))
-            del array
+            tensor = reader.stored(info.name) or reader.read(info.name)  # stored: the process reads it itself
+            if not behind.one(figures, figures.update, tensor):
+                figures.update(tensor_stats(values(tensor)))
+            del tensor
             layout = reader.layouts.get(info.name)
             pieces = layout.pieces if layout else (info,)
             tail = {}

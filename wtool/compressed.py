@@ -35,7 +35,7 @@ import numpy as np
 from wtool.buffers import empty
 from wtool.errors import InputError
 from wtool.io.base import Reader
-from wtool.tensor import TensorInfo
+from wtool.tensor import Stored, TensorInfo
 
 PACK_BITS = (2, 4, 8)
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
@@ -592,6 +592,11 @@ class DecompressedReader(Reader):
             array = self.inner.read(info.name)
             return array.astype(np.float32) if info.name in self.as_float else array
         return dequantize(layout, self.inner.read).astype(info.dtype_info.numpy)
+
+    def stored(self, name: str) -> Stored | None:
+        if name in self.layouts or name in self.as_float:
+            return super().stored(name)
+        return self.inner.stored(name)
 
     def config(self) -> dict[str, object] | None:
         return self.inner.config()

@@ -6,7 +6,7 @@ tensor of the same name, in one pass over the pair where the shapes agree (`stat
 `materialise_in_order` does so for every output tensor, `jobs` of them at once.
 
 >>> import numpy as np
->>> from wtool.tensor import TensorInfo
+>>> from wtool.tensor import TensorInfo, values
 >>> to_storage_checked(np.array([1e5], np.float32), TensorInfo("w", "F16", (1,)))
 Traceback (most recent call last):
 wtool.errors.InputError: tensor 'w': 1 value(s) overflow float16 after the pipeline; add a cast step with \
@@ -27,17 +27,17 @@ import numpy as np
 from wtool.compressed import Scheme
 from wtool.dtypes import by_code, to_storage
 from wtool.errors import InputError
-from wtool.io import Reader
+from wtool.io import Reader, Stored
 from wtool.report import TensorRecord
 from wtool.measure import Behind, Measurer
 from wtool.stats import Comparison, compare, histogram, same_bytes, tensor_stats
 from wtool.steps import Chain, GroupOutput
-from wtool.tensor import TensorInfo
+from wtool.tensor import TensorInfo, values
 
 
 def materialise(reader: Reader, node: Chain, *, stats: bool = True, behind: Behind | None = None,
                 measure: Measure = compare,
-                describe: Describe = tensor_stats) -> tuple[np.ndarray, TensorRecord | None]:
+                describe: Describe = tensor_stats) -> tuple[np.ndarray | Stored, TensorRecord | None]:
     """Evaluate one output tensor in its storage dtype, with its before/after statistics.
 
     The input tensor of the same name, if any, is the "before" of the report. A tensor of
@@ -46,19 +46,16 @@ def materialise(reader: Reader, node: Chain, *, stats: bool = True, behind: Behi
     others). With `behind` (one job), statistics are taken in the statistics process when they
     can be: a compressed weight's pair, a pair that lies in memory that process maps (a
     bfloat16 weight read and stored in shared buffers), an untouched tensor's whenever the
-    process is free. The rest are taken with `measure` for pairs (`stats.compare`, or
+    process has room (it reads the tensor from its file itself: `_untouched`). The rest are
+    taken with `measure` for pairs (`stats.compare`, or
     `Measurer.measure` with jobs) and `describe` for untouched tensors (`stats.tensor_stats`,
     or `Measurer.describe`).
     """
     info = node.info
+    if node.untouched:
+        return _untouched(reader, info, stats, behind, describe)
     source = _source(reader, info.name)
     before = reader.read(info.name) if source is not None else None
-    if node.untouched:
-        record = TensorRecord(info.name, info.dtype, list(info.shape), [], False, None, None, None, {},
-                              bytes_before=info.nbytes, bytes_after=info.nbytes)
-        if stats and (behind is None or not behind.one(record, partial(_fill_one, record), before)):
-            _fill_one(record, describe(before))
-        return before, record
     value, extras = node.evaluate()
     try:
         stored = to_storage_checked(value, info)
@@ -90,18 +87,31 @@ def materialise(reader: Reader, node: Chain, *, stats: bool = True, behind: Behi
                                 histogram=_histograms(before, before_stats, stored, after_stats), **sizes)
 
 
+def _untouched(reader: Reader, info: TensorInfo, stats: bool, behind: Behind | None,
+               describe: Describe) -> tuple[np.ndarray | Stored, TensorRecord]:
+    """An input tensor written as it is, with its statistics. Where its file holds it as
+    stored, the writer copies it file to file, and it is read here only to be counted here:
+    not without statistics, nor when the statistics process has room to read it itself."""
+    record = TensorRecord(info.name, info.dtype, list(info.shape), [], False, None, None, None, {},
+                          bytes_before=info.nbytes, bytes_after=info.nbytes)
+    tensor = reader.stored(info.name) or reader.read(info.name)
+    if stats and (behind is None or not behind.one(record, partial(_fill_one, record), tensor)):
+        _fill_one(record, describe(values(tensor)))
+    return tensor, record
+
+
 Measure = Callable[[np.ndarray, np.ndarray], Comparison]
 Describe = Callable[[np.ndarray], dict[str, Any]]
 
 
 def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
-                         stats: bool) -> Iterator[tuple[Chain, tuple[np.ndarray, list[TensorRecord]]]]:
+                         stats: bool) -> Iterator[tuple[Chain, tuple[np.ndarray | Stored, list[TensorRecord]]]]:
     """Materialise the output tensors in order, up to `jobs` of them at once in threads
     (numpy releases the GIL in its kernels); memory grows with `jobs`. One job computes in
     the calling thread: overlapping the next tensor with the writing would double its memory,
     but a large compressed weight's statistics run behind it, in a second process (`Behind`),
-    as do a bfloat16 weight's pair and a large untouched tensor's whenever that process is
-    free (the others are counted here meanwhile: a copy counts on both cores). That process
+    as do a bfloat16 weight's pair and a large untouched tensor's whenever that process has
+    room (the others are counted here meanwhile: a copy counts on both cores). That process
     is then one of the `jobs`: it keeps a core busy, and a second thread computing beside it
     made a 1 GiB bfloat16 quantization slower (4.0 against 2.9 s). With more jobs, each
     compares its large pairs in that process and waits for them there (`Measurer.measure`):

@@ -10,8 +10,11 @@ socket. What the run made in shared memory is measured where it lies, with no co
 run `share`s the roles of `wtool.buffers` the process reads (a tensor as read, a bfloat16
 weight as stored, a compressed weight as decoded), whose buffers are then a Linux memfd
 each, two kept per role, so the next tensor takes one while the process reads the other.
-Other arrays are copied into a slot of the process's own, one measurement at a time, so
-memory grows by their bytes. `Behind` keeps one measurement in flight while the run goes on.
+A tensor the run has not read (`tensor.Stored`: an untouched tensor as stored in its input
+file) the process reads itself, into memory of its own; those queue up (`QUEUE`), so the
+process never waits for the run while the run copies. Other arrays are copied into a slot of
+the process's own, one measurement at a time, so memory grows by their bytes. `Behind` keeps
+the measurements in flight while the run goes on.
 
 The process is
 `python -P -m wtool.measure FD`: not started through multiprocessing, which would run the
@@ -36,6 +39,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
@@ -45,7 +49,8 @@ from typing import Any
 import numpy as np
 
 from wtool import buffers
-from wtool.errors import WtoolError
+from wtool.errors import InputError, WtoolError
+from wtool.tensor import Stored, read_exactly
 from wtool.stats import Comparison, compare, tensor_stats, use_blas_dot
 
 #: What the process sends back: a pair's `Comparison`, or one tensor's statistics.
@@ -56,6 +61,9 @@ _TASKS = {"compare": compare, "stats": tensor_stats}
 #: The process's BLAS runs one thread: its sums of squares are BLAS dots (`stats.use_blas_dot`).
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 MIN_BYTES = 8 << 20  # the arrays of one measurement together: below this, a process costs more than it saves
+#: Stored tensors in flight at most: one measured, one waiting, so the process never idles
+#: while the run copies (the run counts the next one itself when both are out).
+QUEUE = 2
 _ALIGN = 64
 
 
@@ -68,10 +76,9 @@ class Measurer:
         self.process: subprocess.Popen[bytes] | None = None
         self.connection: Connection | None = None
         self.slot: mmap.mmap | None = None
-        self.busy = False
         self.failed = False  # the process could not be started: every pair is measured in line
         self.shared: list[str] = []  # the roles whose buffers are shared memory while the process runs
-        self.held: object = None  # the shared buffers the arrays in flight are in
+        self.out: deque[object] = deque()  # each measurement in flight, oldest first: the arrays it holds
         self.mapped: set[int] = set()  # the shared buffers the process maps, by serial number
         self._lock = threading.Lock()  # `measure`'s callers, one at a time
 
@@ -80,7 +87,7 @@ class Measurer:
         """Whether arrays of `nbytes` in all are measured in the process (large enough, memfd at hand)."""
         return nbytes >= max(MIN_BYTES, 1) and hasattr(os, "memfd_create")
 
-    def takes(self, *arrays: np.ndarray) -> bool:
+    def takes(self, *arrays: np.ndarray | Stored) -> bool:
         """Whether these arrays (a pair, or one tensor) would be measured in the process (False
         for all once the process could not be started)."""
         return self.worth(sum(a.nbytes for a in arrays)) and self.start()
@@ -106,9 +113,9 @@ class Measurer:
                 self.connection = Connection(os.dup(ours.fileno()))
         return self.process is not None
 
-    def lies_shared(self, *arrays: np.ndarray) -> bool:
+    def lies_shared(self, *arrays: np.ndarray | Stored) -> bool:
         """Whether the process reads these arrays where they lie (`submit` then copies nothing)."""
-        return all(a.flags.c_contiguous and buffers.shared_file(a) for a in arrays)
+        return all(isinstance(a, Stored) or (a.flags.c_contiguous and buffers.shared_file(a)) for a in arrays)
 
     def share(self, role: str, keep: int = 2) -> None:
         """Make `role`'s buffers shared memory until `close` (`buffers.share`, `keep` of them
@@ -118,32 +125,45 @@ class Measurer:
             buffers.share(role, keep)
             self.shared.append(role)
 
-    def submit(self, *arrays: np.ndarray) -> Measured | None:
+    @property
+    def busy(self) -> bool:
+        """Whether a measurement is in flight (its result may be in)."""
+        return bool(self.out)
+
+    def room(self, *arrays: np.ndarray | Stored) -> bool:
+        """Whether `submit` would send these at once, waiting for nothing: stored tensors, which
+        hold no memory of the run, may queue up to `QUEUE` deep; anything else goes alone."""
+        return len(self.out) - self.done() < self._limit(arrays)
+
+    @staticmethod
+    def _limit(arrays: Sequence[np.ndarray | Stored]) -> int:
+        return QUEUE if all(isinstance(a, Stored) for a in arrays) else 1
+
+    def submit(self, *arrays: np.ndarray | Stored) -> list[Measured]:
         """Start measuring in the process, a pair (before, after) with `stats.compare` or one
-        tensor with `stats.tensor_stats`; return what was measured before, if it was still out
-        (waited for). The caller may drop its arrays at once.
+        tensor with `stats.tensor_stats`; return what was measured before and had to be waited
+        for to make room (`room`), oldest first. The caller may drop its arrays at once.
 
         Arrays that all lie in shared buffers (`wtool.buffers`, for the roles the run `share`s:
         a tensor as read, a weight as stored or decoded) are read there, not copied: each
         buffer is held until the result is in, and the run's next tensor takes the other one
-        kept. Others are copied into the process's own slot, once the last measurement is in:
-        memory grows by their bytes."""
+        kept. A `Stored` tensor the process reads from its file. Others are copied into the
+        process's own slot, once the last measurement is in: memory grows by their bytes."""
         if len(arrays) not in (1, 2):
             raise ValueError(f"Measurer.submit: 1 or 2 arrays, not {len(arrays)}")
-        previous = None
+        previous = []
         if self.start() and self.lies_shared(*arrays):
-            specs = [(self._map(file), a.dtype, a.shape, base)
-                     for a, (file, base) in zip(arrays, map(buffers.shared_file, arrays))]
+            specs = [self._where(a) for a in arrays]
             held: object = arrays
         else:
-            if self.busy:
-                previous = self.result()  # the slot is still the process's
+            while self.out:  # the slot may still be the process's
+                previous.append(self.result())
             specs, held = self._copy(arrays), None
-        if self.busy:
-            previous = self.result()
+        while len(self.out) >= self._limit(arrays):
+            previous.append(self.result())
         self._forget_dead()
         self._send(("compare" if len(arrays) == 2 else "stats", specs))
-        self.busy, self.held = True, held
+        self.out.append(held)
         return previous
 
     def _copy(self, arrays: Sequence[np.ndarray]) -> list[tuple]:
@@ -176,27 +196,22 @@ class Measurer:
         counted here, so both cores count."""
         if self.worth(array.nbytes) and self._lock.acquire(blocking=False):
             try:
-                if self.start() and not self.busy:
+                if self.start() and not self.out:
                     self.submit(array)
                     return self.result()
             finally:
                 self._lock.release()
         return tensor_stats(array)
 
-    def free(self) -> bool:
-        """Whether nothing is being measured (a result that is in counts as nothing)."""
-        return not self.busy or self.done()
-
     def done(self) -> bool:
-        """Whether the result is in (so `result` will not wait)."""
-        return self.busy and self.connection is not None and self.connection.poll()
+        """Whether the oldest result is in (so `result` will not wait)."""
+        return bool(self.out) and self.connection is not None and self.connection.poll()
 
     def result(self) -> Measured:
-        """What was submitted last, once the process has measured it (its error, raised here, if any)."""
-        if not self.busy or self.connection is None:
+        """The oldest measurement in flight, once the process has made it (its error, raised here, if any)."""
+        if not self.out or self.connection is None:
             raise RuntimeError("Measurer.result: nothing was started")
-        self.busy = False
-        self.held = None  # the shared buffers the arrays were in are free again
+        self.out.popleft()  # the shared buffers its arrays were in are free again
         try:
             status, value = self.connection.recv()
         except (EOFError, OSError):
@@ -231,7 +246,7 @@ class Measurer:
         for role in self.shared:
             buffers.unshare(role)
         self.shared = []
-        self.busy, self.held, self.mapped = False, None, set()
+        self.out, self.mapped = deque(), set()
 
     def __enter__(self) -> Measurer:
         return self
@@ -257,6 +272,13 @@ class Measurer:
             raise self._stopped() from None
         finally:
             os.close(descriptor)
+
+    def _where(self, array: np.ndarray | Stored) -> tuple:
+        """Where the process reads an array that lies shared, or a stored tensor: its spec."""
+        if isinstance(array, Stored):
+            return (array.file, array.dtype, array.shape, array.offset, array.where)
+        file, base = buffers.shared_file(array)
+        return (self._map(file), array.dtype, array.shape, base)
 
     def _map(self, file: buffers.SharedFile) -> int:
         """Have the process map a shared buffer, the first time it gets a pair there; its key."""
@@ -288,9 +310,10 @@ class Measurer:
 
 
 class Behind:
-    """Measurements taken in the process while the run goes on: one in flight, each handed to
-    its `then` as it comes in. The run's items (its records) are released in order, each
-    complete, as the measurements they wait for come in.
+    """Measurements taken in the process while the run goes on, each handed to its `then` as it
+    comes in: one in flight, or up to `QUEUE` for tensors the process reads itself. The run's
+    items (its records) are released in order, each complete, as the measurements they wait
+    for come in.
 
     >>> behind = Behind(Measurer())
     >>> behind.one("w", print, np.zeros(4, np.float32))   # too small: for the caller, in line
@@ -301,8 +324,7 @@ class Behind:
 
     def __init__(self, measurer: Measurer) -> None:
         self.measurer = measurer
-        self.blocking: object = None  # the item the measurement in flight completes
-        self.then: Callable[[Any], None] | None = None  # and what takes that measurement
+        self.waiting: deque[tuple[object, Callable[[Any], None]]] = deque()  # (item, then), oldest first
         self.held: list[Any] = []
 
     def pair(self, item: object, then: Callable[[Comparison], None], before: np.ndarray, after: np.ndarray,
@@ -315,34 +337,35 @@ class Behind:
         self._submit(item, then, before, after)
         return True
 
-    def one(self, item: object, then: Callable[[dict[str, Any]], None], array: np.ndarray) -> bool:
-        """Start the statistics of `array` for `item` when the process is free; False (nothing
-        started) when the caller is to count it in line: the two cores then count in turns."""
-        if not (self.measurer.free() and self.measurer.takes(array)):
+    def one(self, item: object, then: Callable[[dict[str, Any]], None], array: np.ndarray | Stored) -> bool:
+        """Start the statistics of `array` for `item` when the process has room for it (`Measurer.room`);
+        False (nothing started) when the caller is to count it in line: the two cores then count in turns."""
+        if not (self.measurer.room(array) and self.measurer.takes(array)):
             return False
         self._submit(item, then, array)
         return True
 
-    def _submit(self, item: object, then: Callable[[Any], None], *arrays: np.ndarray) -> None:
-        previous = self.measurer.submit(*arrays)
-        if previous is not None and self.then is not None:
-            self.then(previous)
-        self.blocking, self.then = item, then
+    def _submit(self, item: object, then: Callable[[Any], None], *arrays: np.ndarray | Stored) -> None:
+        for previous in self.measurer.submit(*arrays):
+            self.waiting.popleft()[1](previous)
+        self.waiting.append((item, then))
 
     def wait(self) -> None:
-        """Wait for the measurement in flight, if any, and hand it over."""
-        if self.then is not None:
-            then, self.blocking, self.then = self.then, None, None
-            then(self.measurer.result())
+        """Wait for the measurements in flight, if any, and hand them over."""
+        while self.waiting:
+            self.waiting.popleft()[1](self.measurer.result())
 
     def release(self, item: object = None, last: bool = False) -> list[Any]:
         """Hold `item` (if any) back with the others; hand out those complete, in order (all of
         them when `last`)."""
         if item is not None:
             self.held.append(item)
-        if last or self.measurer.done():
+        if last:
             self.wait()
-        cut = next((at for at, held in enumerate(self.held) if held is self.blocking), len(self.held))
+        while self.waiting and self.measurer.done():
+            self.waiting.popleft()[1](self.measurer.result())
+        blocking = self.waiting[0][0] if self.waiting else None
+        cut = next((at for at, held in enumerate(self.held) if held is blocking), len(self.held))
         released, self.held = self.held[:cut], self.held[cut:]
         return released
 
@@ -368,6 +391,7 @@ def serve(connection: Connection) -> None:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     use_blas_dot()
     maps: dict[object, mmap.mmap] = {}  # the process's own slot ("slot") and the shared buffers, by key
+    reading = _Reading()
     while True:
         try:
             message = connection.recv()
@@ -386,14 +410,47 @@ def serve(connection: Connection) -> None:
         if message[0] == "unmap":
             maps.pop(message[1]).close()
             continue
-        arrays = [np.frombuffer(maps[key], dtype, int(np.prod(shape)), offset).reshape(shape)
-                  for key, dtype, shape, offset in message[1]]
+        arrays: list[np.ndarray] = []
         try:
+            arrays = [_read(reading, *spec) if isinstance(spec[0], Path) else
+                      np.frombuffer(maps[spec[0]], spec[1], int(np.prod(spec[2])), spec[3]).reshape(spec[2])
+                      for spec in message[1]]
             reply: tuple[str, object] = ("ok", _TASKS[message[0]](*arrays))
         except Exception as exc:  # handed to the parent, which raises it; its traceback would keep views of the slot
             reply = ("error", exc.with_traceback(None))
         del arrays
         connection.send(reply)
+
+
+class _Reading:
+    """The process's reads of stored tensors: the last file read stays open (tensors come in
+    file order), and one buffer, grown as needed, takes them in turn."""
+
+    def __init__(self) -> None:
+        self.file: Path | None = None
+        self.descriptor = -1
+        self.buffer = np.empty(0, np.uint8)
+
+
+def _read(reading: _Reading, file: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int,
+          where: str) -> np.ndarray:
+    """A stored tensor, read from its file into the process's buffer (an InputError naming
+    the file when it cannot be read whole)."""
+    if file != reading.file:
+        if reading.descriptor >= 0:
+            os.close(reading.descriptor)
+            reading.file, reading.descriptor = None, -1
+        try:
+            reading.descriptor = os.open(file, os.O_RDONLY)
+        except OSError as exc:
+            raise InputError(f"{file}: cannot read: {exc.strerror or exc}") from None
+        reading.file = file
+    size = int(np.prod(shape)) * dtype.itemsize
+    if reading.buffer.nbytes < size:
+        reading.buffer = np.empty(0, np.uint8)  # the old one freed before the new one is made
+        reading.buffer = np.empty(size, np.uint8)
+    read_exactly(reading.descriptor, memoryview(reading.buffer[:size]), offset, where)
+    return reading.buffer[:size].view(dtype).reshape(shape)
 
 
 if __name__ == "__main__":  # started by Measurer: python -m wtool.measure FD

@@ -203,8 +203,8 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
                                 model_files=copied)
             infos = [node.info for node in the_plan.chains]
             metadata = output_metadata(reader.metadata, pipeline, infos, the_plan.notes, qconfig)
-            copies = {node.info.name: offset for node in the_plan.chains
-                      if node.untouched and (offset := reader.data_offset(node.info.name)) is not None}
+            copies = {node.info.name: stored.offset for node in the_plan.chains
+                      if node.untouched and (stored := reader.stored(node.info.name)) is not None}
             writer = create_writer(output, infos, metadata, max_shard_size=max_shard_size, force=force,
                                    extra_files=extra, one_file=reader.format != "sharded", inputs=inputs,
                                    copies=copies)

@@ -26,6 +26,7 @@ from wtool.io.atomic import check_target
 from wtool.io.protect import Inputs
 from wtool.io.base import (
     Reader,
+    Stored,
     Writer,
     WriterMisuse,
     check_output_tensors,
@@ -38,7 +39,7 @@ from wtool.io.safetensors import SafetensorsReader, SafetensorsWriter
 from wtool.io.sharded import INDEX_NAME, ModelFiles, ShardedReader, ShardedWriter, model_files
 from wtool.tensor import TensorInfo
 
-__all__ = ["FORMATS", "Format", "Inputs", "Reader", "Writer", "WriterMisuse", "open_checkpoint", "create_writer",
+__all__ = ["FORMATS", "Format", "Inputs", "Reader", "Stored", "Writer", "WriterMisuse", "open_checkpoint", "create_writer",
            "is_folder_output", "check_target", "ModelFiles", "model_files", "model_folder", "output_format",
            "parse_size", "protect", "protect_readers", "checkpoint_file", "is_checkpoint_folder", "sniff"]
 
@@ -204,7 +205,7 @@ def create_writer(path: str | os.PathLike[str], tensors: Sequence[TensorInfo], m
     tokenizer, modules) are copied before the folder is put in place. An existing target is a
     UsageError unless `force`, and even then only a checkpoint wtool wrote is replaced
     (`atomic.replace_problem`). `inputs`, when given, may not be touched by the output and must
-    not change before the commit. `copies` (name -> `Reader.data_offset`) names the tensors
+    not change before the commit. `copies` (name -> `Reader.stored(name).offset`) names the tensors
     that will be copied from the input unchanged: a safetensors output places them so that the
     kernel copies them page to page (`safetensors.encode_header`).
     """

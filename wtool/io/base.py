@@ -26,7 +26,7 @@ import numpy as np
 from wtool.dtypes import DTYPES, by_numpy, to_storage
 from wtool.errors import InputError, UsageError, WtoolError
 from wtool.io.protect import Stamp
-from wtool.tensor import TensorInfo
+from wtool.tensor import Stored, TensorInfo
 
 #: JSON headers, indexes and metadata members larger than this are refused before reading them
 #: (the safetensors library uses the same limit).
@@ -104,26 +104,6 @@ def open_regular(path: Path) -> BinaryIO:
     except BaseException:
         os.close(descriptor)
         raise
-
-
-def read_exactly(descriptor: int, buffer: memoryview, offset: int, where: str) -> None:
-    """Fill `buffer` with the bytes at `offset` through pread, which sees a file that shrank as a
-    short read (a memory map would die of SIGBUS); that is InputError, naming `where`."""
-    done = 0
-    while done < len(buffer):
-        try:
-            if hasattr(os, "preadv"):
-                count = os.preadv(descriptor, [buffer[done:]], offset + done)
-            else:
-                data = os.pread(descriptor, len(buffer) - done, offset + done)
-                count = len(data)
-                buffer[done:done + count] = data
-        except OSError as exc:
-            raise InputError(f"{where}: cannot read: {exc.strerror or exc}") from None
-        if count == 0:
-            raise InputError(f"{where}: changed during the run (the file shrank while it was read); "
-                             f"nothing was written")
-        done += count
 
 
 def check_metadata(metadata: object, where: str) -> dict[str, str]:
@@ -228,9 +208,10 @@ class Reader:
     def read(self, name: str) -> np.ndarray:
         return self._read(self.info(name))
 
-    def data_offset(self, name: str) -> int | None:
-        """Where the stored bytes of `name` start in their file, when a writer may copy them from
-        there unchanged (kernel to kernel); None when they are not stored as they are read."""
+    def stored(self, name: str) -> Stored | None:
+        """`name` as stored, not read: a writer copies its bytes file to file and the statistics
+        process reads them itself. None when they are not stored as they are read (npz members,
+        decompressed weights) or need a check when read (bool)."""
         self.info(name)
         return None
 
@@ -281,8 +262,9 @@ class Writer:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {str(self.path)!r}: {self._next}/{len(self.tensors)} written, {self._state}>"
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        """Write the next tensor; its dtype and shape must be the declared ones."""
+    def write(self, name: str, array: np.ndarray | Stored) -> None:
+        """Write the next tensor; its dtype and shape must be the declared ones. A `Stored`
+        tensor is copied from its file where the format allows, else read and written."""
         if self._state != "open":
             raise WriterMisuse(f"{self.path}: write({show(name)}) after the writer was {self._state}")
         if self._next >= len(self.tensors):
@@ -290,7 +272,8 @@ class Writer:
         info = self.tensors[self._next]
         if name != info.name:
             raise WriterMisuse(f"{self.path}: tensor {show(name)} written where {show(info.name)} was declared next")
-        array = np.asarray(array)
+        if not isinstance(array, Stored):
+            array = np.asarray(array)
         try:
             code = by_numpy(array.dtype).code
         except KeyError:
@@ -299,12 +282,18 @@ class Writer:
             raise WriterMisuse(f"{self.path}: tensor {show(name)} is {code} {list(array.shape)} "
                                f"but was declared {info.dtype} {list(info.shape)}")
         try:
-            # to_storage (np.ascontiguousarray) turns 0-d arrays into shape (1,): restore the shape
-            self._write(info, to_storage(array, info.dtype_info).reshape(info.shape))
+            if isinstance(array, Stored):
+                self._write_stored(info, array)
+            else:  # to_storage (np.ascontiguousarray) turns 0-d arrays into shape (1,): restore the shape
+                self._write(info, to_storage(array, info.dtype_info).reshape(info.shape))
         except BaseException:
             self.abort()
             raise
         self._next += 1
+
+    def _write_stored(self, info: TensorInfo, stored: Stored) -> None:
+        """Write a tensor as stored; formats that copy it file to file override this."""
+        self._write(info, stored.read())
 
     def commit(self) -> None:
         """Finish the output and move it into place; a second call does nothing."""

@@ -19,6 +19,7 @@ import struct
 import tempfile
 import weakref
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,17 +32,17 @@ from wtool.io.atomic import AtomicFile, as_output_error
 from wtool.io.base import (
     MAX_HEADER_BYTES,
     Reader,
+    Stored,
     Writer,
     check_bool_bytes,
     check_metadata,
     load_json,
     name_problem,
     open_regular,
-    read_exactly,
     show,
 )
 from wtool.io.protect import Inputs, Stamp
-from wtool.tensor import TensorInfo
+from wtool.tensor import TensorInfo, read_exactly
 
 
 def _offsets_problem(value: object) -> str | None:
@@ -169,11 +170,15 @@ class SafetensorsReader(Reader):
             self._handle = None
             self._released = True
 
-    def _read(self, info: TensorInfo) -> np.ndarray:
+    def _opened(self) -> BinaryIO | None:
+        """The file, opened again if `release` closed it; None once the reader is closed."""
         if self._handle is None and self._released:
             self._handle = open_regular(self.file)
             self._released = False
-        if self._handle is None:
+        return self._handle
+
+    def _read(self, info: TensorInfo) -> np.ndarray:
+        if self._opened() is None:
             raise InputError(f"{self.file}: reader is closed")
         array = self._alive.get(info.name)
         if array is not None:
@@ -191,21 +196,26 @@ class SafetensorsReader(Reader):
         weakref.finalize(array, _forget, key, entry)
         return array
 
-    def data_offset(self, name: str) -> int | None:
-        return self._offsets[self.info(name).name]
+    def stored(self, name: str) -> Stored | None:
+        info = self.info(name)
+        if info.dtype == "BOOL":
+            return None
+        offset = self._offsets[name]
+        return Stored(info, Path(os.path.abspath(self.file)), offset, partial(self.read, name),
+                      partial(self.copy_into, info.nbytes, offset), f"{self.file}: tensor {show(name)}")
 
-    def copy_into(self, array: np.ndarray, offset: int, handle: BinaryIO) -> int:
-        """Copy the stored bytes of `array` (read by this reader from `offset`) to the end of
-        `handle` with copy_file_range, kernel to kernel; returns how many bytes were copied,
-        which is fewer than all (0 included) when the kernel cannot or the file changed."""
-        if self._handle is None or not hasattr(os, "copy_file_range"):
+    def copy_into(self, nbytes: int, offset: int, handle: BinaryIO) -> int:
+        """Copy `nbytes` stored bytes from `offset` of this reader's file to the end of `handle`
+        with copy_file_range, kernel to kernel; returns how many bytes were copied, which is
+        fewer than all (0 included) when the kernel cannot or the file changed."""
+        if self._opened() is None or not hasattr(os, "copy_file_range"):
             return 0
         source, target = self._handle.fileno(), handle.fileno()
         handle.flush()
         start, done = handle.tell(), 0
         try:
-            while done < array.nbytes:
-                count = os.copy_file_range(source, target, array.nbytes - done, offset + done, start + done)
+            while done < nbytes:
+                count = os.copy_file_range(source, target, nbytes - done, offset + done, start + done)
                 if count == 0:
                     break
                 done += count
@@ -319,10 +329,19 @@ def write_data(handle: BinaryIO, array: np.ndarray) -> None:
     found = _source(array)
     if found is not None:
         reader, offset = found
-        done = reader.copy_into(array, offset, handle)
+        done = reader.copy_into(array.nbytes, offset, handle)
     if done < array.nbytes:
         handle.write(memoryview(array.reshape(-1).view(np.uint8))[done:])
     _written_out(handle, array.nbytes)
+
+
+def write_stored(handle: BinaryIO, stored: Stored) -> None:
+    """Copy a stored tensor's bytes from its file to the end of `handle`, kernel to kernel, as
+    `cp` does; whatever the kernel does not copy is read and written from memory."""
+    done = stored.copy(handle) if stored.nbytes else 0
+    if done < stored.nbytes:
+        handle.write(memoryview(stored.read().reshape(-1).view(np.uint8))[done:])
+    _written_out(handle, stored.nbytes)
 
 
 #: Tensors this large are sent on their way to the disk as soon as they are written.
@@ -408,6 +427,10 @@ class SafetensorsWriter(Writer):
     def _write(self, info: TensorInfo, array: np.ndarray) -> None:
         with as_output_error(self.path):
             write_data(self._file.handle, array)
+
+    def _write_stored(self, info: TensorInfo, stored: Stored) -> None:
+        with as_output_error(self.path):
+            write_stored(self._file.handle, stored)
 
     def _commit(self) -> None:
         written = self._file.finish()

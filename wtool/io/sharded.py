@@ -17,10 +17,11 @@ import json
 import os
 import threading
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 
@@ -29,6 +30,7 @@ from wtool.io.atomic import AtomicFolder, as_output_error, copy_file, create_fil
 from wtool.io.base import (
     MAX_HEADER_BYTES,
     Reader,
+    Stored,
     Writer,
     load_json,
     open_regular,
@@ -39,10 +41,12 @@ from wtool.io.safetensors import (
     check_header_size,
     check_with_reference,
     write_data,
+    write_stored,
 )
 from wtool.io.protect import Inputs, Stamp
 from wtool.tensor import TensorInfo
 
+T = TypeVar("T")
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_OPEN_SHARDS = 16
@@ -125,21 +129,32 @@ class ShardedReader(Reader):
         self._location = location
 
     def _read(self, info: TensorInfo) -> np.ndarray:
-        """Map the tensor from its shard, opening the shard if needed; at most MAX_OPEN_SHARDS
-        stay open (the mapping outlives the file handle, so arrays stay valid)."""
-        shard = self._location[info.name]
+        """Read the tensor from its shard, opening the shard if needed; at most MAX_OPEN_SHARDS
+        stay open (arrays outlive the file handle)."""
+        return self._in_shard(info.name, lambda reader: reader.read(info.name))
+
+    def stored(self, name: str) -> Stored | None:
+        inner = self._shards[self._location[self.info(name).name]].stored(name)
+        if inner is None:
+            return None
+
+        def copy(handle: BinaryIO) -> int:  # through `_in_shard`, as reads: few shards open at once
+            return self._in_shard(name, lambda reader: reader.copy_into(inner.nbytes, inner.offset, handle))
+        return Stored(inner.info, inner.file, inner.offset, partial(self.read, name), copy, inner.where)
+
+    def _in_shard(self, name: str, use: Callable[[SafetensorsReader], T]) -> T:
+        """`use` the reader of `name`'s shard, opened if need be; the least recently used is
+        closed when more than MAX_OPEN_SHARDS are open."""
+        shard = self._location[name]
         with self._lock:
-            array = self._shards[shard].read(info.name)
+            result = use(self._shards[shard])
             self._open.pop(shard, None)
             self._open[shard] = None
             if len(self._open) > MAX_OPEN_SHARDS:
                 oldest = next(iter(self._open))
                 del self._open[oldest]
                 self._shards[oldest].release()
-        return array
-
-    def data_offset(self, name: str) -> int | None:
-        return self._shards[self._location[self.info(name).name]].data_offset(name)
+        return result
 
     def close(self) -> None:
         for reader in self._shards.values():
@@ -291,13 +306,20 @@ class ShardedWriter(Writer):
         return self._folder.placed
 
     def _write(self, info: TensorInfo, array: np.ndarray) -> None:
+        self._put(partial(write_data, array=array))
+
+    def _write_stored(self, info: TensorInfo, stored: Stored) -> None:
+        self._put(partial(write_stored, stored=stored))
+
+    def _put(self, write: Callable[[BinaryIO], None]) -> None:
+        """Write the next tensor (`write` writes it to the shard's handle), starting and finishing shards."""
         number = self._shard_of[self._next]
         name, shard = self._shards[number]
         with as_output_error(self.path / name):
             if self._handle is None:
                 self._handle = create_file(self._folder.temp / name)
                 self._handle.write(self._headers[number])
-            write_data(self._handle, array)
+            write(self._handle)
             if self._next in self._ends_shard:
                 handle, self._handle = self._handle, None
                 finish_file(handle)
