@@ -102,6 +102,15 @@ def test_a_copy_without_statistics_reads_no_tensor_but_bools(tmp_path, monkeypat
     assert all(same_bytes(read_all(tmp_path / suffix)[name], array) for name, array in tensors.items())
 
 
+def test_steps_take_their_own_figures_only_when_the_run_reports_statistics(tmp_path):
+    source = write(tmp_path / "in.safetensors", {"w": sample("F32", (32, 32), seed=1, bits=False)})
+    pipeline = Pipeline.from_specs(["sparsify:threshold=0.5"])
+    reports = [run(pipeline, source, tmp_path / f"{stats}.safetensors", stats=stats).to_json()["tensors"][0]
+               for stats in (True, False)]
+    assert "sparsify.energy_kept" in reports[0]["extras"] and reports[1]["extras"] == {}
+    assert same_bytes(read_all(tmp_path / "True.safetensors")["w"], read_all(tmp_path / "False.safetensors")["w"])
+
+
 def test_metadata_gets_format_pt_for_transformers(tmp_path):
     source = tmp_path / "in.safetensors"
     save_file({"w": np.ones((2, 2), np.float32)}, source)

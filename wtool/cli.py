@@ -442,7 +442,9 @@ def apply(
                                                    "fp8, codebook) as dense floats so steps may change them; "
                                                    "without it such steps are refused.")] = False,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Statistics, error metrics and histograms "
-                                        "per tensor; --no-stats reports only the steps and what changed.")] = True,
+                                        "per tensor; --no-stats reports only the steps and what changed "
+                                        "(and steps skip figures that cost passes of their own: sparsify's "
+                                        "energy).")] = True,
     quiet: Quiet = False,
     rows: Rows = report.SHOW_ROWS,
 ) -> None:

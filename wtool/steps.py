@@ -93,7 +93,7 @@ class StepRun:
             if guarded is None:
                 return array, extras
             ctx = Context(info, self.state, self._companions(info.name, guarded.dtype),
-                          owned=owned or guarded is not array)
+                          owned=owned or guarded is not array, measure=self.measure)
             result = transform.apply(guarded, ctx)
         except InputError as exc:
             raise self._refused(exc) from None

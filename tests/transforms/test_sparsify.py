@@ -172,6 +172,21 @@ def test_threshold_figures_taken_with_the_zeros_are_the_separate_ones(monkeypatc
     assert 0 < ctx.extras["energy_kept"] < 1
 
 
+@pytest.mark.parametrize("params", [{"threshold": "0.4"}, {"fraction": "0.3"}, {"nm": "2:4"}])
+def test_without_statistics_the_energy_is_not_taken_and_the_zeros_are_the_same(monkeypatch, params):
+    """A run without statistics (--no-stats) skips the energy figures' passes of squares."""
+    from wtool.transforms import sparsify
+
+    w = np.random.default_rng(5).normal(size=(64, 48)).astype(np.float32)
+    transform = Transform.create("sparsify", params)
+    measured, bare = Context.of(w), Context.of(w, measure=False)
+    expected = transform.apply(w, measured)
+    monkeypatch.setattr(sparsify, "energy_figures", lambda *args: pytest.fail("energy taken"))
+    monkeypatch.setattr(sparsify, "_squares", lambda *args: pytest.fail("squares taken"))
+    assert transform.apply(w, bare).tobytes() == expected.tobytes()
+    assert "energy_kept" in measured.extras and bare.extras == {}
+
+
 @pytest.mark.parametrize("chunk", [3, 7, 1 << 17])
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 def test_fraction_zeroes_chunk_by_chunk_as_a_stable_sort_says(monkeypatch, chunk, scope):

@@ -91,6 +91,9 @@ class Context:
     #: The array is a copy made for this step alone (its conversion to compute dtype), which
     #: nothing else reads: `apply` may write its result over it (`output`).
     owned: bool = False
+    #: The run reports statistics (not with --no-stats): figures that cost passes over the data
+    #: of their own (sparsify's energy) are taken only then.
+    measure: bool = True
 
     @classmethod
     def of(cls, array: np.ndarray, name: str = "w", **fields: Any) -> Context:

@@ -97,12 +97,13 @@ class Sparsify(Transform, name="sparsify"):
         return cutoffs
 
     def apply(self, array: np.ndarray, ctx: Context) -> np.ndarray:
-        if self.params.threshold is not None and array.size:  # the sums come with the zeros
+        measure = ctx.measure and array.size > 0  # the energy figures: passes of squares of their own
+        if self.params.threshold is not None and measure:  # the sums come with the zeros
             out, sums = _keep_at_least(array, self.params.threshold, energy=True)
             ctx.extras.update(energy_figures(array, out, sums))
             return out
         out = self._zero(array, ctx)
-        if array.size:
+        if measure:
             ctx.extras.update(energy_figures(array, out))
         return out
 
