@@ -38,8 +38,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -49,6 +50,7 @@ from wtool.tensor import TensorInfo
 from wtool.transforms import Context, Transform
 
 HERE = Path(__file__).parent
+FIXTURE = HERE.parent / "fixtures" / "tiny-llama.safetensors"
 SHAPE = (4096, 8192)  # one bfloat16 tensor: 64 MiB stored, 128 MiB in float32
 KERNEL = (4096, 4096)  # float32, 64 MiB
 QUANTIZE = "quantize:bits=4,scheme=sym,granularity=group,group_size=128"
@@ -79,8 +81,17 @@ class Row:
         return self.size / self.median / 1e9 if self.median else 0.0
 
 
-def run_child(command: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall time and peak memory (bytes) of one child process, which must succeed. The disks are
+class Run(NamedTuple):
+    """One child process: wall seconds, peak memory (bytes), CPU seconds (user + system, its
+    statistics process included: wait4 counts the children it waited for)."""
+
+    seconds: float
+    rss: int
+    cpu: float
+
+
+def run_child(command: Sequence[str], env: dict[str, str] | None = None) -> Run:
+    """Wall time, peak memory and CPU time of one child process, which must succeed. The disks are
     synced first, untimed: no run pays for the writeback of what the run before it wrote
     (`cp` leaves its copy dirty in the page cache; llm-compressor frees 2–5 GB as it exits).
 
@@ -98,14 +109,14 @@ def run_child(command: Sequence[str], env: dict[str, str] | None = None) -> tupl
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     sampler = TreeMemory(child.pid)
-    _, status, _ = os.wait4(child.pid, 0)
+    _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
     sampler.stop()
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode:
         raise RuntimeError(f"{' '.join(command)} failed ({child.returncode}): {child.stderr.read().decode()[-2000:]}")
     child.stderr.close()
-    return seconds, sampler.peak
+    return Run(seconds, sampler.peak, usage.ru_utime + usage.ru_stime)
 
 
 class TreeMemory:
@@ -170,6 +181,9 @@ class Suite:
         self.work, self.repeat, self.tensors, self.peer_python = work, repeat, tensors, peer_python
         self.peer_tensors = peer_tensors
         self.rows: list[Row] = []
+        self.floor: dict[str, float] = {}  # CPU seconds per value of the counting each statistics row needs
+        self.kernel: dict[str, float] = {}  # seconds per value of each kernel row
+        self.end_to_end: dict[str, tuple[float, float]] = {}  # median wall and CPU seconds of each case
         self.source = work / "in"
         self.wtool = [sys.executable, "-m", "wtool"]
 
@@ -189,22 +203,25 @@ class Suite:
         (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
         return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
-    def cp(self) -> tuple[float, int]:
+    def cp(self) -> Run:
         target = self.work / "cp"
         shutil.rmtree(target, ignore_errors=True)
         return run_child(["cp", "-r", str(self.source), str(target)])
 
-    def durable_cp(self) -> tuple[float, int]:
+    def durable_cp(self) -> Run:
         """cp, then fsync of what it wrote: wtool fsyncs before it commits, cp does not."""
         target = self.work / "cp-sync"
         shutil.rmtree(target, ignore_errors=True)
         return run_child(["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', str(self.source), str(target)])
 
-    def startup(self) -> tuple[float, int]:
-        """Python, numpy and wtool's imports: what every wtool run pays before its first byte."""
-        return run_child([*self.wtool, "--version"])
+    def startup(self) -> Run:
+        """What every wtool run pays before its first byte: Python, the imports, the arguments'
+        parsing and opening a checkpoint (an inspect of the repository's tiny fixture)."""
+        report = self.work / "fixture.json"
+        report.unlink(missing_ok=True)
+        return run_child([*self.wtool, "inspect", str(FIXTURE), "--json", str(report), "-q"])
 
-    def inspect(self) -> tuple[float, int]:
+    def inspect(self) -> Run:
         report = self.work / "inspect.json"
         report.unlink(missing_ok=True)
         return run_child([*self.wtool, "inspect", str(self.source), "--json", str(report), "-q"])
@@ -212,7 +229,7 @@ class Suite:
     def wtool_apply(self, name: str, *options: str, source: Path | None = None) -> Callable[[], tuple[float, int]]:
         target = self.work / name
 
-        def go() -> tuple[float, int]:
+        def go() -> Run:
             shutil.rmtree(target, ignore_errors=True)
             return run_child([*self.wtool, "apply", str(source or self.source), str(target), "-q", *options])
         return go
@@ -229,13 +246,16 @@ class Suite:
                 "packed": self.wtool_apply("p1", "-t", PACKED)}
         times: dict[str, list[float]] = {name: [] for name in runs}
         peaks = dict.fromkeys(runs, 0)
+        cpus: dict[str, list[float]] = {name: [] for name in runs}
         for round_ in range(self.repeat + 1):  # round 0 warms up
             for name, run in runs.items():
-                seconds, rss = run()
+                seconds, rss, cpu = run()
                 if round_:
                     times[name].append(seconds)
+                    cpus[name].append(cpu)
                     peaks[name] = max(peaks[name], rss)
         median = {name: statistics.median(values) for name, values in times.items()}
+        self.end_to_end = {name: (median[name], statistics.median(cpus[name])) for name in runs}
 
         def row(case: str, name: str, baseline: str, limit: float, target: str = "", note: str = "") -> Row:
             ratio = median[name] / median[baseline]
@@ -250,8 +270,8 @@ class Suite:
         self.rows.append(Row("cp -r of the checkpoint (baseline)", self.size, median["cp"], runs=times["cp"]))
         self.rows.append(Row("cp -r, then sync of the copy (durable, as wtool's commit)", self.size,
                              median["cp+sync"], runs=times["cp+sync"]))
-        self.rows.append(Row("wtool --version (interpreter and imports)", 0, median["start-up"],
-                             runs=times["start-up"]))
+        self.rows.append(Row("start-up: inspect of fixtures/tiny-llama (imports, arguments)", 0,
+                             median["start-up"], runs=times["start-up"]))
         row("apply, no steps (copy)", "copy", "cp", 1.3)
         self.rows.append(Row("  the same with --no-stats (the copy without the report)", self.size,
                              median["copy --no-stats"], peaks["copy --no-stats"], "cp", median["cp"],
@@ -286,14 +306,14 @@ class Suite:
             return
         size = self.checkpoint(source, self.peer_tensors)
         script = HERE / "peer_llm_compressor.py"
-        runs: dict[str, list[tuple[float, int]]] = {"peer": [], "wtool": [], "bare": []}
+        runs: dict[str, list[Run]] = {"peer": [], "wtool": [], "bare": []}
         for _ in range(PEER_RUNS):  # no warm-up: the checkpoint is in the page cache already
             runs["peer"].append(self._peer(script, source))
             runs["wtool"].append(self.wtool_apply("p1", "-t", PACKED, source=source)())
             runs["bare"].append(self.wtool_apply("p2", "-t", PACKED, "--no-stats", source=source)())
-        median = {name: statistics.median(s for s, _ in values) for name, values in runs.items()}
-        peak = {name: max(rss for _, rss in values) for name, values in runs.items()}
-        times = [s for s, _ in runs["peer"]]
+        median = {name: statistics.median(run.seconds for run in values) for name, values in runs.items()}
+        peak = {name: max(run.rss for run in values) for name, values in runs.items()}
+        times = [run.seconds for run in runs["peer"]]
         seconds = json.loads((self.work / "peer.json").read_text())["seconds"]
         shutil.rmtree(source, ignore_errors=True)
         for label, name, note in (("wtool packed W4A16", "wtool", f"peer's own timer without its imports: {seconds:.1f} s"),
@@ -306,15 +326,18 @@ class Suite:
                                                          f"{peak[name] / MIB:.0f} MiB: 1/{lighter:.1f} of the peer's",
                                                          note])), times))
 
-    def _peer(self, script: Path, source: Path) -> tuple[float, int]:
+    def _peer(self, script: Path, source: Path) -> Run:
         target = self.work / "peer"
         shutil.rmtree(target, ignore_errors=True)
         return run_child([self.peer_python, str(script), str(source), str(target), str(self.work / "peer.json")])
 
     # ---------------------------------------------------------------- kernels, in this process
     def kernels(self) -> None:
+        """Each transform's own work, as a run without the report does it (`Context.measure`
+        off: figures a step takes for the report, such as sparsify's energy, are the report's
+        cost, given in the row's note), then the statistics."""
         x = np.random.default_rng(0).standard_normal(KERNEL, dtype=np.float32) * np.float32(0.02)
-        ctx = Context(TensorInfo("model.layers.0.mlp.down_proj.weight", "F32", KERNEL))
+        ctx = Context(TensorInfo("model.layers.0.mlp.down_proj.weight", "F32", KERNEL), measure=False)
         repeat = max(5, self.repeat)
         self.kernel_rows(x, ctx, repeat)
         self.statistics_rows(x, repeat)
@@ -332,8 +355,13 @@ class Suite:
             name, _, options = spec.partition(":")
             transform = Transform.create(name, dict(item.split("=") for item in options.split(",")))
             median = statistics.median(alternate_inline(lambda: transform.apply(x, ctx), x.copy, repeat))
+            self.kernel[spec] = median / x.size
             row = Row(f"kernel: {spec}", x.nbytes, median, baseline="memcpy", baseline_median=memcpy,
                       ratio=memcpy / median, note=f"{into / median:.2f}x a copy into mapped pages")
+            if name == "sparsify":
+                reported = statistics.median(alternate_inline(lambda: transform.apply(x, replace(ctx, measure=True)),
+                                                              x.copy, repeat))
+                row.note += f"; with its energy figures, as with the report: {memcpy / reported:.2f}× memcpy"
             if share is not None:
                 row.target, row.met = f"≥ {share:g}× memcpy GB/s", row.ratio >= share
             elif name == "quantize":
@@ -357,19 +385,114 @@ class Suite:
                              note="its blocks of 32 (wtool: groups of 128); quantize only, no dequantize"))
 
     def statistics_rows(self, x: np.ndarray, repeat: int) -> None:
+        """The statistics on one 4096² tensor, and beside each missed target the least numpy
+        work it takes (`_counting`, `_difference`), measured here too: where that alone is
+        under 2 GB/s, the target is out of numpy's reach."""
         changed = Transform.create("quantize", {"bits": "4", "scheme": "sym", "granularity": "group"}).apply(x, Context.of(x))
         narrow = x.astype(ml_dtypes.bfloat16)
         narrow_changed = changed.astype(ml_dtypes.bfloat16)
+        wide = np.empty_like(x)
+
+        def as_float32() -> None:
+            stats.tensor_stats(np.copyto(wide, narrow) or wide)
+        floors: list[list[tuple[float, str]]] = [
+            [],
+            [self._counting(narrow), (statistics.median(timings(as_float32, 3)[1]),
+                                      "converted to float32 and measured as float32")],
+            [self._counting(x, changed, extra=self._difference(x, changed))],
+            [self._counting(narrow, narrow_changed)]]
         cases = [(f"statistics: every STATS field, {label}", lambda a=array: stats.tensor_stats(a), array.nbytes, "")
                  for label, array in (("float32", x), ("bfloat16", narrow))]
         cases += [(f"statistics: both sides + error + histograms, {label}", lambda a=a, b=b: stats.compare(a, b),
                    a.nbytes + b.nbytes, "input = both sides' bytes; ")
                   for label, a, b in (("float32", x, changed), ("bfloat16", narrow, narrow_changed))]
-        for case, func, size, note in cases:
+        for (case, func, size, note), least in zip(cases, floors):
             walls, cpus = timings(func, repeat)
             wall, cpu = statistics.median(walls), statistics.median(cpus)
+            notes = [f"{note}CPU time alone: {size / cpu / 1e9:.2f} GB/s"]
+            notes += [f"{how} alone: {size / seconds / 1e9:.2f} GB/s" for seconds, how in least]
+            if least:
+                self.floor[case] = min(seconds for seconds, _ in least) / x.size
+                if all(size / seconds < 2e9 for seconds, _ in least):
+                    notes.append("below the target" if len(least) == 1 else "both below the target")
             self.rows.append(Row(case, size, wall, target="≥ 2 GB/s of input on one core", met=size / wall / 1e9 >= 2,
-                                 note=f"{note}CPU time alone: {size / cpu / 1e9:.2f} GB/s", runs=walls))
+                                 note="; ".join(notes), runs=walls))
+
+    @staticmethod
+    def _counting(*sides: np.ndarray, extra: tuple[float, str] = (0.0, "")) -> tuple[float, str]:
+        """CPU seconds of the least numpy work a histogram of these tensors takes, a floor for
+        any statistics with histograms: for 16-bit values, the bincount of their bit patterns
+        (as `stats` counts them); for others, the bins' index (subtract, multiply, truncate)
+        and its bincount, in cache-sized chunks, with no range check; plus `extra`."""
+        if sides[0].dtype.itemsize == 2:
+            def count() -> None:
+                for side in sides:
+                    bits = side.view(np.uint16).reshape(-1)
+                    for start in range(0, bits.size, 1 << 18):
+                        np.bincount(bits[start:start + (1 << 18)], minlength=1 << 16)
+            how = "numpy's bincount of the bit patterns"
+        else:
+            chunk = 1 << 16
+            work, index = np.empty(chunk, sides[0].dtype), np.empty(chunk, np.intp)
+
+            def count() -> None:
+                for side in sides:
+                    flat, low = side.reshape(-1), side.min()
+                    scale = side.dtype.type(stats.BINS / (float(side.max()) - float(low)))
+                    for start in range(0, flat.size, chunk):
+                        part = flat[start:start + chunk]
+                        scaled = np.multiply(np.subtract(part, low, out=work[:part.size]), scale, out=work[:part.size])
+                        np.copyto(index[:part.size], scaled, casting="unsafe")
+                        np.bincount(index[:part.size], minlength=stats.BINS + 1)
+            how = "numpy's binning and bincount"
+        seconds = statistics.median(timings(count, 3)[1]) + extra[0]
+        return seconds, how + (" of both sides" if len(sides) == 2 else "") + extra[1]
+
+    @staticmethod
+    def _difference(before: np.ndarray, after: np.ndarray) -> tuple[float, str]:
+        """CPU seconds of the exact difference the error metrics need: both sides widened to
+        float64 and subtracted, chunk by chunk (nothing summed)."""
+        chunk = 1 << 16
+        a, b = np.empty(chunk), np.empty(chunk)
+        flats = before.reshape(-1), after.reshape(-1)
+
+        def subtract() -> None:
+            for start in range(0, flats[0].size, chunk):
+                parts = [flat[start:start + chunk] for flat in flats]
+                np.copyto(a[:parts[0].size], parts[0])
+                np.copyto(b[:parts[1].size], parts[1])
+                np.subtract(b[:parts[1].size], a[:parts[0].size], out=a[:parts[0].size])
+        return statistics.median(timings(subtract, 3)[1]), ", and the float64 difference"
+
+    def bounds(self) -> None:
+        """What bounds each end-to-end case, from figures measured in this run: start-up, then
+        the least work it needs, spread perfectly over all cores: the counting its report
+        needs at numpy's floor (`_counting`), the transform's kernel at its measured speed, and
+        `cp`'s copy for a copy (reads, conversions and writes left out); and for --jobs, how
+        many cores one job already keeps busy."""
+        cores = os.cpu_count() or 1
+        startup, (cp, _) = self.end_to_end["start-up"][0], self.end_to_end["cp"]
+        values = self.size // 2  # bfloat16
+        one = values * self.floor["statistics: every STATS field, bfloat16"]
+        pair = values * self.floor["statistics: both sides + error + histograms, bfloat16"]
+        clip, quantize = (values * self.kernel[spec] for spec in ("clip:c=0.05", QUANTIZE))
+        counted, compared = "every value's bit pattern counted", "both sides' bit patterns counted"
+        cases = [("apply, no steps (copy)", "copy", 1.3, cp + one, f"cp's copy + {counted}"),
+                 ("inspect --json", "inspect", 1.5, one, counted),
+                 ("apply clip:c=0.05", "clip", 2.0, pair + clip, f"{compared} + the clip kernel"),
+                 ("apply quantize", "quantize", 4.0, pair + quantize, f"{compared} + the quantize kernel"),
+                 ("apply packed", "packed", 4.0, pair + quantize, f"{compared} + the quantize kernel")]
+        for case, name, limit, work, what in cases:
+            floor, measured = startup + work / cores, self.end_to_end[name][0]
+            self.rows.append(Row(f"  floor of {case}", self.size, floor, baseline="cp", baseline_median=cp,
+                                 ratio=floor / cp, note=f"start-up + {what}, at the rates measured above, "
+                                 f"spread over {cores} cores; the run is {measured / floor:.2f}× this"
+                                 + (f"; the ≤ {limit:g}× target is below it" if floor / cp > limit else "")))
+        wall, cpu = self.end_to_end["quantize"]
+        bound = cores * wall / cpu
+        self.rows.append(Row("  bound of --jobs 2's speed-up", self.size, 0.0, ratio=bound,
+                             note=f"one job keeps {cpu / wall:.2f} of the {cores} cores busy ({cpu:.2f} s of CPU "
+                                  f"in {wall:.2f} s)" + ("; the ≥ 1.5× target is above it" if bound < 1.5 else "")))
 
 
 def alternate_inline(func: Callable[[], object], baseline: Callable[[], object], repeat: int) -> list[float]:
@@ -438,6 +561,7 @@ def main() -> None:
               f"{repeat} runs per case after a warm-up", flush=True)
         suite.end_to_end_cases()
         suite.kernels()
+        suite.bounds()
         suite.llm_compressor()
     finally:
         shutil.rmtree(work, ignore_errors=True)
