@@ -30,7 +30,7 @@ def test_a_written_tensor_is_freed_before_the_next_is_computed(llama, monkeypatc
     reader = open_checkpoint(llama)
     try:
         the_plan = plan(Pipeline.from_specs(specs), reader)
-        for _node, (array, _records) in materialise_in_order(reader, the_plan.chains, 1, True):
+        for _node, array in materialise_in_order(reader, the_plan.chains, 1, True, lambda record: None):
             written.append(weakref.ref(array))
             del array
     finally:

@@ -444,6 +444,24 @@ def test_a_stored_tensor_whose_file_shrank_is_an_input_error_naming_it(tmp_path,
             measurer.result()
 
 
+def test_the_last_tensor_is_written_while_its_statistics_are_taken(tmp_path, monkeypatch):
+    """The run waits for the last measurements only once the last tensor is written (the
+    writing overlaps them), and every record is in the report, in order."""
+    from wtool.io.safetensors import SafetensorsWriter
+
+    source = _checkpoint(tmp_path, "bfloat16")
+    events: list[str] = []
+    real_result, real_write = Measurer.result, SafetensorsWriter._write
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    monkeypatch.setattr(Measurer, "result", lambda self: (events.append("result"), real_result(self))[1])
+    monkeypatch.setattr(SafetensorsWriter, "_write",
+                        lambda self, info, array: (events.append("write"), real_write(self, info, array))[1])
+    report = wtool.run(wtool.Pipeline.from_specs(["clip:c=0.05"]), source, tmp_path / "out.safetensors").to_json()
+    assert events.count("write") == 4 and events[-1] == "result" and "write" in events[events.index("result"):]
+    assert [t["name"] for t in report["tensors"]] == [f"layers.{i}.mlp.weight" for i in range(4)]
+    assert all(t["after"] is not None for t in report["tensors"])
+
+
 @pytest.mark.parametrize(("dtype", "threads"), [("bfloat16", False), ("float32", True)])
 def test_the_statistics_process_is_one_of_the_jobs(tmp_path, monkeypatch, dtype, threads):
     """--jobs 2 where one job keeps the process busy (bfloat16 pairs beside the work) is that

@@ -104,8 +104,8 @@ Measure = Callable[[np.ndarray, np.ndarray], Comparison]
 Describe = Callable[[np.ndarray], dict[str, Any]]
 
 
-def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
-                         stats: bool) -> Iterator[tuple[Chain, tuple[np.ndarray | Stored, list[TensorRecord]]]]:
+def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int, stats: bool,
+                         done: Callable[[TensorRecord], None]) -> Iterator[tuple[Chain, np.ndarray | Stored]]:
     """Materialise the output tensors in order, up to `jobs` of them at once in threads
     (numpy releases the GIL in its kernels); memory grows with `jobs`. One job computes in
     the calling thread: overlapping the next tensor with the writing would double its memory,
@@ -118,8 +118,9 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
     their `bincount`s then no longer take turns at the GIL; an untouched tensor goes there
     when the process is free (`Measurer.describe`).
 
-    Each tensor comes with the records complete by then, in checkpoint order: none, one, or
-    those held back behind statistics still in the process (all are out once the last is).
+    Records go to `done` as they are complete, in checkpoint order: a tensor's may be held
+    back behind statistics still in the process, and the last ones are waited for once the
+    last tensor is written, so its writing overlaps them; all are out when the iteration ends.
     The threads are daemons and nothing waits for them when the run stops early: Ctrl-C or
     SIGTERM takes effect at once, not after every tensor in flight.
     """
@@ -131,10 +132,14 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
                 _start(measurer, nodes)
             behind = Behind(measurer)
             work = partial(materialise, reader, stats=stats, behind=behind)
-            for index, node in enumerate(nodes):
+            for node in nodes:
                 stored, record = work(node)
-                yield node, (stored, behind.release(record, last=index == len(nodes) - 1))
+                for complete in behind.release(record):
+                    done(complete)
+                yield node, stored
                 del stored  # the written tensor is freed before the next one is computed
+            for complete in behind.release(last=True):
+                done(complete)
         return
     with Measurer() as measurer:
         if stats and any(Measurer.worth(2 * max(node.info.nbytes, _layout_bytes(node))) for node in nodes):
@@ -149,7 +154,9 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int,
         while pending:
             node, future = pending.popleft()
             stored, record = future.result()
-            yield node, (stored, [] if record is None else [record])
+            if record is not None:
+                done(record)
+            yield node, stored
             del future, stored  # the written tensor is freed before the next one starts: `jobs` tensors at most
             following = next(upcoming, None)
             if following is not None:

@@ -215,10 +215,8 @@ def run(pipeline: Pipeline, source: str | Path, output: str | Path | None, *, fo
                     step.run.measure = stats
                 if progress:
                     progress.start(len(infos), sum(i.nbytes for i in infos))
-                for node, (array, done) in materialise_in_order(reader, the_plan.chains, jobs, stats):
+                for node, array in materialise_in_order(reader, the_plan.chains, jobs, stats, records.append):
                     writer.write(node.info.name, array)
-                    for record in done:  # complete records, in order (a compressed weight's may come later)
-                        records.append(record)
                     del array
                     if progress:
                         progress.advance(node.info)
