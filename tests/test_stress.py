@@ -36,8 +36,8 @@ def peak_rss_of(command: list[str]) -> tuple[int, float]:
         sys.path.insert(0, bench)
     from run import run_child
 
-    seconds, peak = run_child(command)
-    return peak, seconds
+    run = run_child(command)
+    return run.rss, run.seconds
 
 
 @pytest.fixture(scope="module")

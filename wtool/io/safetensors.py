@@ -18,7 +18,7 @@ import os
 import struct
 import tempfile
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -239,7 +239,7 @@ def encode_header(tensors: Sequence[TensorInfo], metadata: Mapping[str, str],
     `__metadata__` comes first when non-empty; the JSON is padded with spaces to a multiple of
     8 bytes, as the safetensors library does, so the data area starts aligned. `copies` gives
     the input file offset of tensors whose bytes will be copied there unchanged: the padding
-    then also puts the most of those bytes at the same place within a page as in the input
+    then also puts most of those bytes at the same place within a page as in the input
     (up to a page of spaces), so the kernel copies them page to page.
 
     >>> tensor = TensorInfo("w", "F32", (1024, 1024))
@@ -323,25 +323,26 @@ def write_data(handle: BinaryIO, array: np.ndarray) -> None:
     through this process; whatever the kernel does not copy is written from memory, so the
     output bytes are the array's either way.
     """
-    if not array.size:
-        return
-    done = 0
     found = _source(array)
-    if found is not None:
-        reader, offset = found
-        done = reader.copy_into(array.nbytes, offset, handle)
-    if done < array.nbytes:
-        handle.write(memoryview(array.reshape(-1).view(np.uint8))[done:])
-    _written_out(handle, array.nbytes)
+    copy = partial(found[0].copy_into, array.nbytes, found[1]) if found is not None else None
+    _copy_or_write(handle, array.nbytes, copy, lambda: array)
 
 
 def write_stored(handle: BinaryIO, stored: Stored) -> None:
     """Copy a stored tensor's bytes from its file to the end of `handle`, kernel to kernel, as
     `cp` does; whatever the kernel does not copy is read and written from memory."""
-    done = stored.copy(handle) if stored.nbytes else 0
-    if done < stored.nbytes:
-        handle.write(memoryview(stored.read().reshape(-1).view(np.uint8))[done:])
-    _written_out(handle, stored.nbytes)
+    _copy_or_write(handle, stored.nbytes, stored.copy, stored.read)
+
+
+def _copy_or_write(handle: BinaryIO, nbytes: int, copy: Callable[[BinaryIO], int] | None,
+                   values: Callable[[], np.ndarray]) -> None:
+    """Append `nbytes` to `handle`: as many as `copy` copies file to file, the rest from `values()`."""
+    if not nbytes:
+        return
+    done = copy(handle) if copy is not None else 0
+    if done < nbytes:
+        handle.write(memoryview(values().reshape(-1).view(np.uint8))[done:])
+    _written_out(handle, nbytes)
 
 
 #: Tensors this large are sent on their way to the disk as soon as they are written.

@@ -18,8 +18,8 @@ import os
 import threading
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO, TypeVar
 
