@@ -404,13 +404,6 @@ def test_inspect_counts_on_both_cores_with_the_figures_of_one(tmp_path, monkeypa
     assert list(both["tensors"][0]) == list(in_line["tensors"][0])  # the keys in the same order
 
 
-def _stored(path: Path) -> list[Stored]:
-    from wtool.io import open_checkpoint
-
-    with open_checkpoint(path) as reader:
-        return [reader.stored(info.name) for info in reader.tensors]
-
-
 def test_stored_tensors_are_read_by_the_process_in_order_a_few_at_a_time(tmp_path, monkeypatch):
     """Tensors the run has not read queue up to QUEUE deep (they hold no memory of the run);
     each result is its own tensor's `tensor_stats`, in the order they were sent."""
@@ -435,8 +428,11 @@ def test_stored_tensors_are_read_by_the_process_in_order_a_few_at_a_time(tmp_pat
 
 def test_a_stored_tensor_whose_file_shrank_is_an_input_error_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    from wtool.io import open_checkpoint
+
     source = _checkpoint(tmp_path, "bfloat16")
-    last = _stored(source)[-1]
+    with open_checkpoint(source) as reader:
+        last = reader.stored(reader.tensors[-1].name)
     os.truncate(source, source.stat().st_size - 10)
     with Measurer() as measurer:
         measurer.submit(last)

@@ -6,7 +6,7 @@ tensor of the same name, in one pass over the pair where the shapes agree (`stat
 `materialise_in_order` does so for every output tensor, `jobs` of them at once.
 
 >>> import numpy as np
->>> from wtool.tensor import TensorInfo, values
+>>> from wtool.tensor import TensorInfo
 >>> to_storage_checked(np.array([1e5], np.float32), TensorInfo("w", "F16", (1,)))
 Traceback (most recent call last):
 wtool.errors.InputError: tensor 'w': 1 value(s) overflow float16 after the pipeline; add a cast step with \
