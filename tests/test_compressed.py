@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 import wtool
+from wtool.errors import InputError
 from wtool.compressed import DecompressedReader, dequantize, find_layouts, pack_int32, unpack_int32
 from wtool.errors import UsageError
 from wtool.io import open_checkpoint
@@ -212,6 +213,22 @@ def test_decompressed_reader_sees_dense_weights(llama, tmp_path):
         w = original.read("lm_head.weight")
         np.testing.assert_allclose(dense.read("lm_head.weight"), w, atol=np.abs(w).max() / 127)
         assert "quantization_config" not in dense.metadata
+
+
+def test_decompressed_reader_hands_on_as_stored_only_what_it_passes_through(llama, tmp_path):
+    """A dense weight decoded from its layout, or an integer read as float, is not stored as it is
+    read; a tensor passed through is, as the inner reader stores it; a layout's piece is no tensor."""
+    out = tmp_path / "out.safetensors"
+    wtool.run(wtool.Pipeline.from_specs(["quantize:bits=8,scheme=sym,storage=packed"], allow_empty=True), llama, out)
+    with DecompressedReader(open_checkpoint(out), as_float=["model.position_ids"]) as dense:
+        passed = "model.layers.0.input_layernorm.weight"
+        assert "lm_head.weight" in dense.layouts and passed not in dense.layouts
+        assert dense.stored("lm_head.weight") is None and dense.stored("model.position_ids") is None
+        stored = dense.stored(passed)
+        assert stored.offset == dense.inner.stored(passed).offset
+        assert stored.read().tobytes() == dense.read(passed).tobytes()
+        with pytest.raises(InputError, match="no tensor 'lm_head.weight_packed'"):
+            dense.stored("lm_head.weight_packed")
 
 
 # ------------------------------------------------------------------ the CLI: inspect, decompress, refusals

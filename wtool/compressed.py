@@ -594,9 +594,8 @@ class DecompressedReader(Reader):
         return dequantize(layout, self.inner.read).astype(info.dtype_info.numpy)
 
     def stored(self, name: str) -> Stored | None:
-        if name in self.layouts or name in self.as_float:
-            return super().stored(name)
-        return self.inner.stored(name)
+        self.info(name)  # a layout's pieces are not this reader's tensors
+        return None if name in self.layouts or name in self.as_float else self.inner.stored(name)
 
     def config(self) -> dict[str, object] | None:
         return self.inner.config()
