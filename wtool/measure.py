@@ -423,19 +423,17 @@ def serve(connection: Connection) -> None:
 
 
 class _Reading:
-    """The process's reads of stored tensors: the last file read stays open (tensors come in
-    file order), and one buffer, grown as needed, takes them in turn."""
+    """The file the process last read stored tensors from, kept open: tensors come in file order."""
 
     def __init__(self) -> None:
         self.file: Path | None = None
         self.descriptor = -1
-        self.buffer = np.empty(0, np.uint8)
 
 
 def _read(reading: _Reading, file: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int,
           where: str) -> np.ndarray:
-    """A stored tensor, read from its file into the process's buffer (an InputError naming
-    the file when it cannot be read whole)."""
+    """A stored tensor, read from its file into the pages of the last one read (`buffers.empty`);
+    an InputError naming `where` when it cannot be read whole."""
     if file != reading.file:
         if reading.descriptor >= 0:
             os.close(reading.descriptor)
@@ -445,12 +443,9 @@ def _read(reading: _Reading, file: Path, dtype: np.dtype, shape: tuple[int, ...]
         except OSError as exc:
             raise InputError(f"{file}: cannot read: {exc.strerror or exc}") from None
         reading.file = file
-    size = int(np.prod(shape)) * dtype.itemsize
-    if reading.buffer.nbytes < size:
-        reading.buffer = np.empty(0, np.uint8)  # the old one freed before the new one is made
-        reading.buffer = np.empty(size, np.uint8)
-    read_exactly(reading.descriptor, memoryview(reading.buffer[:size]), offset, where)
-    return reading.buffer[:size].view(dtype).reshape(shape)
+    array = buffers.empty(shape, dtype, "read")
+    read_exactly(reading.descriptor, memoryview(array.reshape(-1).view(np.uint8)), offset, where)
+    return array
 
 
 if __name__ == "__main__":  # started by Measurer: python -m wtool.measure FD
