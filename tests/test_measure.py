@@ -404,6 +404,25 @@ def test_inspect_counts_on_both_cores_with_the_figures_of_one(tmp_path, monkeypa
     assert list(both["tensors"][0]) == list(in_line["tensors"][0])  # the keys in the same order
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+@pytest.mark.parametrize("command", ["copy", "inspect"])
+def test_reads_are_shared_memory_only_for_what_the_process_cannot_read_itself(tmp_path, monkeypatch, suffix,
+                                                                               command):
+    """Untouched tensors of a safetensors input go to the process as stored: the run's own reads
+    (of those it counts itself) stay private memory. An npz member it must be handed as read."""
+    from wtool.analyze import inspect
+
+    source = _checkpoint(tmp_path, "bfloat16", suffix)
+    monkeypatch.setattr(wtool.measure, "MIN_BYTES", 0)
+    shared, real_share = [], Measurer.share
+    monkeypatch.setattr(Measurer, "share", lambda self, role, keep=2: (shared.append(role), real_share(self, role, keep)))
+    if command == "copy":
+        wtool.run(wtool.Pipeline(), source, tmp_path / "out.safetensors")
+    else:
+        inspect(source)
+    assert shared == ([] if suffix == ".safetensors" else ["read"])
+
+
 def test_stored_tensors_are_read_by_the_process_in_order_a_few_at_a_time(tmp_path, monkeypatch):
     """Tensors the run has not read queue up to QUEUE deep (they hold no memory of the run);
     each result is its own tensor's `tensor_stats`, in the order they were sent."""

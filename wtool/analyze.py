@@ -50,7 +50,8 @@ def inspect(path: str | Path, selector: Selector | None = None, *, allow_empty: 
             progress.start(len(chosen), sum(t.nbytes for t in chosen))
         if any(Measurer.worth(t.nbytes) for t in chosen):
             measurer.start()
-            measurer.share("read")  # tensors are read into memory the statistics process maps
+            if any(Measurer.worth(t.nbytes) and reader.stored(t.name) is None for t in chosen):
+                measurer.share("read")  # what the process cannot read from the input is read into memory it maps
         behind = Behind(measurer)  # a tensor's statistics there when it has room, here otherwise
         parts, by_dtype = [], {}
         dense_bytes = 0

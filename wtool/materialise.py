@@ -124,12 +124,12 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int, stat
     The threads are daemons and nothing waits for them when the run stops early: Ctrl-C or
     SIGTERM takes effect at once, not after every tensor in flight.
     """
-    beside = stats and _beside(nodes)
+    beside = stats and _beside(reader, nodes)
     threads = jobs - 1 if beside else jobs
     if threads <= 1:
         with Measurer() as measurer:
             if beside:
-                _start(measurer, nodes)
+                _start(measurer, reader, nodes)
             behind = Behind(measurer)
             work = partial(materialise, reader, stats=stats, behind=behind)
             for node in nodes:
@@ -143,7 +143,7 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int, stat
         return
     with Measurer() as measurer:
         if stats and any(Measurer.worth(2 * max(node.info.nbytes, _layout_bytes(node))) for node in nodes):
-            _start(measurer, nodes, keep=threads)  # the process measures a pair its job holds
+            _start(measurer, reader, nodes, keep=threads)  # the process measures a pair its job holds
         work = partial(materialise, reader, stats=stats, measure=measurer.measure, describe=measurer.describe)
         pending: deque[tuple[Chain, Future]] = deque()
         upcoming = iter(nodes)
@@ -163,29 +163,33 @@ def materialise_in_order(reader: Reader, nodes: Sequence[Chain], jobs: int, stat
                 pending.append((following, _in_thread(work, following)))
 
 
-def _beside(nodes: Sequence[Chain]) -> bool:
-    """Whether one job has work for the statistics process: tensors it would read where they
-    lie (`_shared_roles`)."""
-    return bool(_shared_roles(nodes))
+def _beside(reader: Reader, nodes: Sequence[Chain]) -> bool:
+    """Whether one job has work for the statistics process: large untouched tensors (which it
+    reads from the input itself) or tensors it would read where they lie (`_shared_roles`)."""
+    return any(node.untouched and Measurer.worth(node.info.nbytes) for node in nodes) \
+        or bool(_shared_roles(reader, nodes))
 
 
-def _shared_roles(nodes: Sequence[Chain]) -> list[str]:
+def _shared_roles(reader: Reader, nodes: Sequence[Chain]) -> list[str]:
     """The buffers to make shared memory for one job, so that the statistics process reads
-    what it measures where it lies: "read" for large untouched tensors, narrowed weights
-    (converted to a narrower dtype to be stored) and compressed weights, "stored" for the
-    last two and "decoded" for compressed weights (what their layout decodes to)."""
-    untouched = any(node.untouched and Measurer.worth(node.info.nbytes) for node in nodes)
+    what it measures where it lies: "read" for large untouched tensors the input does not
+    hold as stored (`Reader.stored`: an npz member), narrowed weights (converted to a
+    narrower dtype to be stored) and compressed weights, "stored" for the last two and
+    "decoded" for compressed weights (what their layout decodes to). The run's other reads
+    stay private memory, where huge pages keep them fast."""
+    untouched = any(node.untouched and Measurer.worth(node.info.nbytes) and reader.stored(node.info.name) is None
+                    for node in nodes)
     narrowed = any(_narrowed(node) and Measurer.worth(2 * node.info.nbytes) for node in nodes)
     layouts = any(Measurer.worth(2 * _layout_bytes(node)) for node in nodes)
     return ["read"] * (untouched or narrowed or layouts) + ["stored"] * (narrowed or layouts) + ["decoded"] * layouts
 
 
-def _start(measurer: Measurer, nodes: Sequence[Chain], keep: int = 2) -> None:
+def _start(measurer: Measurer, reader: Reader, nodes: Sequence[Chain], keep: int = 2) -> None:
     """Start the statistics process now, so its imports overlap the first tensor, with the
     buffers it reads made shared memory, `keep` kept of each kind, one for each tensor in
     flight (more would be made anew, and mapped page by page, each time)."""
     measurer.start()
-    for role in _shared_roles(nodes):
+    for role in _shared_roles(reader, nodes):
         measurer.share(role, keep)
 
 
