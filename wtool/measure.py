@@ -69,7 +69,8 @@ _ALIGN = 64
 
 class Measurer:
     """A process that measures pairs of tensors (`stats.compare`) and single ones
-    (`stats.tensor_stats`), one at a time, in order."""
+    (`stats.tensor_stats`) in order, one at a time: stored tensors queue (`room`), anything
+    else goes when the process is free."""
 
     def __init__(self, advice: str = "run again, or with --no-stats") -> None:
         self.advice = advice  # what the error says to do when the process dies
